@@ -1,0 +1,58 @@
+"""vllm-dspy-adapter: DSPy programs on local models through in-process vLLM,
+on one GPU (``vLLMOffline``) or data-parallel over many (``vLLMOfflineMultiGPU``).
+
+Importing this package is cheap: vLLM, torch and DSPy load on first use, so
+``python -m vllm_dspy_adapter --help`` works on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    AdapterError,
+    ConfigurationError,
+    EngineDeadError,
+    NoHealthyReplicaError,
+    PromptTooLongError,
+    ReplicaDeadError,
+    ReplicaStartError,
+    UnsupportedInputError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "vLLMOffline",
+    "vLLMOfflineMultiGPU",
+    "GenerationOutput",
+    "default_model_path",
+    "AdapterError",
+    "ConfigurationError",
+    "EngineDeadError",
+    "NoHealthyReplicaError",
+    "PromptTooLongError",
+    "ReplicaDeadError",
+    "ReplicaStartError",
+    "UnsupportedInputError",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .lm import GenerationOutput, vLLMOffline, vLLMOfflineMultiGPU
+
+
+def default_model_path() -> str:
+    """The prepared embedded default model (SmolLM2-135M-Instruct), prepared on first use."""
+    from .models import resolve_model
+
+    return resolve_model(None)
+
+
+def __getattr__(name: str) -> Any:
+    # The LM classes import DSPy (and, when used, vLLM): load them on first access.
+    if name in ("vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"):
+        from . import lm
+
+        return getattr(lm, name)
+    raise AttributeError(f"module 'vllm_dspy_adapter' has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""One place for the configuration of an engine: what model, which vLLM engine
+arguments, which sampling and chat-template options are fixed for the LM.
+
+Everything the adapter reads from the user arrives here once, is checked here
+(before any engine process starts) and travels as this frozen dataclass to the
+replicas, so no other module reads configuration from anywhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["EngineSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs"]
+
+# Engine arguments that change speed or memory but not what the model answers.
+# They stay out of the label DSPy caches under, so a cached answer survives a
+# change of batch size or GPU count.
+PERFORMANCE_ONLY_ARGS = frozenset({
+    "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enforce_eager",
+    "tensor_parallel_size", "pipeline_parallel_size", "enable_prefix_caching", "swap_space",
+    "disable_log_stats", "kv_cache_memory_bytes", "cpu_offload_gb", "block_size",
+    "compilation_config", "enable_chunked_prefill", "max_parallel_loading_workers",
+    "disable_custom_all_reduce", "distributed_executor_backend", "kv_cache_dtype_skip_layers",
+})
+
+# SamplingParams fields the adapter owns: they are set from DSPy's request or
+# by the adapter itself and may not be fixed at construction.
+_ADAPTER_OWNED_SAMPLING = frozenset({"n", "output_kind", "structured_outputs", "guided_decoding"})
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to start one replica's engine, and nothing about placement."""
+
+    model: str
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None  # a short name for labels; defaults to the path's basename
+
+    def label(self) -> str:
+        """The model string DSPy caches under: the model and every setting that
+        changes outputs, hashed so that two LMs differing in any of them never
+        share cache entries."""
+        name = self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
+        identity = {
+            "model": self.model if self.model_name is None else self.model_name,
+            "engine": {k: v for k, v in sorted(self.engine_kwargs.items()) if k not in PERFORMANCE_ONLY_ARGS},
+            "sampling": dict(sorted(self.sampling.items())),
+            "chat_template_kwargs": dict(sorted(self.chat_template_kwargs.items())),
+        }
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:10]
+        return f"vllm/{name}@{digest}"
+
+    def with_engine_kwargs(self, **updates: Any) -> EngineSpec:
+        return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, **updates})
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
+    """Refuse unknown vLLM engine arguments by name, before anything starts."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for name in engine_kwargs:
+        if name == "model":
+            raise ConfigurationError("Pass the model as model=..., not inside the engine arguments.")
+        if name not in known:
+            raise ConfigurationError(
+                f"Unknown vLLM engine argument {name!r}.{_suggest(name, known)} "
+                "Engine arguments are those of vllm.AsyncEngineArgs; sampling options such as "
+                "repetition_penalty go in sampling_params={...}."
+            )
+
+
+def check_sampling_kwargs(sampling: dict[str, Any]) -> None:
+    """Refuse unknown or adapter-owned SamplingParams fields, and bad values."""
+    from vllm import SamplingParams
+
+    known = set(getattr(SamplingParams, "__struct_fields__", ())) or {
+        f.name for f in dataclasses.fields(SamplingParams)  # type: ignore[arg-type]
+    }
+    for name in sampling:
+        if name in _ADAPTER_OWNED_SAMPLING:
+            raise ConfigurationError(
+                f"sampling_params may not set {name!r}: the adapter sets it per request "
+                "(use DSPy's n=, response_format= or JSONAdapter instead)."
+            )
+        if name not in known:
+            raise ConfigurationError(f"Unknown vLLM sampling option {name!r}.{_suggest(name, known)}")
+    try:
+        SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+    except Exception as exc:  # vLLM raises ValueError/TypeError with the field in the text
+        raise ConfigurationError(f"Invalid sampling_params {sampling!r}: {exc}") from exc

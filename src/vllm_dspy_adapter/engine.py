@@ -1,0 +1,262 @@
+"""One vLLM engine, driven from a background event loop in this process.
+
+``LocalEngine`` is the unit of serving: ``vLLMOffline`` holds one in the user's
+process, and each data-parallel replica holds one inside its own worker process
+(``worker.py``). Callers on any thread ``submit`` a request and get a
+``concurrent.futures.Future``; every in-flight request is one request of the same
+running ``AsyncLLM``, so calls from all DSPy threads share the GPU's batch.
+``vllm.LLM.generate`` is never used: it is not thread-safe, and it batches only
+the prompts of one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from .config import EngineSpec
+from .errors import PromptTooLongError, ReplicaDeadError, ReplicaStartError, UnsupportedInputError
+from .protocol import Generation, GenerationRequest, TokenLogprobData
+from .render import is_context_length_message
+
+__all__ = ["LocalEngine", "engine_defaults"]
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+def engine_defaults() -> dict[str, Any]:
+    """Defaults the adapter sets unless the user sets them: quiet per-request logs,
+    and vLLM's prefix cache (DSPy prompts share long system/demo prefixes)."""
+    return {"disable_log_stats": True, "enable_prefix_caching": True}
+
+
+class LocalEngine:
+    """An ``AsyncLLM`` on a private event-loop thread, with a thread-safe ``submit``."""
+
+    def __init__(self, spec: EngineSpec, *, name: str = "engine"):
+        self.spec = spec
+        self.name = name
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._peak_unfinished = 0
+        self._totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
+        self._dead: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
+        self._thread.start()
+        started = time.monotonic()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+        except BaseException as exc:
+            self._stop_loop()
+            raise ReplicaStartError(f"{name}: the vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
+        self.start_seconds = time.monotonic() - started
+        logger.info("%s: engine ready in %.1f s (max_model_len=%d)", name, self.start_seconds, self.max_model_len)
+
+    async def _start(self) -> None:
+        # Built inside the loop so AsyncLLM attaches its output handler to it.
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = {**engine_defaults(), **self.spec.engine_kwargs}
+        args = AsyncEngineArgs(model=self.spec.model, **kwargs)
+        # LLM_CLASS, not the engine context AsyncLLM defaults to: the offline
+        # batch limits (e.g. 1024 sequences and 16384 batched tokens on a large
+        # GPU instead of 128 and 2048) are what a GPU fed by many threads needs.
+        vllm_config = args.create_engine_config(UsageContext.LLM_CLASS)
+        self.model_config = vllm_config.model_config
+        self.max_model_len = int(self.model_config.max_model_len)
+        self.is_multimodal = bool(getattr(self.model_config, "is_multimodal_model", False))
+        try:
+            self.model_defaults = dict(self.model_config.get_diff_sampling_param() or {})
+        except Exception:  # older/newer vLLM without generation-config support
+            self.model_defaults = {}
+        self.engine = AsyncLLM.from_vllm_config(
+            vllm_config, usage_context=UsageContext.LLM_CLASS, disable_log_stats=kwargs["disable_log_stats"]
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            kwargs.get("tokenizer") or self.spec.model,
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+            revision=kwargs.get("tokenizer_revision"),
+        )
+
+    # ------------------------------------------------------------------ serving
+
+    def info(self) -> dict[str, Any]:
+        """What the driver needs to know about this engine (crosses processes)."""
+        import psutil
+
+        children = [p.pid for p in psutil.Process(os.getpid()).children(recursive=True)]
+        return {
+            "max_model_len": self.max_model_len,
+            "is_multimodal": self.is_multimodal,
+            "model_defaults": self.model_defaults,
+            "start_seconds": self.start_seconds,
+            "engine_pids": children,
+        }
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not getattr(self.engine, "errored", False)
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        if isinstance(request.prompt, str):
+            # A chat-rendered prompt already holds its special tokens (BOS where the
+            # template wants one); a raw prompt gets them as LLM.generate gives them.
+            return self.tokenizer.encode(request.prompt, add_special_tokens=not request.chat)
+        return list(request.prompt)
+
+    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+        """Queue one request; thread-safe. Tokenising happens here, in the caller's
+        thread, so the event loop only moves requests and results."""
+        request_id = request_id or f"{self.name}-{next(_ids)}"
+        try:
+            if not self.alive:
+                raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
+            prompt, params = self._prepare(request)
+        except BaseException as exc:
+            failed: concurrent.futures.Future = concurrent.futures.Future()
+            failed.set_exception(exc)
+            return failed
+        with self._lock:
+            self._in_flight += 1
+        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
+
+    def _prepare(self, request: GenerationRequest):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.images and not self.is_multimodal:
+            raise UnsupportedInputError(
+                f"{self.spec.model} is a text-only model and cannot take images. "
+                "Use a vision-language model (for example Qwen/Qwen2.5-VL-3B-Instruct)."
+            )
+        if request.images:
+            # Let vLLM's processor expand the image placeholders into tokens.
+            prompt: Any = {"prompt": request.prompt, "multi_modal_data": {"image": request.images}}
+            n_prompt = 0
+        else:
+            ids = self.tokenize(request)
+            n_prompt = len(ids)
+            if n_prompt >= self.max_model_len:
+                raise PromptTooLongError(
+                    f"The prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
+                    "shorten the input (fewer demos, shorter fields) or start the LM with a larger max_model_len."
+                )
+            prompt = {"prompt_token_ids": ids}
+        sampling = {**self.model_defaults, **{k: v for k, v in request.sampling.items() if v is not None}}
+        room = self.max_model_len - n_prompt
+        sampling["max_tokens"] = min(int(sampling.get("max_tokens") or room), room)
+        structured = sampling.pop("structured_outputs", None)
+        if structured is not None:
+            sampling["structured_outputs"] = _structured_params(structured)
+        try:
+            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedInputError(f"Invalid sampling options {request.sampling!r}: {exc}") from exc
+        return prompt, params
+
+    async def _generate(self, prompt, params, request_id: str) -> Generation:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        final = None
+        try:
+            stream = self.engine.generate(prompt, params, request_id)
+            unfinished = getattr(self.engine, "get_num_unfinished_requests", None)
+            async for output in stream:
+                final = output
+                if unfinished is not None:
+                    # vLLM's own count of requests it holds: the proof that calls
+                    # from many threads share one batch.
+                    self._peak_unfinished = max(self._peak_unfinished, unfinished())
+        except VllmEngineDead as exc:
+            self._dead = exc
+            raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None
+        except ValueError as exc:  # vLLM's input validation
+            self._count(failed=True)
+            if is_context_length_message(str(exc)):
+                raise PromptTooLongError(str(exc)) from None
+            raise UnsupportedInputError(str(exc)) from None
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        generation = _to_generation(final, request_id)
+        self._count(generation=generation)
+        return generation
+
+    def _count(self, generation: Generation | None = None, failed: bool = False) -> None:
+        with self._lock:
+            if failed:
+                self._totals["failed"] += 1
+                return
+            self._totals["requests"] += 1
+            self._totals["prompt_tokens"] += generation.num_prompt_tokens
+            self._totals["output_tokens"] += generation.num_output_tokens
+            self._totals["cached_tokens"] += generation.num_cached_tokens
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            totals = dict(self._totals)
+            in_flight = self._in_flight
+        hit_rate = totals["cached_tokens"] / totals["prompt_tokens"] if totals["prompt_tokens"] else None
+        return {**totals, "in_flight": in_flight, "peak_unfinished": self._peak_unfinished,
+                "prefix_cache_hit_rate": hit_rate, "alive": self.alive}
+
+    # ---------------------------------------------------------------- lifetime
+
+    def shutdown(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # already dead: nothing left to stop
+                logger.debug("%s: shutdown raised", self.name, exc_info=True)
+            self.engine = None
+            self._dead = self._dead or ReplicaDeadError(f"{self.name}: shut down")
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+
+def _structured_params(spec: dict[str, Any]):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(**spec)
+
+
+def _to_generation(output, request_id: str) -> Generation:
+    completion = output.outputs[0]
+    logprobs = None
+    if completion.logprobs is not None:
+        logprobs = []
+        for token_id, entry in zip(completion.token_ids, completion.logprobs):
+            chosen = entry[token_id]
+            top = sorted(((lp.decoded_token or "", lp.logprob, tid, lp.rank) for tid, lp in entry.items()),
+                         key=lambda item: item[3] or 0)
+            logprobs.append(TokenLogprobData(
+                token=chosen.decoded_token or "", logprob=float(chosen.logprob), token_id=int(token_id),
+                top=[(t, float(v), int(i)) for t, v, i, _ in top],
+            ))
+    return Generation(
+        text=completion.text,
+        finish_reason=completion.finish_reason,
+        num_prompt_tokens=len(output.prompt_token_ids or ()),
+        num_output_tokens=len(completion.token_ids),
+        num_cached_tokens=int(output.num_cached_tokens or 0),
+        token_ids=list(completion.token_ids),
+        logprobs=logprobs,
+        request_id=request_id,
+    )

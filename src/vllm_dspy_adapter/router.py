@@ -1,0 +1,155 @@
+"""Routing policies: which replica serves a request. Pure logic, no I/O, no vLLM.
+
+A policy sees the request's prompt (text or token ids) and each replica's load,
+and returns a replica index. Load is *outstanding work*: the tokens still to be
+generated (and, lightly weighted, prefilled) by requests in flight, not a count
+of requests, because one 2,000-token answer costs as much as many short ones.
+
+Policies:
+
+- ``"prefix"`` (default): requests whose prompts share a prefix go to the same
+  replica so vLLM's prefix cache serves the shared part (DSPy prompts repeat the
+  system message and demos of a predictor in every call; GEPA and MIPROv2 make one
+  such group per candidate). The shared prefix is found at a granularity of
+  ``block_chars`` characters, like an approximate radix tree: the replica that
+  last served the longest matching prefix wins, unless its load is well above
+  the least-loaded replica's, in which case load wins and the prefix moves.
+- ``"least_loaded"``: the replica with the least outstanding work.
+- ``"round_robin"``: each replica in turn, for comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["ReplicaLoad", "Router", "PrefixRouter", "LeastLoadedRouter", "RoundRobinRouter", "make_router", "POLICIES"]
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    index: int
+    alive: bool
+    outstanding: int  # estimated tokens of work still in flight
+    in_flight: int = 0
+
+
+class Router:
+    """A routing policy. Subclasses implement ``choose``; it must return the
+    index of an alive replica and may assume at least one is alive."""
+
+    name = "base"
+
+    def choose(self, prompt: str | Sequence[int], loads: Sequence[ReplicaLoad]) -> int:
+        raise NotImplementedError
+
+    @staticmethod
+    def _alive(loads: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
+        alive = [load for load in loads if load.alive]
+        if not alive:
+            raise ValueError("no alive replica to route to")
+        return alive
+
+
+class RoundRobinRouter(Router):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, prompt, loads):
+        alive = self._alive(loads)
+        return alive[next(self._counter) % len(alive)].index
+
+
+class LeastLoadedRouter(Router):
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, prompt, loads):
+        alive = self._alive(loads)
+        least = min(load.outstanding for load in alive)
+        tied = [load for load in alive if load.outstanding == least]
+        # Rotate among ties so an idle pool fills evenly instead of piling on replica 0.
+        return tied[next(self._counter) % len(tied)].index
+
+
+def prefix_hashes(prompt: str | Sequence[int], block: int, limit: int) -> list[bytes]:
+    """Digests of the prompt's first block, first two blocks, ... (at most ``limit``).
+
+    Incremental, so a long prompt costs one pass. The final partial block is left
+    out: the tail of a prompt is the part that differs between requests.
+    """
+    if isinstance(prompt, str):
+        data = prompt.encode("utf-8", "surrogatepass")
+    else:
+        data = b"".join(int(t).to_bytes(4, "little", signed=False) for t in prompt)
+        block *= 4  # token ids are four bytes each; a block is ``block`` tokens
+    digest = hashlib.blake2b(digest_size=16)
+    out: list[bytes] = []
+    for start in range(0, min(len(data) // block, limit) * block, block):
+        digest.update(data[start:start + block])
+        out.append(digest.copy().digest())
+    return out
+
+
+class PrefixRouter(Router):
+    """Prefix affinity with a load guard. See the module docstring."""
+
+    name = "prefix"
+
+    def __init__(self, *, block_chars: int = 256, max_blocks: int = 256, balance_ratio: float = 0.5,
+                 balance_slack: int = 2048, table_size: int = 100_000) -> None:
+        self.block_chars = block_chars
+        self.max_blocks = max_blocks
+        self.balance_ratio = balance_ratio
+        self.balance_slack = balance_slack
+        self.table_size = table_size
+        self._owner: OrderedDict[bytes, int] = OrderedDict()
+        self._fallback = LeastLoadedRouter()
+
+    def overloaded(self, load: ReplicaLoad, least: int) -> bool:
+        """Whether ``load`` is "well above" the least-loaded replica's ``least``."""
+        return load.outstanding > least * (1 + self.balance_ratio) + self.balance_slack
+
+    def choose(self, prompt, loads):
+        alive = {load.index: load for load in self._alive(loads)}
+        least = min(load.outstanding for load in alive.values())
+        hashes = prefix_hashes(prompt, self.block_chars, self.max_blocks)
+        chosen = None
+        for digest in reversed(hashes):  # longest shared prefix first
+            owner = self._owner.get(digest)
+            if owner is not None and owner in alive:
+                if not self.overloaded(alive[owner], least):
+                    chosen = owner
+                break  # the longest match decides; a shorter one is a worse cache bet
+        if chosen is None:
+            chosen = self._fallback.choose(prompt, list(alive.values()))
+        for digest in hashes:
+            self._owner[digest] = chosen
+            self._owner.move_to_end(digest)
+        while len(self._owner) > self.table_size:
+            self._owner.popitem(last=False)
+        return chosen
+
+    def forget(self, replica: int) -> None:
+        """Drop a dead replica's prefixes (its cache is gone with it)."""
+        for digest in [d for d, owner in self._owner.items() if owner == replica]:
+            del self._owner[digest]
+
+
+POLICIES = {"prefix": PrefixRouter, "least_loaded": LeastLoadedRouter, "round_robin": RoundRobinRouter}
+
+
+def make_router(policy: str | Router) -> Router:
+    if isinstance(policy, Router):
+        return policy
+    try:
+        return POLICIES[policy]()
+    except KeyError:
+        raise ValueError(f"Unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}") from None

@@ -1,0 +1,70 @@
+"""The entry point of a replica's worker process.
+
+Each data-parallel replica runs in its own process with its own GPUs (its
+environment is set when it is spawned) and hosts one ``LocalEngine``. Keeping
+replicas in separate processes is what lets one die without the others, lets
+them start in parallel, and moves tokenisation and detokenisation off the
+driver. The driver talks to it over one duplex pipe:
+
+driver -> worker: ("submit", id, GenerationRequest) | ("stats",) | ("shutdown",)
+worker -> driver: ("ready", info) | ("failed", message) | ("done", id, Generation)
+                | ("error", id, exception) | ("stats", dict) | ("dead", message)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+__all__ = ["serve"]
+
+
+def serve(conn, spec, name: str, log_level: int) -> None:
+    logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
+    from .engine import LocalEngine
+    from .errors import ReplicaDeadError
+
+    try:
+        engine = LocalEngine(spec, name=name)
+    except BaseException as exc:  # report, then exit: the driver decides what to do
+        conn.send(("failed", str(exc)))
+        return
+    send_lock = threading.Lock()
+    dying = threading.Event()
+
+    def send(message) -> None:
+        try:
+            with send_lock:
+                conn.send(message)
+        except (BrokenPipeError, EOFError, OSError):
+            dying.set()  # the driver is gone; nothing to report to
+
+    def finished(request_id: str, future) -> None:
+        exc = future.exception()
+        if exc is None:
+            send(("done", request_id, future.result()))
+            return
+        send(("error", request_id, exc))
+        if isinstance(exc, ReplicaDeadError) and not dying.is_set():
+            # The engine core is gone: every request in flight fails the same way.
+            # Exit so the driver sees the death, resubmits them and restarts us.
+            dying.set()
+            send(("dead", str(exc)))
+            os._exit(3)
+
+    send(("ready", engine.info()))
+    while not dying.is_set():
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        kind = message[0]
+        if kind == "submit":
+            _, request_id, request = message
+            engine.submit(request, request_id).add_done_callback(lambda f, rid=request_id: finished(rid, f))
+        elif kind == "stats":
+            send(("stats", engine.stats()))
+        elif kind == "shutdown":
+            break
+    engine.shutdown()
