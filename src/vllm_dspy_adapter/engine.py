@@ -47,6 +47,7 @@ class LocalEngine:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._peak_unfinished = 0
+        self._peak_in_flight = 0
         self._totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
         self._dead: BaseException | None = None
         self._loop = asyncio.new_event_loop()
@@ -128,8 +129,14 @@ class LocalEngine:
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_exception(exc)
             return failed
+        unfinished = getattr(self.engine, "get_num_unfinished_requests", None)
         with self._lock:
             self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+            if unfinished is not None:
+                # vLLM's own count of requests it holds (this one not yet added):
+                # the proof that calls from many threads share one batch.
+                self._peak_unfinished = max(self._peak_unfinished, unfinished() + 1)
         return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
 
     def _prepare(self, request: GenerationRequest):
@@ -171,14 +178,8 @@ class LocalEngine:
 
         final = None
         try:
-            stream = self.engine.generate(prompt, params, request_id)
-            unfinished = getattr(self.engine, "get_num_unfinished_requests", None)
-            async for output in stream:
+            async for output in self.engine.generate(prompt, params, request_id):
                 final = output
-                if unfinished is not None:
-                    # vLLM's own count of requests it holds: the proof that calls
-                    # from many threads share one batch.
-                    self._peak_unfinished = max(self._peak_unfinished, unfinished())
         except VllmEngineDead as exc:
             self._dead = exc
             raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None
@@ -209,7 +210,8 @@ class LocalEngine:
             totals = dict(self._totals)
             in_flight = self._in_flight
         hit_rate = totals["cached_tokens"] / totals["prompt_tokens"] if totals["prompt_tokens"] else None
-        return {**totals, "in_flight": in_flight, "peak_unfinished": self._peak_unfinished,
+        return {**totals, "in_flight": in_flight, "peak_in_flight": self._peak_in_flight,
+                "peak_unfinished": self._peak_unfinished,
                 "prefix_cache_hit_rate": hit_rate, "alive": self.alive}
 
     # ---------------------------------------------------------------- lifetime

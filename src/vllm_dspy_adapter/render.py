@@ -60,6 +60,8 @@ def request_to_messages(request) -> tuple[list[dict[str, Any]], list[Any]]:
     vision models' templates expect; text-only messages keep string content so
     every text model's template accepts them.
     """
+    if request.tools:
+        raise UnsupportedInputError("Native tool calling is not supported by vLLMOffline; DSPy's ReAct works without it.")
     messages: list[dict[str, Any]] = []
     images: list[Any] = []
     if request.system is not None:
@@ -131,7 +133,7 @@ def config_to_sampling(config, *, allowed: frozenset[str] | set[str] | None = No
             out["structured_outputs"] = {"json_object": True}
         else:
             out["structured_outputs"] = {"json": fmt["schema"]}
-    if config.tools or getattr(config, "tool_choice", None) is not None:
+    if config.tool_choice is not None:
         raise UnsupportedInputError("Native tool calling is not supported by vLLMOffline; DSPy's ReAct works without it.")
     for name, value in (config.extensions or {}).items():
         if allowed is not None and name not in allowed:

@@ -419,6 +419,8 @@ class ReplicaPool:
             self._restart(replica)
             logger.warning("%s restarted (restart %d of at most %d).", replica.name, replica.restarts, self.max_restarts)
         except Exception as exc:
+            if self._closed:
+                return  # shut down while restarting: nothing to report
             logger.error("%s could not be restarted: %s. Pool continues with %d of %d replicas.", replica.name, exc,
                          sum(r.alive for r in self.replicas), len(self.replicas))
 
@@ -437,4 +439,5 @@ class ReplicaPool:
         return self._resubmitted
 
     def close(self) -> None:
+        """Refuse new requests; requests already in flight still finish."""
         self._closed = True
