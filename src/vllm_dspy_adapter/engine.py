@@ -50,16 +50,27 @@ class LocalEngine:
         self._peak_in_flight = 0
         self._totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
         self._dead: BaseException | None = None
+        self._closing = False
+        self._pending: dict[str, tuple[concurrent.futures.Future, concurrent.futures.Future]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
         self._thread.start()
         started = time.monotonic()
+        import psutil
+
+        self._children_before = {p.pid for p in psutil.Process().children()}
         try:
             asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
         except BaseException as exc:
             self._stop_loop()
             raise ReplicaStartError(f"{name}: the vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
         self.start_seconds = time.monotonic() - started
+        import psutil
+
+        self.engine_processes = [p for p in psutil.Process().children()
+                                 if p.pid not in self._children_before and _is_engine_process(p)]
+        threading.Thread(target=self._watch, args=(self.engine_processes,), daemon=True,
+                         name=f"{name}-watchdog").start()
         logger.info("%s: engine ready in %.1f s (max_model_len=%d)", name, self.start_seconds, self.max_model_len)
 
     async def _start(self) -> None:
@@ -95,9 +106,12 @@ class LocalEngine:
 
     def info(self) -> dict[str, Any]:
         """What the driver needs to know about this engine (crosses processes)."""
-        import psutil
-
-        children = [p.pid for p in psutil.Process(os.getpid()).children(recursive=True)]
+        children = []
+        for process in self.engine_processes:
+            try:
+                children += [process.pid] + [c.pid for c in process.children(recursive=True)]
+            except Exception:  # already gone
+                pass
         return {
             "max_model_len": self.max_model_len,
             "is_multimodal": self.is_multimodal,
@@ -130,6 +144,7 @@ class LocalEngine:
             failed.set_exception(exc)
             return failed
         unfinished = getattr(self.engine, "get_num_unfinished_requests", None)
+        outer: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._in_flight += 1
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
@@ -137,7 +152,47 @@ class LocalEngine:
                 # vLLM's own count of requests it holds (this one not yet added):
                 # the proof that calls from many threads share one batch.
                 self._peak_unfinished = max(self._peak_unfinished, unfinished() + 1)
-        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
+            task = asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
+            self._pending[request_id] = (outer, task)
+        task.add_done_callback(lambda done: self._resolve(request_id, done))
+        return outer
+
+    def _resolve(self, request_id: str, done: concurrent.futures.Future) -> None:
+        with self._lock:
+            entry = self._pending.pop(request_id, None)
+        if entry is None or entry[0].done():
+            return  # already failed by the watchdog
+        outer = entry[0]
+        if done.cancelled():
+            outer.cancel()
+        elif done.exception() is not None:
+            outer.set_exception(done.exception())
+        else:
+            outer.set_result(done.result())
+
+    def _watch(self, processes) -> None:
+        """Fail every request in flight the moment an engine process dies.
+
+        vLLM notices a dead engine core only on some paths (a request already
+        in flight); one killed between requests can leave new requests waiting
+        forever. Watching the processes ourselves means nothing ever hangs.
+        """
+        import psutil
+
+        gone: list = []
+        while not gone and not self._closing:
+            gone, _ = psutil.wait_procs(processes, timeout=1.0)  # returns as soon as one exits
+        if self._closing:
+            return
+        codes = ", ".join(f"pid {p.pid} exit code {p.returncode}" for p in gone)
+        self._dead = ReplicaDeadError(f"{self.name}: the vLLM engine process died ({codes})")
+        logger.error("%s", self._dead)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for outer, task in pending.values():
+            task.cancel()
+            if not outer.done():
+                outer.set_exception(ReplicaDeadError(str(self._dead)))
 
     def _prepare(self, request: GenerationRequest):
         from vllm import SamplingParams
@@ -217,6 +272,7 @@ class LocalEngine:
     # ---------------------------------------------------------------- lifetime
 
     def shutdown(self) -> None:
+        self._closing = True
         engine = getattr(self, "engine", None)
         if engine is not None:
             try:
@@ -231,6 +287,14 @@ class LocalEngine:
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+
+def _is_engine_process(process) -> bool:
+    """Children started with the engine, less Python's multiprocessing helpers."""
+    try:
+        return "resource_tracker" not in " ".join(process.cmdline())
+    except Exception:
+        return False
 
 
 def _structured_params(spec: dict[str, Any]):

@@ -282,17 +282,14 @@ class ProcessReplica:
     # -------------------------------------------------------------- lifetime
 
     def _reap_engine_processes(self) -> None:
-        """Kill the engine-core processes the worker started, if they outlived it
-        (a SIGKILLed worker cannot take its children down)."""
-        import psutil
-
-        for pid in self.info.get("engine_pids", ()):
-            try:
-                process = psutil.Process(pid)
-                if process.create_time() <= time.time():
-                    process.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        """Kill whatever is left of the worker's process group (the worker made
+        itself a group leader), so no engine process outlives its replica."""
+        if self._process is None or self._process.pid is None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def shutdown(self, timeout: float = 30.0) -> None:
         with self._lock:

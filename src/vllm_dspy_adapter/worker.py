@@ -21,6 +21,11 @@ __all__ = ["serve"]
 
 
 def serve(conn, spec, name: str, log_level: int) -> None:
+    # A process group of our own: the driver can then kill this worker together
+    # with the engine processes it starts, whatever state they are in (a SIGKILLed
+    # worker cannot take its children down itself). It also keeps the terminal's
+    # Ctrl-C away from the engines; the driver shuts them down in order.
+    os.setsid()
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     from .engine import LocalEngine
     from .errors import ReplicaDeadError

@@ -1,0 +1,37 @@
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Real vLLM (CPU build) with the embedded default model; small KV cache per engine
+# so several engines fit on a CI machine.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_DSPY_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Settings every engine test uses: eager mode starts a 135M model in ~30 s instead of ~100 s.
+ENGINE_KWARGS = dict(enforce_eager=True, max_model_len=2048)
+
+
+def engine_children():
+    """Live child processes of this test process, except Python's resource tracker."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" in " ".join(child.cmdline()) or child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    from vllm_dspy_adapter.models import resolve_model
+
+    return resolve_model(None)

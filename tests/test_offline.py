@@ -1,0 +1,162 @@
+"""vLLMOffline on real vLLM (CPU build) with the embedded default model and real DSPy programs."""
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+
+import dspy
+import pydantic
+import pytest
+
+from conftest import ENGINE_KWARGS, engine_children
+from vllm_dspy_adapter import ConfigurationError, vLLMOffline
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def lm(default_model):
+    lm = vLLMOffline(temperature=0.0, max_tokens=96, **ENGINE_KWARGS)
+    yield lm
+    lm.shutdown()
+
+
+def requests_served(lm):
+    return lm.stats()[0]["requests"]
+
+
+def test_direct_call_answers(lm):
+    out = lm(f"What is 2+3? ({uuid.uuid4().hex[:4]})", cache=False)
+    assert isinstance(out, list) and len(out) == 1
+    assert "5" in out[0]
+
+
+def test_predict_and_chain_of_thought_answer(lm):
+    with dspy.context(lm=lm):
+        prediction = dspy.Predict("question -> answer")(question="What is the capital of France?")
+        assert isinstance(prediction.answer, str) and prediction.answer.strip()
+        cot = dspy.ChainOfThought("question -> answer")(question="What is 2 + 3?")
+        assert cot.reasoning.strip() and cot.answer.strip()
+
+
+class Capital(pydantic.BaseModel):
+    country: str
+    city: str
+    population_millions: float
+
+
+class CapitalSignature(dspy.Signature):
+    """Give the capital city of the country."""
+
+    country: str = dspy.InputField()
+    result: Capital = dspy.OutputField()
+    confident: bool = dspy.OutputField()
+
+
+def test_json_adapter_typed_outputs_always_parse(lm):
+    assert lm.supports_response_schema and "response_format" in lm.supported_params
+    predict = dspy.Predict(CapitalSignature)
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        for country in ["France", "Japan", "Peru", "Kenya", "Norway", "Chile"]:
+            prediction = predict(country=country)
+            assert isinstance(prediction.result, Capital)
+            assert isinstance(prediction.confident, bool)
+
+
+def test_evaluate_with_32_threads_batches_calls_together(lm):
+    from vllm_dspy_adapter.cli import arithmetic_devset
+
+    before = lm.stats()[0]
+    devset = arithmetic_devset(64, seed=int(time.time()))
+    program = dspy.Predict("question -> answer")
+    with dspy.context(lm=lm.copy(cache=False)):
+        result = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: e.answer in str(p.answer),
+                               num_threads=32, display_progress=False)(program)
+    after = lm.stats()[0]
+    assert after["requests"] - before["requests"] >= 64
+    assert len(result.results) == 64
+    # vLLM's own count of requests it held at once: calls from threads shared the batch.
+    assert after["peak_unfinished"] > 8
+    assert after["peak_in_flight"] > 8
+
+
+def test_repeated_call_is_served_from_dspy_cache(lm):
+    question = f"Name a colour. ({uuid.uuid4().hex})"
+    first = lm(question)
+    served = requests_served(lm)
+    second = lm(question)
+    assert second == first
+    assert requests_served(lm) == served
+
+
+def test_usage_is_tracked(lm):
+    with dspy.context(lm=lm, track_usage=True):
+        prediction = dspy.Predict("question -> answer")(question=f"What is 1+1? {uuid.uuid4().hex[:6]}")
+    usage = prediction.get_lm_usage()[lm.model]
+    assert usage["prompt_tokens"] > 10 and usage["completion_tokens"] > 0
+
+
+def test_acall_works(lm):
+    out = asyncio.run(lm.acall(f"Say hello. {uuid.uuid4().hex[:6]}"))
+    assert out and out[0].strip()
+
+    async def many():
+        return await asyncio.gather(*[lm.acall(f"Count to {i}.", cache=False) for i in range(8)])
+
+    assert len(asyncio.run(many())) == 8
+
+
+def test_history_copy_and_dump_state(lm):
+    copy = lm.copy(temperature=0.7)
+    assert copy.kwargs["temperature"] == 0.7 and lm.kwargs["temperature"] == 0.0
+    copy(f"Hi {uuid.uuid4().hex[:4]}")
+    assert copy.history and copy.history[-1]["usage"]["completion_tokens"] > 0
+    state = lm.dump_state()
+    assert state["max_model_len"] == 2048 and state["temperature"] == 0.0
+    assert state["_dspy_lm_class"] == "vllm_dspy_adapter.lm.vLLMOffline"
+
+
+def test_logprobs_when_asked(lm):
+    out = lm(f"Say yes. {uuid.uuid4().hex[:4]}", logprobs=True, top_logprobs=2, max_tokens=5, cache=False)
+    assert out[0]["logprobs"] is not None
+
+
+def test_over_long_prompt_raises_context_window_error_and_engine_keeps_serving(lm):
+    with pytest.raises(dspy.ContextWindowExceededError):
+        lm("word " * 5000, cache=False)
+    assert lm(f"What is 2+3? ({uuid.uuid4().hex[:4]})", cache=False)[0]
+
+
+def test_bad_engine_argument_fails_before_any_engine_starts():
+    before = {p.pid for p in engine_children()}
+    with pytest.raises(ConfigurationError, match="gpu_memory_utilisation"):
+        vLLMOffline(gpu_memory_utilisation=0.5)
+    with pytest.raises(ConfigurationError, match="min_p"):
+        vLLMOffline(sampling_params={"min_p": 5.0})
+    with pytest.raises(ConfigurationError, match="repetition_penalty"):
+        vLLMOffline(sampling_params={"repetition_penalti": 1.1})
+    with pytest.raises(ConfigurationError, match="'n'"):
+        vLLMOffline(sampling_params={"n": 2})
+    assert {p.pid for p in engine_children()} == before
+
+
+def test_missing_model_path_is_named():
+    with pytest.raises(FileNotFoundError, match="/no/such/model"):
+        vLLMOffline(model="/no/such/model")
+
+
+def test_dead_engine_raises_instead_of_hanging(lm):
+    # Last in this module: it kills the shared engine.
+    engine_pids = set(lm._runtime.info["engine_pids"])
+    killed = [c.pid for c in engine_children() if c.pid in engine_pids]
+    assert killed
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(dspy.utils.exceptions.LMError, match="died|dead"):
+        for _ in range(3):
+            lm(f"Still there? {uuid.uuid4().hex}", cache=False)
+            time.sleep(1)
+    assert time.monotonic() - started < 30
