@@ -1,0 +1,152 @@
+"""vLLMOfflineMultiGPU on real vLLM (CPU build): two CPU replicas of the default model."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import dspy
+import pytest
+
+from conftest import ENGINE_KWARGS, ROOT, engine_children
+from vllm_dspy_adapter import ConfigurationError, NoHealthyReplicaError, vLLMOfflineMultiGPU
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def lm(default_model):
+    lm = vLLMOfflineMultiGPU(num_replicas=2, temperature=0.0, max_tokens=48, cache=False, **ENGINE_KWARGS)
+    yield lm
+    lm.shutdown()
+
+
+def wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_gpu_request_on_a_cpu_machine_says_what_to_do():
+    with pytest.raises(ConfigurationError, match="num_replicas"):
+        vLLMOfflineMultiGPU(num_gpus=2)
+
+
+def test_evaluate_spreads_over_both_replicas(lm):
+    from vllm_dspy_adapter.cli import arithmetic_devset
+
+    before = [s["requests"] for s in lm.stats()]
+    program = dspy.ChainOfThought("question -> answer")
+    with dspy.context(lm=lm):
+        result = dspy.Evaluate(devset=arithmetic_devset(48, seed=1), metric=lambda e, p, t=None: True,
+                               num_threads=24, display_progress=False)(program)
+    assert len(result.results) == 48
+    served = [s["requests"] - b for s, b in zip(lm.stats(), before)]
+    assert sum(served) >= 48 and min(served) > 0, served
+
+
+def prompts(n, salt):
+    # Prompt i has i+1 words, so its token count tells its position: order is checkable.
+    return [f"{salt} " + " ".join(["count"] * (i + 1)) for i in range(n)]
+
+
+def test_batch_generate_keeps_order_and_completeness(lm):
+    outs = lm.batch_generate(prompts(300, "alpha"), max_tokens=4, progress=False, return_outputs=True)
+    assert len(outs) == 300
+    lengths = [o.num_prompt_tokens for o in outs]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 300
+    assert {o.replica for o in outs} == {0, 1}
+    texts = lm.batch_generate(prompts(5, "beta"), max_tokens=4, progress=False)
+    assert all(isinstance(t, str) for t in texts)
+
+
+def test_batch_generate_refuses_bad_prompts_before_submitting(lm):
+    before = sum(s["requests"] for s in lm.stats())
+    with pytest.raises(ConfigurationError, match="prompt_token_ids"):
+        lm.batch_generate(["fine", 42], progress=False)
+    assert sum(s["requests"] for s in lm.stats()) == before
+
+
+def test_killed_replica_loses_no_result_and_comes_back(lm, caplog):
+    victim = lm._runtime.replicas[1]
+    engine_pid = victim.info["engine_pids"][0]
+    done = threading.Event()
+
+    def kill_when_busy():
+        wait_for(lambda: sum(s.get("requests", 0) for s in lm.stats()) > 0 and victim.stats().get("in_flight", 0) > 0, 60)
+        os.kill(engine_pid, signal.SIGKILL)
+        done.set()
+
+    resubmitted_before = lm._runtime.pool.resubmitted
+    threading.Thread(target=kill_when_busy, daemon=True).start()
+    outs = lm.batch_generate(prompts(240, "gamma"), max_tokens=24, progress=False, return_outputs=True)
+    assert done.is_set()
+    assert len(outs) == 240 and all(o is not None for o in outs)
+    lengths = [o.num_prompt_tokens for o in outs]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 240  # each prompt exactly once, in order
+    assert lm._runtime.pool.resubmitted > resubmitted_before
+    assert "died" in caplog.text
+    # restarted in the background, then serving again
+    assert wait_for(lambda: victim.alive, 240), "replica 1 was not restarted"
+    assert victim.restarts == 1
+    again = lm.batch_generate(prompts(40, "delta"), max_tokens=4, progress=False, return_outputs=True)
+    assert {o.replica for o in again} == {0, 1}
+
+
+def test_stats_show_every_replica(lm):
+    stats = lm.stats()
+    assert [s["replica"] for s in stats] == [0, 1]
+    for s in stats:
+        assert s["alive"] and s["device"].startswith("cpu:")
+        assert {"requests", "output_tokens", "in_flight", "prefix_cache_hit_rate"} <= set(s)
+
+
+def test_every_replica_dead_fails_fast_and_shutdown_leaves_no_process(lm):
+    # Last in this module: kills the pool for good.
+    lm._runtime.pool.max_restarts = 0
+    for replica in lm._runtime.replicas:
+        os.kill(replica.pid, signal.SIGKILL)
+    assert wait_for(lambda: not any(r.alive for r in lm._runtime.replicas), 30)
+    started = time.monotonic()
+    with pytest.raises(dspy.utils.exceptions.LMError, match="every replica is dead"):
+        lm("Anyone?")
+    with pytest.raises(NoHealthyReplicaError):
+        lm.batch_generate(["Anyone?"], progress=False)
+    assert time.monotonic() - started < 5
+    lm.shutdown()
+    assert wait_for(lambda: not engine_children(), 30), engine_children()
+
+
+def test_shutdown_as_context_manager_leaves_no_process(default_model):
+    with vLLMOfflineMultiGPU(num_replicas=2, max_tokens=8, **ENGINE_KWARGS) as lm:
+        assert len(lm("Hi", cache=False)) == 1
+        assert len(engine_children()) >= 4  # two workers, each with its engine
+    assert wait_for(lambda: not engine_children(), 30), engine_children()
+
+
+def test_multigpu_command_prints_a_table(default_model):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = subprocess.run(
+        [sys.executable, "-m", "vllm_dspy_adapter", "multigpu", "--num-replicas", "2", "--questions", "16",
+         "--threads", "8", "--enforce-eager", "--max-tokens", "48"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "questions/s" in run.stdout and "tokens/s" in run.stdout
+    rows = [line for line in run.stdout.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert len(rows) == 2, run.stdout
+
+
+def test_import_is_light_and_help_needs_no_engine():
+    code = "import sys, vllm_dspy_adapter; assert 'vllm' not in sys.modules and 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "vllm_dspy_adapter", "multigpu", "--help"], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    for flag in ("--model", "--num-gpus", "--num-replicas", "--routing"):
+        assert flag in out
