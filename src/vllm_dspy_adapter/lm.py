@@ -375,54 +375,37 @@ class vLLMOfflineMultiGPU(vLLMOffline):
 
     def __init__(self, model: str | None = None, num_gpus: int | None = None, gpus: Sequence[int] | None = None,
                  tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str = "prefix", *,
-                 max_restarts: int = 3, start_timeout: float | None = 1800.0, **kwargs: Any):
-        from .replicas import plan_placement, visible_gpu_count
+                 backend: str = "local", ray_address: str | None = None, max_restarts: int = 3,
+                 start_timeout: float | None = 1800.0, **kwargs: Any):
+        from .replicas import make_backend
         from .router import make_router
 
-        self._placements = plan_placement(
-            num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size, num_replicas=num_replicas,
-            available_gpus=visible_gpu_count(), cpu_count=os.cpu_count() or 1,
-        )
+        # Placement is decided (and refused) here, before any engine starts.
+        self._backend = make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                                     num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout)
         self._router = make_router(routing)
         self._max_restarts = max_restarts
-        self._start_timeout = start_timeout
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         super().__init__(model, **kwargs)
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
-                                "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size})
+                                "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
+                                "backend": backend, "ray_address": ray_address})
 
     def _start(self, spec: EngineSpec) -> _Runtime:
         from transformers import AutoTokenizer
 
-        from .replicas import ProcessReplica, ReplicaPool
+        from .replicas import ReplicaPool
 
         pool_box: list = []
 
         def on_death(replica, cause):
             pool_box[0].replica_died(replica, cause)
 
-        replicas = [ProcessReplica(spec, placement, on_death=on_death) for placement in self._placements]
-        for replica in replicas:  # all spawn first, so they start in parallel
-            replica.spawn()
-        errors = []
-        for replica in replicas:
-            try:
-                replica.wait_ready(self._start_timeout)
-            except Exception as exc:
-                errors.append(str(exc))
-        if errors:
-            for replica in replicas:
-                replica.kill()
-            raise errors_to_start_error(errors)
+        replicas = self._backend.start(spec, on_death)  # all in parallel; raises with nothing left running
         logger.info("%d replica(s) ready: %s", len(replicas),
                     ", ".join(f"{r.name} in {r.info['start_seconds']:.0f} s" for r in replicas))
-
-        def restart(replica):
-            replica.spawn()
-            replica.wait_ready(self._start_timeout)
-
-        pool = ReplicaPool(replicas, self._router, restart=restart, max_restarts=self._max_restarts)
+        pool = ReplicaPool(replicas, self._router, restart=self._backend.restart, max_restarts=self._max_restarts)
         pool_box.append(pool)
         kwargs = spec.engine_kwargs
         tokenizer = AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or spec.model,
@@ -433,9 +416,3 @@ class vLLMOfflineMultiGPU(vLLMOffline):
     @property
     def num_replicas(self) -> int:
         return len(self._runtime.replicas)
-
-
-def errors_to_start_error(errors: list[str]):
-    from .errors import ReplicaStartError
-
-    return ReplicaStartError("Replica start failed; nothing is left running.\n  " + "\n  ".join(errors))

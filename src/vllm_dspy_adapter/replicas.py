@@ -35,7 +35,8 @@ from .errors import ConfigurationError, NoHealthyReplicaError, ReplicaDeadError,
 from .protocol import Generation, GenerationRequest
 from .router import ReplicaLoad, Router
 
-__all__ = ["Placement", "plan_placement", "visible_gpu_count", "ProcessReplica", "ReplicaPool"]
+__all__ = ["Placement", "plan_placement", "visible_gpu_count", "ProcessReplica", "ReplicaPool",
+           "LocalBackend", "make_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -438,3 +439,58 @@ class ReplicaPool:
     def close(self) -> None:
         """Refuse new requests; requests already in flight still finish."""
         self._closed = True
+
+
+class LocalBackend:
+    """Replicas as worker processes on this machine.
+
+    A backend owns placement and the replicas' lifetime: ``start(spec, on_death)``
+    starts every replica in parallel and returns them ready (or raises with
+    nothing left running); ``restart(replica)`` brings a dead one back.
+    """
+
+    def __init__(self, placements: list[Placement], start_timeout: float | None):
+        self.placements = placements
+        self.start_timeout = start_timeout
+
+    def start(self, spec: EngineSpec, on_death) -> list[ProcessReplica]:
+        replicas = [ProcessReplica(spec, placement, on_death=on_death) for placement in self.placements]
+        for replica in replicas:  # spawn all first, so they load in parallel
+            replica.spawn()
+        errors = []
+        for replica in replicas:
+            try:
+                replica.wait_ready(self.start_timeout)
+            except Exception as exc:
+                errors.append(str(exc))
+        if errors:
+            for replica in replicas:
+                replica.kill()
+            raise ReplicaStartError("Replica start failed; nothing is left running.\n  " + "\n  ".join(errors))
+        return replicas
+
+    def restart(self, replica: ProcessReplica) -> None:
+        replica.kill()
+        replica.spawn()
+        replica.wait_ready(self.start_timeout)
+
+
+def make_backend(name: str, *, num_gpus, gpus, tensor_parallel_size, num_replicas, ray_address, start_timeout):
+    """The replica backend by name; placement errors surface here, before any start."""
+    if name == "local":
+        if ray_address is not None:
+            raise ConfigurationError("ray_address is only used with backend='ray'")
+        placements = plan_placement(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                                    num_replicas=num_replicas, available_gpus=visible_gpu_count(),
+                                    cpu_count=os.cpu_count() or 1)
+        return LocalBackend(placements, start_timeout)
+    if name == "ray":
+        try:
+            from .ray_backend import RayBackend
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"backend='ray' needs Ray: pip install 'vllm-dspy-adapter[ray]' ({exc})"
+            ) from exc
+        return RayBackend(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                          num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout)
+    raise ConfigurationError(f"Unknown backend {name!r}; choose 'local' or 'ray'")
