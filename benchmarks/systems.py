@@ -1,0 +1,445 @@
+"""The systems under test, behind one small driver surface.
+
+A driver is started with a model and engine arguments and offers some of:
+
+- ``batch(requests)``: every request at once (W1, W2 via batch_generate, W3);
+- ``dspy_lm``: a DSPy LM that DSPy threads call with ``lm(messages=...)``
+  (W2 via threads, W4);
+- ``concurrent(requests, threads)``: raw vLLM fed the same requests at the same
+  concurrency as DSPy's threads (the W2 ceiling);
+- ``output_tokens()``: cumulative output tokens as the engines counted them.
+
+Only vLLM APIs present in both 0.26 and 0.32 are used: ``LLM.generate``,
+``SamplingParams``, ``TokensPrompt``, ``AsyncEngineArgs``,
+``AsyncLLM.from_engine_args(..., usage_context=)`` and ``AsyncLLM.generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from .workloads import Request
+
+SERVED_NAME = "bench"
+
+
+@dataclass
+class BatchResult:
+    output_tokens: int | None = None
+    tail_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def render_chat(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _sampling(r: Request, ignore_eos: bool) -> dict[str, Any]:
+    return {"max_tokens": r.max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+
+
+class Driver:
+    """Defaults: nothing supported. See the module docstring."""
+
+    dspy_lm = None
+
+    def dspy_call(self, r: Request):
+        """One DSPy call, as a DSPy thread makes it."""
+        return self.dspy_lm(messages=r.messages, max_tokens=r.max_tokens, temperature=0.0)
+
+    def batch(self, requests: list[Request]) -> BatchResult:
+        raise NotImplementedError
+
+    def output_tokens(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------- raw LLM
+
+class RawLLM(Driver):
+    """``vllm.LLM.generate`` with every prompt at once, on one GPU."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, ignore_eos: bool):
+        from vllm import LLM
+
+        self.llm = LLM(model=model, **engine_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.ignore_eos = ignore_eos
+
+    def batch(self, requests: list[Request]) -> BatchResult:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.token_ids) if r.token_ids is not None
+                   else render_chat(self.tokenizer, r.messages) for r in requests]
+        params = [SamplingParams(**_sampling(r, self.ignore_eos)) for r in requests]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return BatchResult(output_tokens=sum(len(o.outputs[0].token_ids) for o in outs))
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        except Exception:
+            pass
+        del self.llm
+        gc.collect()
+
+
+# ------------------------------------------------------------------- raw AsyncLLM
+
+class RawAsync(Driver):
+    """``AsyncLLM`` with ``data_parallel_size=N`` and vLLM's own balancer: the ceiling."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="raw-async-loop", daemon=True)
+        self.thread.start()
+        self.ignore_eos = ignore_eos
+        self._ids = 0
+        self._out_tokens = 0
+
+        async def create():
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.usage.usage_lib import UsageContext
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            kwargs = dict(engine_kwargs)
+            kwargs.setdefault("disable_log_stats", True)
+            if dp > 1:
+                kwargs["data_parallel_size"] = dp
+            # LLM_CLASS: the same batch-size defaults as LLM and the adapter's engines.
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kwargs),
+                                             usage_context=UsageContext.LLM_CLASS)
+
+        self.engine = self._run(create())
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _one(self, r: Request) -> int:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt = (TokensPrompt(prompt_token_ids=r.token_ids) if r.token_ids is not None
+                  else render_chat(self.tokenizer, r.messages))
+        params = SamplingParams(**_sampling(r, self.ignore_eos), output_kind=RequestOutputKind.FINAL_ONLY)
+        self._ids += 1
+        final = None
+        async for out in self.engine.generate(prompt, params, f"bench-{self._ids}"):
+            final = out
+        n = len(final.outputs[0].token_ids)
+        self._out_tokens += n
+        return n
+
+    def batch(self, requests: list[Request]) -> BatchResult:
+        async def all_at_once():
+            return await asyncio.gather(*[self._one(r) for r in requests])
+
+        return BatchResult(output_tokens=sum(self._run(all_at_once())))
+
+    def concurrent(self, requests: list[Request], threads: int) -> int:
+        """At most ``threads`` requests in flight, like DSPy's thread pool."""
+        async def limited():
+            gate = asyncio.Semaphore(threads)
+
+            async def one(r):
+                async with gate:
+                    return await self._one(r)
+
+            return await asyncio.gather(*[one(r) for r in requests])
+
+        return sum(self._run(limited()))
+
+    def output_tokens(self) -> int:
+        return self._out_tokens
+
+    def close(self) -> None:
+        async def stop():
+            self.engine.shutdown()
+            # The engine's own output tasks: cancel them inside the loop, not at its death.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self._run(stop())
+        except Exception:
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        del self.engine
+        gc.collect()
+
+
+# ------------------------------------------------------------------- reference
+
+class Reference(Driver):
+    """The original guide's design: N LLM instances (see reference.py)."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, n: int, on_gpu: bool, ignore_eos: bool,
+                 lm_kwargs: dict[str, Any] | None = None):
+        from .reference import ReferenceMultiGPU
+
+        self.ignore_eos = ignore_eos
+        sampling = {"ignore_eos": True} if ignore_eos else {}
+        sampling.update(lm_kwargs or {})
+        self.ref = ReferenceMultiGPU(model, n, engine_kwargs, on_gpu=on_gpu, sampling=sampling)
+        self.dspy_lm = self.ref
+
+    def batch(self, requests: list[Request]) -> BatchResult:
+        prompts = [r.token_ids if r.token_ids is not None else render_chat(self.ref.tokenizer, r.messages)
+                   for r in requests]
+        results, finished = self.ref.batch_generate(prompts, [_sampling(r, self.ignore_eos) for r in requests])
+        n_out = sum(r[2] for r in results)
+        self.ref.output_tokens += n_out
+        tail = max(finished) - min(finished) if len(finished) > 1 else 0.0
+        return BatchResult(output_tokens=n_out, tail_s=tail)
+
+    def output_tokens(self) -> int:
+        return self.ref.output_tokens
+
+    def close(self) -> None:
+        self.ref.shutdown()
+
+
+# ------------------------------------------------------------------------ HTTP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_cli_args(engine_kwargs: dict[str, Any]) -> list[str]:
+    """Engine keyword arguments as `vllm serve` flags."""
+    import json
+
+    out: list[str] = []
+    for key, value in engine_kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, (dict, list)):
+            out += [flag, json.dumps(value)]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+class Http(Driver):
+    """``vllm serve MODEL --data-parallel-size N`` on loopback, and
+    ``dspy.LM("hosted_vllm/...")`` (W2/W4) or async /v1/completions (W1/W3)."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool,
+                 start_timeout: float, lm_kwargs: dict[str, Any] | None = None):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.ignore_eos = ignore_eos
+        cmd = [sys.executable, "-m", "benchmarks.serve_shim", "serve", model, "--served-model-name", SERVED_NAME,
+               "--host", "127.0.0.1", "--port", str(self.port), "--disable-uvicorn-access-log",
+               *engine_cli_args({**engine_kwargs, **({"data_parallel_size": dp} if dp > 1 else {})})]
+        print("http: " + " ".join(cmd), flush=True)
+        # Its own session, so close() can stop the server and its engine processes together.
+        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            self._wait_healthy(start_timeout)
+        except BaseException:
+            self.close()
+            raise
+        import dspy
+
+        self.dspy_lm = dspy.LM(f"hosted_vllm/{SERVED_NAME}", api_base=self.base + "/v1", api_key="EMPTY",
+                               cache=False, **{"temperature": 0.0, **(lm_kwargs or {})})
+        self._out_tokens = 0
+        self._count_lock = threading.Lock()
+
+    def dspy_call(self, r: Request):
+        """DSPy's native OpenAI-compatible path, with vLLM's ``ignore_eos`` in the body.
+
+        ``ignore_eos`` is not an OpenAI field, so ``lm(messages=..., extra_body=...)``
+        would send the call to LiteLLM, which the GPU kit leaves out; a typed lm15
+        Request carries it in ``config.extensions`` through the same native engine
+        that ``lm(messages=...)`` uses. The conversion runs here, inside the
+        measured call, as DSPy's own conversion would.
+        """
+        import dataclasses
+
+        from dspy import lm15
+
+        request = lm15.request_from_openai_chat({"model": self.dspy_lm.model, "messages": r.messages,
+                                                 "max_tokens": r.max_tokens, "temperature": 0.0})
+        if self.ignore_eos:
+            request = dataclasses.replace(request, config=dataclasses.replace(
+                request.config, extensions={**(request.config.extensions or {}), "ignore_eos": True}))
+        response = self.dspy_lm(request)
+        with self._count_lock:
+            self._out_tokens += int(getattr(response.usage, "output_tokens", 0) or 0)
+        return [response.text]
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode} during start")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"vllm serve not healthy after {timeout:.0f} s")
+
+    def batch(self, requests: list[Request]) -> BatchResult:
+        import aiohttp
+
+        url = self.base + "/v1/completions"
+
+        async def all_at_once():
+            connector = aiohttp.TCPConnector(limit=1024)
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
+                async def one(r: Request) -> int:
+                    body = {"model": SERVED_NAME, "prompt": r.token_ids, **_sampling(r, self.ignore_eos)}
+                    async with s.post(url, json=body) as resp:
+                        data = await resp.json()
+                        if resp.status != 200:
+                            raise RuntimeError(f"HTTP {resp.status}: {str(data)[:300]}")
+                        return int(data["usage"]["completion_tokens"])
+
+                return await asyncio.gather(*[one(r) for r in requests])
+
+        return BatchResult(output_tokens=sum(asyncio.run(all_at_once())))
+
+    def output_tokens(self) -> int:
+        """Tokens of typed calls (counted in dspy_call) plus those of W4's ordinary calls (history)."""
+        history = getattr(self.dspy_lm, "history", None) or []
+        return self._out_tokens + sum(int((h.get("usage") or {}).get("completion_tokens") or 0)
+                                      for h in history if h.get("messages") is not None)
+
+    def close(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------ ours
+
+class Ours(Driver):
+    """vllm-dspy-adapter: ``vLLMOffline`` (one engine, optionally tensor parallel)
+    or ``vLLMOfflineMultiGPU`` (N replicas under a routing policy)."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, n: int, routing: str | None, tp: bool,
+                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None):
+        from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
+
+        common = dict(cache=False, sampling_params={"ignore_eos": True} if ignore_eos else None,
+                      **(lm_kwargs or {}), **engine_kwargs)
+        if tp:
+            self.lm = vLLMOffline(model=model, tensor_parallel_size=n, **common)
+        elif routing is None:
+            self.lm = vLLMOffline(model=model, **common)
+        elif on_gpu:
+            self.lm = vLLMOfflineMultiGPU(model=model, num_gpus=n, routing=routing, **common)
+        else:
+            self.lm = vLLMOfflineMultiGPU(model=model, num_replicas=n, routing=routing, **common)
+        self.dspy_lm = self.lm
+        self.replicas = len(self.lm.stats())
+
+    def _prompt(self, r: Request):
+        return {"prompt_token_ids": r.token_ids} if r.token_ids is not None else r.messages
+
+    def batch(self, requests: list[Request]) -> BatchResult:
+        poller = _IdlePoller(self.lm) if self.replicas > 1 else None
+        lengths = {r.max_tokens for r in requests}
+        extra: dict[str, Any] = {}
+        if len(lengths) == 1:
+            outs = self.lm.batch_generate([self._prompt(r) for r in requests], progress=False, return_outputs=True,
+                                          max_tokens=lengths.pop(), temperature=0.0)
+        else:
+            outs = self._batch_per_request(requests)
+            extra["per_request_max_tokens"] = "runtime.pool.submit (batch_generate takes one max_tokens)"
+        end = time.monotonic()
+        result = BatchResult(output_tokens=sum(o.num_output_tokens for o in outs), extra=extra)
+        if poller is not None:
+            first_idle = poller.stop()
+            result.tail_s = max(0.0, end - first_idle) if first_idle is not None else 0.0
+        return result
+
+    def _batch_per_request(self, requests: list[Request]):
+        """batch_generate with a max_tokens per prompt (W2's long-tailed lengths).
+
+        batch_generate fixes one SamplingParams for all prompts, so this submits
+        through the runtime's pool, which is what batch_generate does inside:
+        every prompt at once, routed by the LM's policy.
+        """
+        runtime = self.lm._runtime
+        base = {**runtime.spec.sampling, "temperature": 0.0}
+        futures = [runtime.pool.submit(runtime.prompt_request(self._prompt(r), {**base, "max_tokens": r.max_tokens}))
+                   for r in requests]
+        return [f.result() for f in futures]
+
+    def output_tokens(self) -> int:
+        return sum(int(s.get("output_tokens") or 0) for s in self.lm.stats())
+
+    def close(self) -> None:
+        self.lm.shutdown()
+
+
+class _IdlePoller:
+    """Finds when the first replica ran out of work during a batch, from stats():
+    a replica is idle once every request routed to it since the start has finished."""
+
+    def __init__(self, lm, interval: float = 0.1):
+        self.lm = lm
+        self.interval = interval
+        self.base = {s["replica"]: (s.get("routed", 0), s.get("requests", 0) + s.get("failed", 0)) for s in lm.stats()}
+        self.first_idle: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self.first_idle is None:
+            now = time.monotonic()
+            for s in self.lm.stats():
+                routed0, done0 = self.base.get(s["replica"], (0, 0))
+                routed = s.get("routed", 0) - routed0
+                done = s.get("requests", 0) + s.get("failed", 0) - done0
+                if routed > 0 and done >= routed:
+                    self.first_idle = now
+                    break
+            self._stop.wait(self.interval)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.first_idle

@@ -1,0 +1,54 @@
+"""The benchmark harness, small, on CPU: every system completes and the report is
+well formed. Speed is never checked here (2 CPU cores say nothing about GPUs)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SYSTEM_LABELS = {"raw-llm", "raw-async", "reference", "http", "ours", "ours-prefix", "ours-least_loaded",
+                 "ours-round_robin", "tp"}
+
+
+@pytest.mark.engine
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    report = proc.stdout + "\n" + proc.stderr[-6000:]
+    assert proc.returncode == 0, report
+
+    with open(out / "results.json") as fh:
+        results = json.load(fh)
+    rows = results["rows"]
+    failed = [r for r in rows if not r.get("ok")]
+    assert not failed, json.dumps(failed, indent=1)
+    assert {r["label"] for r in rows} == SYSTEM_LABELS
+    assert {r["workload"] for r in rows} == {"W1", "W2-threads", "W2-batch", "W3", "W4"}
+    for r in rows:
+        if r["workload"] == "W4":
+            assert r["parsed"] >= 0 and 0 <= r["score"] <= 100
+            continue
+        assert r["requests"] > 0 and r["elapsed_s"] > 0
+        assert r["req_s"] > 0 and r["out_tok_s"] > 0
+        assert r["output_tokens"] > 0
+    for r in rows:  # batch systems report the static-split / routing tail
+        if r["workload"] == "W2-batch" and r["label"] in ("reference", "ours-prefix"):
+            assert r["tail_s"] >= 0
+    assert isinstance(results["targets"], list) and results["targets"]
+    assert all({"target", "ratio", "threshold", "pass"} <= set(t) for t in results["targets"])
+
+    # One table line per row, under a header naming the columns.
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+    for col in ("system", "req/s", "out tok/s", "ratio"):
+        assert col in lines[header]
+    body = lines[header + 2:header + 2 + len(rows)]
+    assert len(body) == len(rows) and all(line.split()[0] in {r["workload"] for r in rows} for line in body)
+
+    png = (out / "throughput.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
