@@ -52,9 +52,21 @@ def engine_kwargs(settings: Settings, phase: str, model: str) -> dict[str, Any]:
     if not settings.on_gpu:
         kw["kv_cache_memory_bytes"] = settings.cpu_kv_cache_bytes
     if phase == "w3" and settings.w3_kv_prefixes > 0:
-        kw["kv_cache_memory_bytes"] = wl.w3_kv_tokens(settings) * wl.kv_bytes_per_token(model)
+        tokens = wl.w3_kv_tokens(settings)
+        if _has_engine_arg("kv_cache_memory_bytes"):
+            kw["kv_cache_memory_bytes"] = tokens * wl.kv_bytes_per_token(model)
+        else:  # an older vLLM: the block count says the same (16-token blocks)
+            kw["num_gpu_blocks_override"] = -(-tokens // 16)
     kw.update(settings.engine_args)
     return kw
+
+
+def _has_engine_arg(name: str) -> bool:
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return name in {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
 def start_driver(settings: Settings, job: dict[str, Any], phase: str, model: str):
@@ -194,8 +206,10 @@ def warm_up(driver, settings: Settings, tokenizer, n: int) -> None:
     except NotImplementedError:
         pass
     if driver.dspy_lm is not None:
-        run_dspy_threads(driver, wl.w2(settings, "warmup", min(count, 4), f"warmup|{time.time()}").requests,
-                         min(count, 4))
+        chat = wl.w2(settings, "warmup", min(count, 4), f"warmup|{time.time()}").requests
+        for r in chat:
+            r.max_tokens = 4
+        run_dspy_threads(driver, chat, len(chat))
 
 
 def run_job(settings: Settings, job: dict[str, Any], deadline: float) -> None:
