@@ -76,7 +76,7 @@ class Settings:
     w4_gpus: list[int] | None = None  # None: every --gpus value
     # Run control
     budget_s: float = 480.0
-    min_job_s: float = 45.0
+    min_job_s: float = 120.0  # do not start a job (engine start: 60-200 s on GPU) with less left
     server_start_timeout_s: float = 900.0
     group_jobs: bool = False
     out: str = "benchmarks/out"
