@@ -331,10 +331,16 @@ class Http(Driver):
         return BatchResult(output_tokens=sum(asyncio.run(all_at_once())))
 
     def output_tokens(self) -> int:
-        """Tokens of typed calls (counted in dspy_call) plus those of W4's ordinary calls (history)."""
-        history = getattr(self.dspy_lm, "history", None) or []
-        return self._out_tokens + sum(int((h.get("usage") or {}).get("completion_tokens") or 0)
-                                      for h in history if h.get("messages") is not None)
+        """The server's own count (every engine, every path); the client's count if /metrics fails."""
+        try:
+            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return self._out_tokens
+        name = "vllm:generation_tokens_total"
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
+        return int(sum(values)) if values else self._out_tokens
 
     def close(self) -> None:
         import signal
