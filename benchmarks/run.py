@@ -94,8 +94,9 @@ class ChildRun:
     """One child process; its @@BENCH rows are collected while the log is written."""
 
     def __init__(self, settings_path: str, jobs: list[dict[str, Any]], deadline: float, log_path: str,
-                 t0: float):
+                 t0: float, partial_path: str | None = None):
         self.rows: list[dict[str, Any]] = []
+        self.partial = open(partial_path, "a") if partial_path else None
         cmd = [sys.executable, "-m", "benchmarks.child", "--settings", settings_path, "--jobs", json.dumps(jobs),
                "--deadline", str(deadline)]
         self.log = open(log_path, "w")
@@ -112,6 +113,9 @@ class ChildRun:
             if line.startswith(MARK):
                 row = json.loads(line[len(MARK):])
                 self.rows.append(row)
+                if self.partial is not None:  # survives even if this process is killed
+                    self.partial.write(line[len(MARK):])
+                    self.partial.flush()
                 print(f"[{time.monotonic() - self.t0:7.1f} s] {_progress(row)}", file=sys.stderr, flush=True)
             elif line.startswith("== "):
                 print(f"[{time.monotonic() - self.t0:7.1f} s] {line[3:].rstrip()}", file=sys.stderr, flush=True)
@@ -126,6 +130,8 @@ class ChildRun:
             self._kill()
         self.reader.join(timeout=30)
         self.log.close()
+        if self.partial is not None:
+            self.partial.close()
         # Anything the child left behind (an engine process orphaned by a crash) is
         # still in its process group: stop it so the next job gets the devices.
         try:
@@ -171,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
           f"logs in {out}/logs", file=sys.stderr, flush=True)
 
     rows: list[dict[str, Any]] = []
+    # Rows as they arrive; `python -m benchmarks.report OUT/results.partial.jsonl --out DIR`
+    # rebuilds a report from it if this process is stopped before the end.
+    partial_path = os.path.join(out, "results.partial.jsonl")
+    open(partial_path, "w").close()
     batches = [jobs] if settings.group_jobs else [[job] for job in jobs]
     for batch in batches:
         if not batch:
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() > deadline - settings.min_job_s:
             why = "skipped: out of --budget-s"
         else:
-            child = ChildRun(settings_path, batch, deadline, os.path.join(out, "logs", f"{name}.log"), t0)
+            child = ChildRun(settings_path, batch, deadline, os.path.join(out, "logs", f"{name}.log"), t0,
+                             partial_path=partial_path)
             why = child.wait(deadline)
             rows += child.rows
         got = {report.key(r) for r in rows}
