@@ -150,3 +150,46 @@ def test_import_is_light_and_help_needs_no_engine():
                          text=True, env=env, check=True).stdout
     for flag in ("--model", "--num-gpus", "--num-replicas", "--routing"):
         assert flag in out
+
+
+DRIVER = """
+import sys, time
+from vllm_dspy_adapter import vLLMOfflineMultiGPU
+if __name__ == "__main__":
+    lm = vLLMOfflineMultiGPU(num_replicas=1, enforce_eager=True, max_model_len=2048, max_tokens=4)
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_no_engine_outlives_its_driver(tmp_path, how, default_model):
+    import psutil
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # A background job (CI, this test's own runner) may start with SIGINT ignored,
+    # which its children inherit: give the driver the default, as a terminal would.
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in driver.stdout:  # vLLM logs to stdout too
+            if line.strip() == "ready":
+                break
+        else:
+            pytest.fail("the driver never became ready")
+        # Keep draining: the engines log to the same pipe, and a full pipe would block them.
+        threading.Thread(target=driver.stdout.read, daemon=True).start()
+        tree = psutil.Process(driver.pid).children(recursive=True)
+        workers = [p for p in tree if "resource_tracker" not in " ".join(p.cmdline())]
+        assert workers
+        # A worker leads its own process group: collect the engines under it too.
+        pids = {p.pid for p in workers} | {c.pid for w in workers for c in w.children(recursive=True)}
+        driver.send_signal(how)  # Ctrl-C, or the driver killed outright
+        driver.wait(timeout=60)
+        assert wait_for(lambda: not [p for p in pids if psutil.pid_exists(p) and
+                                     psutil.Process(p).status() != psutil.STATUS_ZOMBIE], 60), pids
+    finally:
+        if driver.poll() is None:
+            driver.kill()

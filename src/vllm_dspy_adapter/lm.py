@@ -192,6 +192,11 @@ class AsyncvLLMEngine(vLLMEngine):
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
+# atexit runs handlers last-registered-first, and multiprocessing registers one
+# that joins every non-daemon child (our replica workers) forever. Importing it
+# first makes our handler, registered below, run before it and stop the workers.
+import multiprocessing.util  # noqa: E402,F401
+
 
 @atexit.register
 def _shutdown_all() -> None:
@@ -403,14 +408,19 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             pool_box[0].replica_died(replica, cause)
 
         replicas = self._backend.start(spec, on_death)  # all in parallel; raises with nothing left running
-        logger.info("%d replica(s) ready: %s", len(replicas),
-                    ", ".join(f"{r.name} in {r.info['start_seconds']:.0f} s" for r in replicas))
-        pool = ReplicaPool(replicas, self._router, restart=self._backend.restart, max_restarts=self._max_restarts)
-        pool_box.append(pool)
-        kwargs = spec.engine_kwargs
-        tokenizer = AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or spec.model,
-                                                  trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-                                                  revision=kwargs.get("tokenizer_revision"))
+        try:
+            logger.info("%d replica(s) ready: %s", len(replicas),
+                        ", ".join(f"{r.name} in {r.info['start_seconds']:.0f} s" for r in replicas))
+            pool = ReplicaPool(replicas, self._router, restart=self._backend.restart, max_restarts=self._max_restarts)
+            pool_box.append(pool)
+            kwargs = spec.engine_kwargs
+            tokenizer = AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or spec.model,
+                                                      trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+                                                      revision=kwargs.get("tokenizer_revision"))
+        except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
+            for replica in replicas:
+                replica.kill()
+            raise
         return _Runtime(spec, pool, tokenizer, replicas[0].info, replicas)
 
     @property

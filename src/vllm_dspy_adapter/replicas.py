@@ -458,11 +458,16 @@ class LocalBackend:
         for replica in replicas:  # spawn all first, so they load in parallel
             replica.spawn()
         errors = []
-        for replica in replicas:
-            try:
-                replica.wait_ready(self.start_timeout)
-            except Exception as exc:
-                errors.append(str(exc))
+        try:
+            for replica in replicas:
+                try:
+                    replica.wait_ready(self.start_timeout)
+                except Exception as exc:
+                    errors.append(str(exc))
+        except BaseException:  # Ctrl-C while starting: take every replica down with us
+            for replica in replicas:
+                replica.kill()
+            raise
         if errors:
             for replica in replicas:
                 replica.kill()
