@@ -50,3 +50,8 @@ def test_cpu_replicas_split_the_cores():
     assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in plans] == ["0", "1"]
     plans = plan(available_gpus=0, num_replicas=2, cpu_count=8)
     assert [p.device for p in plans] == ["cpu:0-3", "cpu:4-7"]
+
+
+def test_replica_count_on_a_gpu_machine_means_gpu_replicas():
+    plans = plan(num_replicas=2, tensor_parallel_size=2)
+    assert [p.device for p in plans] == ["cuda:0,1", "cuda:2,3"]

@@ -10,6 +10,8 @@ import logging
 import sys
 import time
 
+from .errors import AdapterError
+
 __all__ = ["main", "build_parser", "arithmetic_devset"]
 
 
@@ -134,3 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; engines stopped", file=sys.stderr)
         return 130
+    except (AdapterError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -81,6 +81,13 @@ class LocalEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = {**engine_defaults(), **self.spec.engine_kwargs}
+        from .replicas import visible_gpu_count
+
+        if visible_gpu_count() == 0 and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # vLLM's CPU build otherwise reserves most of the RAM for its KV cache
+            # and refuses to start beside anything else.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
+            logger.info("%s: no GPU and no VLLM_CPU_KVCACHE_SPACE: using 2 GiB of KV cache", self.name)
         args = AsyncEngineArgs(model=self.spec.model, **kwargs)
         # LLM_CLASS, not the engine context AsyncLLM defaults to: the offline
         # batch limits (e.g. 1024 sequences and 16384 batched tokens on a large

@@ -88,8 +88,10 @@ def plan_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_p
             )
         if num_gpus is not None and num_gpus != len(gpu_ids):
             raise ConfigurationError(f"num_gpus={num_gpus} contradicts gpus={list(gpus)}; pass one of them")
-    elif available_gpus > 0 and (num_gpus is not None or num_replicas is None):
-        wanted = available_gpus if num_gpus is None else num_gpus
+    elif available_gpus > 0:
+        # On a GPU machine a replica count means that many GPU replicas, never CPU ones.
+        wanted = num_gpus if num_gpus is not None else (
+            num_replicas * tensor_parallel_size if num_replicas is not None else available_gpus)
         if wanted < 1 or wanted > available_gpus:
             raise ConfigurationError(
                 f"num_gpus={wanted} but this machine shows {available_gpus} GPU(s); "

@@ -152,4 +152,6 @@ def make_router(policy: str | Router) -> Router:
     try:
         return POLICIES[policy]()
     except KeyError:
-        raise ValueError(f"Unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}") from None
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(f"Unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}") from None
