@@ -19,7 +19,6 @@ import concurrent.futures
 import json
 import os
 import random
-import sys
 import threading
 import time
 
@@ -66,21 +65,22 @@ def w2_requests(n: int, seed: int):
     return out
 
 
-def ours(args) -> None:
-    import dspy
-
-    from vllm_dspy_adapter import vLLMOfflineMultiGPU
-    from vllm_dspy_adapter.models import benchmark_model_path
-    from vllm_dspy_adapter.router import LeastLoadedRouter, PrefixRouter, Router
+def _subset_router(base, k):
+    """Route only to replicas < k: measures k replicas on already-started engines."""
+    from vllm_dspy_adapter.router import Router
 
     class SubsetRouter(Router):
-        """Route only to replicas < k: measures k replicas on already-started engines."""
-
-        def __init__(self, base, k):
-            self.base, self.k, self.name = base, k, f"{base.name}[<{k}]"
+        name = f"{base.name}[<{k}]"
 
         def choose(self, prompt, loads):
-            return self.base.choose(prompt, [l for l in loads if l.index < self.k])
+            return base.choose(prompt, [load for load in loads if load.index < k])
+
+    return SubsetRouter()
+
+
+def ours(args) -> None:
+    from vllm_dspy_adapter import vLLMOfflineMultiGPU
+    from vllm_dspy_adapter.router import LeastLoadedRouter, PrefixRouter
 
     t0 = time.monotonic()
     place = {"num_replicas": args.gpus} if args.cpu else {"num_gpus": args.gpus}
@@ -90,7 +90,7 @@ def ours(args) -> None:
     pool = lm._runtime.pool
     seed = 1
     for k in [k for k in (1, 2, 4, 8) if k <= args.gpus]:
-        pool.router = SubsetRouter(LeastLoadedRouter(), k)
+        pool.router = _subset_router(LeastLoadedRouter(), k)
         prompts = [{"prompt_token_ids": p} for p in w1_prompts(args.w1_per_gpu * k, seed)]
         seed += 1
         t = time.monotonic()
@@ -101,7 +101,7 @@ def ours(args) -> None:
               "req_s": round(len(outs) / dt, 2), "out_tok_s": round(toks / dt), "seconds": round(dt, 1)})
     for k in [k for k in (1, args.gpus)]:
         for threads in args.threads:
-            pool.router = SubsetRouter(PrefixRouter(), k)
+            pool.router = _subset_router(PrefixRouter(), k)
             reqs = w2_requests(args.w2_per_gpu * k, seed)
             seed += 1
             t = time.monotonic()
@@ -123,8 +123,6 @@ def raw(args) -> None:
     from vllm.sampling_params import RequestOutputKind
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    from vllm_dspy_adapter.models import benchmark_model_path
 
     model = _model(args)
     tok = AutoTokenizer.from_pretrained(model)
@@ -289,15 +287,7 @@ def w3_prompts(candidates: int, questions: int, prefix_tokens: int, seed: int) -
 
 def ours_w3(args) -> None:
     """W1 again after a warm-up, then W3 (routing) on engines with a KV cache that holds a few prefixes."""
-    from vllm_dspy_adapter import vLLMOfflineMultiGPU
     from vllm_dspy_adapter.router import LeastLoadedRouter, PrefixRouter, RoundRobinRouter, Router
-
-    class SubsetRouter(Router):
-        def __init__(self, base, k):
-            self.base, self.k, self.name = base, k, f"{base.name}[<{k}]"
-
-        def choose(self, prompt, loads):
-            return self.base.choose(prompt, [l for l in loads if l.index < self.k])
 
     class StaticRouter(Router):
         """The static contiguous split: the i-th of n requests goes to replica i*k//n."""
@@ -315,11 +305,11 @@ def ours_w3(args) -> None:
     place = {"num_replicas": args.gpus} if args.cpu else {"num_gpus": args.gpus}
     seed = 501
     if not args.skip_w1:
-        _w1_warm(args, place, SubsetRouter, LeastLoadedRouter)
+        _w1_warm(args, place, LeastLoadedRouter)
     _w3(args, place, seed, PrefixRouter, RoundRobinRouter, StaticRouter)
 
 
-def _w1_warm(args, place, SubsetRouter, LeastLoadedRouter) -> None:
+def _w1_warm(args, place, LeastLoadedRouter) -> None:
     from vllm_dspy_adapter import vLLMOfflineMultiGPU
 
     t0 = time.monotonic()
@@ -331,7 +321,7 @@ def _w1_warm(args, place, SubsetRouter, LeastLoadedRouter) -> None:
                       progress=False)  # warm-up: first batches of each shape compile kernels
     seed = 501
     for k in [k for k in (1, 2, 4, 8) if k <= args.gpus]:
-        pool.router = SubsetRouter(LeastLoadedRouter(), k)
+        pool.router = _subset_router(LeastLoadedRouter(), k)
         prompts = [{"prompt_token_ids": p} for p in w1_prompts(args.w1_per_gpu * k, seed)]
         seed += 1
         t = time.monotonic()

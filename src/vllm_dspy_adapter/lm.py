@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
@@ -33,9 +31,7 @@ from .errors import (
     AdapterError,
     ConfigurationError,
     EngineDeadError,
-    NoHealthyReplicaError,
     PromptTooLongError,
-    ReplicaDeadError,
     UnsupportedInputError,
 )
 from .protocol import Generation, GenerationRequest
