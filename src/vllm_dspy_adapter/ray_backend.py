@@ -29,6 +29,7 @@ Ray is imported lazily: ``import vllm_dspy_adapter`` never needs it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import dataclasses
 import itertools
@@ -37,6 +38,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +53,10 @@ logger = logging.getLogger(__name__)
 
 # The driver's settings that every replica gets, as local worker processes
 # inherit them. Anything else comes from the environment `ray start` ran in on
-# each node (Ray workers inherit their raylet's environment).
+# each node (Ray workers inherit their raylet's environment). No secrets: a
+# runtime_env is stored by Ray and shown in its dashboard.
 FORWARDED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_DSPY_MODEL", "VLLM_DSPY_CACHE", "VLLM_LOGGING_LEVEL",
-                 "HF_TOKEN", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+                 "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 # An async actor runs this many requests at once (coroutines, not threads):
 # enough never to be the limit in front of vLLM's own scheduler.
@@ -155,7 +158,7 @@ def plan_ray_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tens
         raise ConfigurationError("tensor_parallel_size > 1 needs GPUs; the Ray cluster has none.")
     count = 1 if num_replicas is None else num_replicas
     total_cpus = sum(node.cpus for node in nodes)
-    if count < 1 or count > sum(node.cpus for node in nodes):
+    if count < 1 or count > total_cpus:
         raise ConfigurationError(
             f"num_replicas={count} CPU replicas need at least one CPU each and the Ray cluster has {total_cpus}: "
             f"{_cluster_text(nodes)}."
@@ -198,7 +201,7 @@ class VLLMReplica:
         self.node_ip = ray.util.get_node_ip_address()
         self.engine = None
         self.error: str | None = None
-        self.engine_pids: list[int] = []
+        self.engine_processes: list = []  # psutil.Process objects: killing one never hits a reused pid
         try:
             gpu_ids = [str(g) for g in context.get_accelerator_ids().get("GPU", [])]
             if gpu_ids:
@@ -209,7 +212,7 @@ class VLLMReplica:
             from .engine import LocalEngine
 
             self.engine = LocalEngine(spec, name=name)
-            self.engine_pids = list(self.engine.info()["engine_pids"])
+            self.engine_processes = _processes(self.engine.info()["engine_pids"])
         except Exception as exc:  # reported by ready(): the driver decides what to do
             self.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ReplicaStartError) else str(exc)
 
@@ -240,7 +243,11 @@ class VLLMReplica:
     def _stop(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
-        _kill_pids(self.engine_pids)
+        for process in self.engine_processes:  # whatever the engine's shutdown left behind
+            try:
+                process.kill()
+            except Exception:  # already gone
+                pass
 
 
 def _check_binding(cpu_slot: tuple[int, int] | None) -> str:
@@ -277,14 +284,16 @@ def _spec_on_this_node(spec: EngineSpec, node_ip: str) -> EngineSpec:
     )
 
 
-def _kill_pids(pids: Sequence[int]) -> None:
+def _processes(pids: Sequence[int]) -> list:
     import psutil
 
+    out = []
     for pid in pids:
         try:
-            psutil.Process(pid).kill()
-        except Exception:  # already gone
+            out.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
             pass
+    return out
 
 
 # ------------------------------------------------------------------ the driver's side
@@ -395,6 +404,8 @@ class RayReplica:
             self._pending[request_id] = future
             actor, incarnation = self._actor, self._incarnation
         try:
+            if _ray_if_up() is None:
+                raise RuntimeError("this process is no longer connected to Ray")
             ref = actor.generate.remote(request, request_id)
         except Exception as exc:  # Ray itself is gone
             self._events.put(("lost", incarnation, request_id, f"submitting to the actor failed: {exc}"))
@@ -460,10 +471,9 @@ class RayReplica:
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         base = {"replica": self.index, "device": self.device, "node_id": self.node_id,
                 "node_ip": self.info.get("node_ip"), "alive": self._alive, "restarts": self.restarts}
-        if not self._alive:
+        ray = _ray_if_up()
+        if not self._alive or ray is None:
             return base
-        import ray
-
         try:
             return {**base, **ray.get(self._actor.stats.remote(), timeout=timeout)}
         except Exception:
@@ -472,8 +482,6 @@ class RayReplica:
     # -------------------------------------------------------------- lifetime
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        import ray
-
         with self._lock:
             if self._closed:
                 return
@@ -484,7 +492,8 @@ class RayReplica:
         for future in pending.values():
             if not future.done():
                 future.set_exception(ReplicaDeadError(f"{self.name} was shut down"))
-        if actor is not None:
+        ray = _ray_if_up()
+        if actor is not None and ray is not None:
             try:
                 ray.get(actor.shutdown.remote(), timeout=timeout)  # stops the engine processes in order
             except Exception:
@@ -494,7 +503,7 @@ class RayReplica:
         self._backend._replica_closed(self)
 
     def kill(self) -> None:
-        """Kill the actor at once (its engine processes go with it: see ``_ray_kill``)."""
+        """Kill the actor at once; Ray ends its child processes (the engine's) with it."""
         _ray_kill(self._actor)
 
     @property
@@ -502,15 +511,22 @@ class RayReplica:
         return self._closed
 
 
+def _ray_if_up():
+    """Ray, if this process is still connected. Every call made after a shutdown
+    goes through here: most Ray calls would otherwise start a new local instance
+    (at interpreter exit, Ray's own atexit handler may already have disconnected)."""
+    import ray
+
+    return ray if ray.is_initialized() else None
+
+
 def _ray_kill(actor) -> None:
-    if actor is None:
+    ray = _ray_if_up()
+    if actor is None or ray is None:
         return
     try:
-        import ray
-
-        if ray.is_initialized():
-            ray.kill(actor, no_restart=True)
-    except Exception:  # already dead, or Ray gone
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead
         pass
 
 
@@ -519,7 +535,22 @@ def _ray_kill(actor) -> None:
 # ray.init() is process-wide: the backends that share a connection we opened
 # close it when the last one is done.
 _RAY_LOCK = threading.Lock()
-_RAY_STATE = {"users": 0, "owned": False}
+_RAY_STATE = {"users": 0, "owned": False, "atexit": False}
+_BACKENDS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shutdown_backends() -> None:
+    """At interpreter exit, stop the engines in order while Ray is still connected.
+
+    Registered after ``ray.init``, so it runs before Ray's own exit handlers
+    (atexit runs the last registered first), which would otherwise disconnect
+    (or stop a local instance) first and leave Ray to kill the actors, their
+    engines with them."""
+    for backend in list(_BACKENDS):
+        try:
+            backend.shutdown(timeout=10)
+        except Exception:
+            pass
 
 
 def _ray_connect(address: str | None):
@@ -527,10 +558,21 @@ def _ray_connect(address: str | None):
 
     with _RAY_LOCK:
         if not ray.is_initialized():
-            ray.init(address=address or None, logging_level=logging.WARNING)
+            try:
+                ray.init(address=address or None, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError) as exc:
+                why = str(exc).rstrip(".")
+                raise ConfigurationError(
+                    f"Could not connect to a Ray cluster at ray_address={address!r}: {why}. Start one with "
+                    "`ray start --head` (and `ray start --address=HEAD_IP:6379` on the other nodes), or pass "
+                    "ray_address=None for a Ray instance on this machine only."
+                ) from exc
             _RAY_STATE["owned"] = True
         elif address not in (None, "auto"):
             logger.warning("Ray is already initialised in this process; ray_address=%r is ignored.", address)
+        if not _RAY_STATE["atexit"]:  # after ray.init, which registers exit handlers of its own
+            atexit.register(_shutdown_backends)
+            _RAY_STATE["atexit"] = True
         _RAY_STATE["users"] += 1
     return ray
 
@@ -562,8 +604,11 @@ def _alive_nodes(ray) -> list[RayNode]:
 class RayBackend:
     """Replicas as Ray actors over a Ray cluster.
 
-    ``ray_address``: ``"auto"`` or ``"HOST:6379"`` joins a running cluster;
-    None joins the one ``$RAY_ADDRESS`` names or starts a local Ray instance.
+    ``ray_address``: ``"auto"`` or ``"HEAD_IP:6379"`` joins a running cluster
+    (``"auto"``: the one ``$RAY_ADDRESS`` names or the last one ``ray start``
+    started on this machine); None does the same but starts a Ray instance on
+    this machine only when there is none. If Ray is already initialised in this
+    process, that connection is used.
     Placement is checked in the constructor, before any engine starts.
 
     Each replica has a placement group of its own with one bundle (all of the
@@ -603,6 +648,7 @@ class RayBackend:
         self.tensor_parallel_size = tensor_parallel_size
         self._spec: EngineSpec | None = None
         self._open = 0
+        _BACKENDS.add(self)
 
     # ---------------------------------------------------------------- start
 
@@ -731,7 +777,7 @@ class RayBackend:
     def drop_placement(self, replica: RayReplica) -> None:
         """Remove a replica's placement group (killing whatever actor still runs in it)."""
         pg, replica._pg = replica._pg, None
-        if pg is None:
+        if pg is None or _ray_if_up() is None:
             return
         try:
             from ray.util.placement_group import remove_placement_group
@@ -741,6 +787,18 @@ class RayBackend:
             pass
 
     # -------------------------------------------------------------- lifetime
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Shut every replica down (in parallel); the last one out closes the rest."""
+        replicas = [r for r in self.replicas if not r.closed]
+        if not replicas:
+            self._release()
+            return
+        threads = [threading.Thread(target=r.shutdown, args=(timeout,), daemon=True) for r in replicas]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout + 15)
 
     def _replica_closed(self, replica: RayReplica) -> None:
         self.drop_placement(replica)
