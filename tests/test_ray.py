@@ -92,10 +92,15 @@ def wait_for(predicate, timeout):
 
 
 def descendants():
+    """This process's descendants, less Python's resource tracker (this process's own,
+    started by earlier tests, and alive as long as it is)."""
+    me = psutil.Process()
     out = {}
-    for child in psutil.Process().children(recursive=True):
+    for child in me.children(recursive=True):
         try:
-            out[child.pid] = (child.create_time(), " ".join(child.cmdline())[:100])
+            cmd = " ".join(child.cmdline())
+            if not ("resource_tracker" in cmd and child.ppid() == me.pid):
+                out[child.pid] = (child.create_time(), cmd[:100])
         except psutil.NoSuchProcess:
             pass
     return out
