@@ -401,7 +401,8 @@ class vLLMOfflineMultiGPU(vLLMOffline):
         pool_box: list = []
 
         def on_death(replica, cause):
-            pool_box[0].replica_died(replica, cause)
+            if pool_box:  # a death before the pool exists is handled by the start's error path
+                pool_box[0].replica_died(replica, cause)
 
         replicas = self._backend.start(spec, on_death)  # all in parallel; raises with nothing left running
         try:
@@ -415,7 +416,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
                                                       revision=kwargs.get("tokenizer_revision"))
         except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
             for replica in replicas:
-                replica.kill()
+                replica.shutdown()
             raise
         return _Runtime(spec, pool, tokenizer, replicas[0].info, replicas)
 
