@@ -1,5 +1,6 @@
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -28,6 +29,20 @@ def engine_children():
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def prompts(n, salt):
+    # Prompt i has i+1 words, so its token count tells its position: order is checkable.
+    return [f"{salt} " + " ".join(["count"] * (i + 1)) for i in range(n)]
 
 
 @pytest.fixture(scope="session")

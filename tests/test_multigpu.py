@@ -10,7 +10,7 @@ import time
 import dspy
 import pytest
 
-from conftest import ENGINE_KWARGS, ROOT, engine_children
+from conftest import ENGINE_KWARGS, ROOT, engine_children, prompts, wait_for
 from vllm_dspy_adapter import ConfigurationError, NoHealthyReplicaError, vLLMOfflineMultiGPU
 
 pytestmark = pytest.mark.engine
@@ -21,15 +21,6 @@ def lm(default_model):
     lm = vLLMOfflineMultiGPU(num_replicas=2, temperature=0.0, max_tokens=48, cache=False, **ENGINE_KWARGS)
     yield lm
     lm.shutdown()
-
-
-def wait_for(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def test_gpu_request_on_a_cpu_machine_says_what_to_do():
@@ -48,11 +39,6 @@ def test_evaluate_spreads_over_both_replicas(lm):
     assert len(result.results) == 48
     served = [s["requests"] - b for s, b in zip(lm.stats(), before)]
     assert sum(served) >= 48 and min(served) > 0, served
-
-
-def prompts(n, salt):
-    # Prompt i has i+1 words, so its token count tells its position: order is checkable.
-    return [f"{salt} " + " ".join(["count"] * (i + 1)) for i in range(n)]
 
 
 def test_batch_generate_keeps_order_and_completeness(lm):

@@ -6,7 +6,6 @@ replica of the default model), then lose one node in the middle of a batch.
 """
 
 import threading
-import time
 
 import dspy
 import psutil
@@ -14,7 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from conftest import ENGINE_KWARGS  # noqa: E402
+from conftest import ENGINE_KWARGS, prompts, wait_for  # noqa: E402
 from vllm_dspy_adapter import ConfigurationError, vLLMOfflineMultiGPU  # noqa: E402
 from vllm_dspy_adapter.ray_backend import RayNode, _free_offset, plan_ray_placement  # noqa: E402
 
@@ -80,15 +79,6 @@ def test_cpu_replicas_of_one_host_bind_different_cores():
 
 
 # ---------------------------------------------------------------- a real two-node cluster
-
-
-def wait_for(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 def descendants():
@@ -188,11 +178,6 @@ def engine_processes(replica):
         except psutil.NoSuchProcess:
             pass
     return out
-
-
-def prompts(n, salt):
-    # Prompt i has i+1 words, so its token count tells its position: order is checkable.
-    return [f"{salt} " + " ".join(["count"] * (i + 1)) for i in range(n)]
 
 
 @pytest.mark.engine
