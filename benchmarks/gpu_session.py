@@ -78,9 +78,26 @@ def _subset_router(base, k):
     return SubsetRouter()
 
 
+def _measure_w1(lm, args, label: str, seed: int) -> int:
+    """W1 on 1, 2, 4, ... of the LM's replicas (fresh prompts each); returns the next seed."""
+    from vllm_dspy_adapter.router import LeastLoadedRouter
+
+    for k in [k for k in (1, 2, 4, 8) if k <= args.gpus]:
+        lm._runtime.pool.router = _subset_router(LeastLoadedRouter(), k)
+        prompts = [{"prompt_token_ids": p} for p in w1_prompts(args.w1_per_gpu * k, seed)]
+        seed += 1
+        t = time.monotonic()
+        outs = lm.batch_generate(prompts, max_tokens=W1_OUT, progress=False, return_outputs=True)
+        dt = time.monotonic() - t
+        emit({"system": "ours", "workload": label, "replicas": k, "requests": len(outs),
+              "req_s": round(len(outs) / dt, 2), "out_tok_s": round(sum(o.num_output_tokens for o in outs) / dt),
+              "seconds": round(dt, 1)})
+    return seed
+
+
 def ours(args) -> None:
     from vllm_dspy_adapter import vLLMOfflineMultiGPU
-    from vllm_dspy_adapter.router import LeastLoadedRouter, PrefixRouter
+    from vllm_dspy_adapter.router import PrefixRouter
 
     t0 = time.monotonic()
     place = {"num_replicas": args.gpus} if args.cpu else {"num_gpus": args.gpus}
@@ -88,17 +105,7 @@ def ours(args) -> None:
                              sampling_params={"ignore_eos": True}, routing="least_loaded")
     emit({"system": "ours", "event": "start", "replicas": args.gpus, "seconds": round(time.monotonic() - t0, 1)})
     pool = lm._runtime.pool
-    seed = 1
-    for k in [k for k in (1, 2, 4, 8) if k <= args.gpus]:
-        pool.router = _subset_router(LeastLoadedRouter(), k)
-        prompts = [{"prompt_token_ids": p} for p in w1_prompts(args.w1_per_gpu * k, seed)]
-        seed += 1
-        t = time.monotonic()
-        outs = lm.batch_generate(prompts, max_tokens=W1_OUT, progress=False, return_outputs=True)
-        dt = time.monotonic() - t
-        toks = sum(o.num_output_tokens for o in outs)
-        emit({"system": "ours", "workload": "W1", "replicas": k, "requests": len(outs),
-              "req_s": round(len(outs) / dt, 2), "out_tok_s": round(toks / dt), "seconds": round(dt, 1)})
+    seed = _measure_w1(lm, args, "W1", seed=1)
     for k in [k for k in (1, args.gpus)]:
         for threads in args.threads:
             pool.router = _subset_router(PrefixRouter(), k)
@@ -287,7 +294,7 @@ def w3_prompts(candidates: int, questions: int, prefix_tokens: int, seed: int) -
 
 def ours_w3(args) -> None:
     """W1 again after a warm-up, then W3 (routing) on engines with a KV cache that holds a few prefixes."""
-    from vllm_dspy_adapter.router import LeastLoadedRouter, PrefixRouter, RoundRobinRouter, Router
+    from vllm_dspy_adapter.router import PrefixRouter, RoundRobinRouter, Router
 
     class StaticRouter(Router):
         """The static contiguous split: the i-th of n requests goes to replica i*k//n."""
@@ -305,31 +312,20 @@ def ours_w3(args) -> None:
     place = {"num_replicas": args.gpus} if args.cpu else {"num_gpus": args.gpus}
     seed = 501
     if not args.skip_w1:
-        _w1_warm(args, place, LeastLoadedRouter)
+        _w1_warm(args, place)
     _w3(args, place, seed, PrefixRouter, RoundRobinRouter, StaticRouter)
 
 
-def _w1_warm(args, place, LeastLoadedRouter) -> None:
+def _w1_warm(args, place) -> None:
     from vllm_dspy_adapter import vLLMOfflineMultiGPU
 
     t0 = time.monotonic()
     lm = vLLMOfflineMultiGPU(_model(args), **place, **_engine(args), cache=False,
                              sampling_params={"ignore_eos": True}, routing="least_loaded")
     emit({"system": "ours", "event": "start", "replicas": args.gpus, "seconds": round(time.monotonic() - t0, 1)})
-    pool = lm._runtime.pool
     lm.batch_generate([{"prompt_token_ids": p} for p in w1_prompts(64 * args.gpus, 999)], max_tokens=64,
                       progress=False)  # warm-up: first batches of each shape compile kernels
-    seed = 501
-    for k in [k for k in (1, 2, 4, 8) if k <= args.gpus]:
-        pool.router = _subset_router(LeastLoadedRouter(), k)
-        prompts = [{"prompt_token_ids": p} for p in w1_prompts(args.w1_per_gpu * k, seed)]
-        seed += 1
-        t = time.monotonic()
-        outs = lm.batch_generate(prompts, max_tokens=W1_OUT, progress=False, return_outputs=True)
-        dt = time.monotonic() - t
-        emit({"system": "ours", "workload": "W1-warm", "replicas": k, "requests": len(outs),
-              "req_s": round(len(outs) / dt, 2), "out_tok_s": round(sum(o.num_output_tokens for o in outs) / dt),
-              "seconds": round(dt, 1)})
+    _measure_w1(lm, args, "W1-warm", seed=501)
     lm.shutdown()
 
 
