@@ -85,7 +85,7 @@ def start_driver(settings: Settings, job: dict[str, Any], phase: str, model: str
     if system == "http":
         return systems.Http(model, kw, dp=n, ignore_eos=ignore_eos, start_timeout=settings.server_start_timeout_s,
                             lm_kwargs=lm_kwargs)
-    if system in ("ours", "tp"):
+    if system in ("ours", "tp", "ray"):
         if system == "tp" and not settings.on_gpu:
             # vLLM's CPU backend needs one core set per TP rank ("0|1").
             cores = os.cpu_count() or 1
@@ -93,7 +93,7 @@ def start_driver(settings: Settings, job: dict[str, Any], phase: str, model: str
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
                 f"{i * per}-{i * per + per - 1}" if per > 1 else str(i) for i in range(n))
         return systems.Ours(model, kw, n=n, routing=job.get("routing"), tp=system == "tp", on_gpu=settings.on_gpu,
-                            ignore_eos=ignore_eos, lm_kwargs=lm_kwargs)
+                            ignore_eos=ignore_eos, lm_kwargs=lm_kwargs, backend="ray" if system == "ray" else "local")
     raise ValueError(f"unknown system {system}")
 
 

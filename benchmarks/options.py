@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-SYSTEMS = ("raw-llm", "raw-async", "reference", "http", "ours", "tp")
+SYSTEMS = ("raw-llm", "raw-async", "reference", "http", "ours", "tp", "ray")
 ROUTINGS = ("prefix", "least_loaded", "round_robin")
 WORKLOADS = ("w1", "w2", "w3", "w4")
 

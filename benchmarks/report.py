@@ -95,6 +95,14 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if me and ref:
                 note = f"tail ours {me.get('tail_s', 0):.2f} s, reference {ref.get('tail_s', 0):.2f} s"
             add(f"W2 batch {label} N={n} / reference static split", me, ref, 1.0, note=note)
+    # The Ray backend against the local one (same LM, same policy); 0.95 is our own
+    # bar, not the issue's: Ray should cost little more than a hop per request.
+    for r in rows:
+        if r.get("label") == "ours-ray" and r.get("ok") and r["workload"] in ("W1", "W2-threads", "W2-batch"):
+            v = r.get("variant", "")
+            local = "ours" if r["gpus"] == 1 else "ours-prefix"
+            add(" ".join(x for x in (r["workload"], f"ours-ray N={r['gpus']}", v, f"/ {local} (local backend)") if x),
+                r, idx.get((local, r["gpus"], r["workload"], v)), 0.95)
     # W3: prefix routing >= 1.3x round-robin and >= 1.0x static contiguous split.
     for n in gpus:
         if n == 1:
@@ -115,7 +123,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     """One table: system, workload, GPUs, requests/s, output tokens/s, ratio vs the ceiling."""
     idx = _index(rows)
     order = {"W1": 0, "W2-threads": 1, "W2-batch": 2, "W3": 3, "W4": 4}
-    system_order = {"raw-llm": 0, "raw-async": 1, "reference": 2, "http": 3, "ours": 4, "tp": 9}
+    system_order = {"raw-llm": 0, "raw-async": 1, "reference": 2, "http": 3, "ours": 4, "ray": 6, "tp": 9}
 
     def sort_key(r):
         v = r.get("variant", "")
@@ -162,7 +170,7 @@ _STYLE = {  # one colour per system in every panel
     "raw-llm": ("black", "s", "-"), "raw-async": ("dimgray", "D", "-"), "reference": ("tab:red", "v", "-"),
     "http": ("tab:orange", "^", "-"), "ours": ("tab:blue", "o", "-"), "ours-prefix": ("tab:blue", "o", "-"),
     "ours-least_loaded": ("tab:cyan", "o", "--"), "ours-round_robin": ("tab:purple", "o", ":"),
-    "tp": ("tab:green", "P", "-."),
+    "tp": ("tab:green", "P", "-."), "ours-ray": ("tab:brown", "X", "--"),
 }
 
 

@@ -35,6 +35,8 @@ def plan(settings: Settings, model: str, w4_model: str | None) -> list[dict[str,
                 continue
             if system == "ours":
                 variants = [(None, "ours")] if n == 1 else [(r, f"ours-{r}") for r in settings.routings]
+            elif system == "ray":  # the same LM on the Ray backend, under the first routing policy
+                variants = [(settings.routings[0], "ours-ray")]
             else:
                 variants = [(None, system)]
             for routing, label in variants:

@@ -364,7 +364,7 @@ class Ours(Driver):
     or ``vLLMOfflineMultiGPU`` (N replicas under a routing policy)."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], *, n: int, routing: str | None, tp: bool,
-                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None):
+                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None, backend: str = "local"):
         from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
 
         common = dict(cache=False, sampling_params={"ignore_eos": True} if ignore_eos else None,
@@ -373,10 +373,9 @@ class Ours(Driver):
             self.lm = vLLMOffline(model=model, tensor_parallel_size=n, **common)
         elif routing is None:
             self.lm = vLLMOffline(model=model, **common)
-        elif on_gpu:
-            self.lm = vLLMOfflineMultiGPU(model=model, num_gpus=n, routing=routing, **common)
         else:
-            self.lm = vLLMOfflineMultiGPU(model=model, num_replicas=n, routing=routing, **common)
+            place = {"num_gpus": n} if on_gpu else {"num_replicas": n}
+            self.lm = vLLMOfflineMultiGPU(model=model, **place, routing=routing, backend=backend, **common)
         self.dspy_lm = self.lm
         self.replicas = len(self.lm.stats())
 
@@ -385,33 +384,15 @@ class Ours(Driver):
 
     def batch(self, requests: list[Request]) -> BatchResult:
         poller = _IdlePoller(self.lm) if self.replicas > 1 else None
-        lengths = {r.max_tokens for r in requests}
-        extra: dict[str, Any] = {}
-        if len(lengths) == 1:
-            outs = self.lm.batch_generate([self._prompt(r) for r in requests], progress=False, return_outputs=True,
-                                          max_tokens=lengths.pop(), temperature=0.0)
-        else:
-            outs = self._batch_per_request(requests)
-            extra["per_request_max_tokens"] = "runtime.pool.submit (batch_generate takes one max_tokens)"
+        # Each request's own max_tokens (W2's long-tailed lengths), through the public API.
+        outs = self.lm.batch_generate([self._prompt(r) for r in requests], progress=False, return_outputs=True,
+                                      per_prompt=[{"max_tokens": r.max_tokens} for r in requests], temperature=0.0)
         end = time.monotonic()
-        result = BatchResult(output_tokens=sum(o.num_output_tokens for o in outs), extra=extra)
+        result = BatchResult(output_tokens=sum(o.num_output_tokens for o in outs))
         if poller is not None:
             first_idle = poller.stop()
             result.tail_s = max(0.0, end - first_idle) if first_idle is not None else 0.0
         return result
-
-    def _batch_per_request(self, requests: list[Request]):
-        """batch_generate with a max_tokens per prompt (W2's long-tailed lengths).
-
-        batch_generate fixes one SamplingParams for all prompts, so this submits
-        through the runtime's pool, which is what batch_generate does inside:
-        every prompt at once, routed by the LM's policy.
-        """
-        runtime = self.lm._runtime
-        base = {**runtime.spec.sampling, "temperature": 0.0}
-        futures = [runtime.pool.submit(runtime.prompt_request(self._prompt(r), {**base, "max_tokens": r.max_tokens}))
-                   for r in requests]
-        return [f.result() for f in futures]
 
     def output_tokens(self) -> int:
         return sum(int(s.get("output_tokens") or 0) for s in self.lm.stats())

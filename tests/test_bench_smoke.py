@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SYSTEM_LABELS = {"raw-llm", "raw-async", "reference", "http", "ours", "ours-prefix", "ours-least_loaded",
-                 "ours-round_robin", "tp"}
+                 "ours-round_robin", "tp", "ours-ray"}
 
 
 @pytest.mark.engine

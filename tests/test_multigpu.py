@@ -51,6 +51,20 @@ def test_batch_generate_keeps_order_and_completeness(lm):
     assert all(isinstance(t, str) for t in texts)
 
 
+def test_batch_generate_per_prompt_sampling(lm):
+    # Each prompt's own max_tokens (a long-tailed workload), in input order, over both replicas.
+    wanted = [1 + i % 5 for i in range(20)]
+    outs = lm.batch_generate(prompts(20, "zeta"), per_prompt=[{"max_tokens": n} for n in wanted],
+                             ignore_eos=True, progress=False, return_outputs=True)
+    assert [o.num_output_tokens for o in outs] == wanted
+    before = sum(s["requests"] for s in lm.stats())
+    with pytest.raises(ConfigurationError, match="per_prompt has 1 entries for 2 prompts"):
+        lm.batch_generate(["a", "b"], per_prompt=[{}], progress=False)
+    with pytest.raises(ConfigurationError, match=r"per_prompt\[1\].*max_tokenz.*max_tokens"):
+        lm.batch_generate(["a", "b"], per_prompt=[{}, {"max_tokenz": 3}], progress=False)
+    assert sum(s["requests"] for s in lm.stats()) == before
+
+
 def test_batch_generate_refuses_bad_prompts_before_submitting(lm):
     before = sum(s["requests"] for s in lm.stats())
     with pytest.raises(ConfigurationError, match="prompt_token_ids"):

