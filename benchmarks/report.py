@@ -212,6 +212,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
         ax.set_xlabel("GPUs (N)")
         ax.set_ylabel("output tokens/s")
         ax.set_xticks(ns)
+        ax.set_ylim(bottom=0)  # from zero: a 3% gap should look like one
         ax.grid(alpha=0.3)
         if by_label:
             ax.legend(fontsize=8)
@@ -232,6 +233,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
         ax.legend(fontsize=8)
     ax.set_xlabel("DSPy num_threads")
     ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax = axes[5]
     ax.axis("off")
