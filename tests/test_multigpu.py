@@ -98,6 +98,19 @@ def test_killed_replica_loses_no_result_and_comes_back(lm, caplog):
     assert {o.replica for o in again} == {0, 1}
 
 
+def test_idle_replica_whose_engine_dies_comes_back_without_a_request(lm):
+    # No request is in flight: the worker's watchdog must report the death itself
+    # (otherwise the replica would look alive until a request reached it).
+    victim = lm._runtime.replicas[0]
+    restarts, old_pid = victim.restarts, victim.pid
+    assert all(s.get("in_flight", 0) == 0 for s in lm.stats())
+    os.kill(victim.info["engine_pids"][0], signal.SIGKILL)
+    assert wait_for(lambda: victim.pid != old_pid, 60), "the dead engine's worker was not replaced"
+    assert wait_for(lambda: victim.alive and victim.restarts == restarts + 1, 240), "replica 0 was not restarted"
+    outs = lm.batch_generate(prompts(20, "eta"), max_tokens=4, progress=False, return_outputs=True)
+    assert {o.replica for o in outs} == {0, 1}
+
+
 def test_stats_show_every_replica(lm):
     stats = lm.stats()
     assert [s["replica"] for s in stats] == [0, 1]

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .config import EngineSpec
@@ -41,9 +42,14 @@ def engine_defaults() -> dict[str, Any]:
 class LocalEngine:
     """An ``AsyncLLM`` on a private event-loop thread, with a thread-safe ``submit``."""
 
-    def __init__(self, spec: EngineSpec, *, name: str = "engine"):
+    def __init__(self, spec: EngineSpec, *, name: str = "engine",
+                 on_dead: Callable[[BaseException], None] | None = None):
+        """``on_dead(error)`` is called (from the watchdog's thread) once the engine's
+        processes are found dead, after every request in flight has failed; a
+        replica's worker uses it to report a death that no request would reveal."""
         self.spec = spec
         self.name = name
+        self._on_dead = on_dead
         self._lock = threading.Lock()
         self._in_flight = 0
         self._peak_unfinished = 0
@@ -200,6 +206,8 @@ class LocalEngine:
             task.cancel()
             if not outer.done():
                 outer.set_exception(ReplicaDeadError(str(self._dead)))
+        if self._on_dead is not None:
+            self._on_dead(self._dead)
 
     def _prepare(self, request: GenerationRequest):
         from vllm import SamplingParams

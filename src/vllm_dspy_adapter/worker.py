@@ -30,11 +30,6 @@ def serve(conn, spec, name: str, log_level: int) -> None:
     from .engine import LocalEngine
     from .errors import ReplicaDeadError
 
-    try:
-        engine = LocalEngine(spec, name=name)
-    except BaseException as exc:  # report, then exit: the driver decides what to do
-        conn.send(("failed", str(exc)))
-        return
     send_lock = threading.Lock()
     dying = threading.Event()
 
@@ -45,18 +40,28 @@ def serve(conn, spec, name: str, log_level: int) -> None:
         except (BrokenPipeError, EOFError, OSError):
             dying.set()  # the driver is gone; nothing to report to
 
+    def die(cause: str) -> None:
+        # The engine core is gone: exit so the driver sees the death, resubmits
+        # what we held and restarts us, whether or not a request was in flight.
+        if not dying.is_set():
+            dying.set()
+            send(("dead", cause))
+            os._exit(3)
+
+    try:
+        engine = LocalEngine(spec, name=name, on_dead=lambda exc: die(str(exc)))
+    except BaseException as exc:  # report, then exit: the driver decides what to do
+        conn.send(("failed", str(exc)))
+        return
+
     def finished(request_id: str, future) -> None:
         exc = future.exception()
         if exc is None:
             send(("done", request_id, future.result()))
             return
         send(("error", request_id, exc))
-        if isinstance(exc, ReplicaDeadError) and not dying.is_set():
-            # The engine core is gone: every request in flight fails the same way.
-            # Exit so the driver sees the death, resubmits them and restarts us.
-            dying.set()
-            send(("dead", str(exc)))
-            os._exit(3)
+        if isinstance(exc, ReplicaDeadError):
+            die(str(exc))  # every request in flight fails the same way
 
     send(("ready", engine.info()))
     while not dying.is_set():
