@@ -136,9 +136,27 @@ def test_every_replica_dead_fails_fast_and_shutdown_leaves_no_process(lm):
 
 
 def test_shutdown_as_context_manager_leaves_no_process(default_model):
+    result = {}
     with vLLMOfflineMultiGPU(num_replicas=2, max_tokens=8, **ENGINE_KWARGS) as lm:
         assert len(lm("Hi", cache=False)) == 1
         assert len(engine_children()) >= 4  # two workers, each with its engine
+
+        def long_batch():  # still in flight when the block ends
+            try:
+                result["out"] = lm.batch_generate(["Count to one thousand: 1, 2, 3,"] * 2, max_tokens=1500,
+                                                  ignore_eos=True, progress=False, return_outputs=True)
+            except Exception as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=long_batch)
+        thread.start()
+        assert wait_for(lambda: sum(s.get("in_flight", 0) for s in lm.stats()) > 0, 30)
+        time.sleep(0.5)
+    thread.join(60)
+    assert not thread.is_alive(), "the caller still waits after shutdown"
+    # Never a half answer (vLLM's "abort" outputs) handed back as finished.
+    assert "out" not in result, result
+    assert isinstance(result["error"], NoHealthyReplicaError) and "shut down" in str(result["error"])
     assert wait_for(lambda: not engine_children(), 30), engine_children()
 
 

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -10,8 +11,8 @@ import dspy
 import pydantic
 import pytest
 
-from conftest import ENGINE_KWARGS, engine_children
-from vllm_dspy_adapter import ConfigurationError, vLLMOffline
+from conftest import ENGINE_KWARGS, engine_children, wait_for
+from vllm_dspy_adapter import ConfigurationError, EngineDeadError, vLLMOffline
 
 pytestmark = pytest.mark.engine
 
@@ -145,6 +146,30 @@ def test_bad_engine_argument_fails_before_any_engine_starts():
 def test_missing_model_path_is_named():
     with pytest.raises(FileNotFoundError, match="/no/such/model"):
         vLLMOffline(model="/no/such/model")
+
+
+def test_shutdown_with_a_request_in_flight_fails_it_instead_of_answering_half(default_model):
+    # vLLM ends what it holds at shutdown with the text so far (finish_reason "abort"):
+    # that must surface as an error, never as a finished answer.
+    lm = vLLMOffline(max_tokens=8, cache=False, **ENGINE_KWARGS)
+    result = {}
+
+    def long_batch():
+        try:
+            result["out"] = lm.batch_generate(["Count to one thousand: 1, 2, 3,"], max_tokens=1500,
+                                              ignore_eos=True, progress=False, return_outputs=True)
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=long_batch)
+    thread.start()
+    assert wait_for(lambda: lm.stats()[0].get("in_flight", 0) > 0, 30)
+    time.sleep(0.5)
+    lm.shutdown()
+    thread.join(30)
+    assert not thread.is_alive(), "the caller still waits after shutdown"
+    assert "out" not in result, result
+    assert isinstance(result["error"], EngineDeadError) and "shut down" in str(result["error"])
 
 
 def test_dead_engine_raises_instead_of_hanging(lm):

@@ -200,12 +200,7 @@ class LocalEngine:
         codes = ", ".join(f"pid {p.pid} exit code {p.returncode}" for p in gone)
         self._dead = ReplicaDeadError(f"{self.name}: the vLLM engine process died ({codes})")
         logger.error("%s", self._dead)
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for outer, task in pending.values():
-            task.cancel()
-            if not outer.done():
-                outer.set_exception(ReplicaDeadError(str(self._dead)))
+        self._fail_pending(str(self._dead))
         if self._on_dead is not None:
             self._on_dead(self._dead)
 
@@ -261,6 +256,12 @@ class LocalEngine:
         finally:
             with self._lock:
                 self._in_flight -= 1
+        if final is None or any(o.finish_reason == "abort" for o in final.outputs):
+            # vLLM ends the requests it holds when it stops, with what they had so far
+            # and finish_reason "abort": never hand that back as a finished answer.
+            self._count(failed=True)
+            why = "the engine was shut down" if self._closing else "vLLM aborted it"
+            raise ReplicaDeadError(f"{self.name}: request {request_id} did not finish: {why}")
         generation = _to_generation(final, request_id)
         self._count(generation=generation)
         return generation
@@ -290,18 +291,62 @@ class LocalEngine:
         self._closing = True
         engine = getattr(self, "engine", None)
         if engine is not None:
+            self._cancel_output_handler(engine)
             try:
                 engine.shutdown()
             except Exception:  # already dead: nothing left to stop
                 logger.debug("%s: shutdown raised", self.name, exc_info=True)
             self.engine = None
             self._dead = self._dead or ReplicaDeadError(f"{self.name}: shut down")
+        # What the stopped engine did not finish fails now (no caller waits forever),
+        # before the loop's tasks are cancelled (which would read as a cancellation).
+        self._fail_pending(f"{self.name}: shut down with this request in flight")
         self._stop_loop()
+
+    def _fail_pending(self, message: str) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for outer, task in pending.values():
+            task.cancel()
+            if not outer.done():
+                outer.set_exception(ReplicaDeadError(message))
+
+    def _cancel_output_handler(self, engine) -> None:
+        """vLLM stops its engine core before it cancels its output handler, which then
+        reports the stop as an engine failure (an ERROR traceback in the log) whenever
+        a request is in flight. Cancelling the handler first keeps a shutdown quiet;
+        the requests it would have ended are failed by ``shutdown``."""
+        handler = getattr(engine, "output_handler", None)
+        if handler is None or not self._loop.is_running():
+            return
+
+        async def cancel() -> None:
+            handler.cancel()
+            try:
+                await handler
+            except BaseException:  # CancelledError, or whatever it was already failing with
+                pass
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(timeout=5)
+        except Exception:
+            logger.debug("%s: could not cancel the output handler", self.name, exc_info=True)
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():
+            try:  # end the loop's tasks first, so none is destroyed while pending
+                asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(timeout=5)
+            except Exception:
+                logger.debug("%s: cancelling the loop's tasks failed", self.name, exc_info=True)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _is_engine_process(process) -> bool:

@@ -315,7 +315,8 @@ class vLLMOffline(dspy.LM):
         failures = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
         if failures and raise_on_error:
             i, first = failures[0]
-            raise type(first)(f"{len(failures)} of {len(results)} prompts failed; first (prompt {i}): {first}. "
+            raise type(first)(f"{len(failures)} of {len(results)} prompts failed; first (prompt {i}): "
+                              f"{str(first).rstrip('.')}. "
                               "Pass raise_on_error=False to keep the other results.") from first
         return results
 

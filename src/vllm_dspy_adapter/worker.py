@@ -77,4 +77,7 @@ def serve(conn, spec, name: str, log_level: int) -> None:
             send(("stats", engine.stats()))
         elif kind == "shutdown":
             break
+    # From here on, requests failing because the engine stops are expected: report
+    # them as errors, but do not exit as for a death (the shutdown runs in order).
+    dying.set()
     engine.shutdown()

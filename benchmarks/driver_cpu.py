@@ -1,0 +1,104 @@
+"""CPU time the driver process spends per request: what limits a node with many replicas.
+
+With N replicas the driver (the DSPy process) renders chat templates, routes, and
+moves every request and result over a pipe; tokenisation, detokenisation and the
+engines run in the replicas' worker processes. This measures the driver's own CPU
+seconds (user + system of this process only, not its children) per request, for
+three paths, and prints how many requests per second one driver core could feed:
+
+    python -m benchmarks.driver_cpu                      # 2 CPU replicas of the default model
+    python -m benchmarks.driver_cpu --gpus 8 --model M   # on a GPU node
+
+Every request asks for one output token, so the engines finish fast and the
+driver's share is what is left to see; the numbers are per request, so they do
+not depend on how fast the engines are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import random
+import time
+
+import psutil
+
+from .options import _engine_arg
+
+WORDS = ("model engine batch token prefix cache replica router thread answer question reason "
+         "signal vector matrix kernel memory queue latency throughput program module").split()
+
+
+def chat_messages(n: int, seed: int) -> list[list[dict]]:
+    """DSPy ChatAdapter prompts of a ChainOfThought signature with 4 demos (W2's shape)."""
+    import dspy
+
+    rng = random.Random(seed)
+    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    sig = dspy.Signature("question -> reasoning, answer", "Answer the question. Think step by step first.")
+    demos = [{"question": text(40), "reasoning": text(120), "answer": text(10)} for _ in range(4)]
+    adapter = dspy.ChatAdapter()
+    return [adapter.format(sig, demos, {"question": f"[{seed}-{i}] " + text(60)}) for i in range(n)]
+
+
+def measure(label: str, fn, n: int) -> dict:
+    me = psutil.Process()
+    before, started = me.cpu_times(), time.monotonic()
+    fn()
+    after, wall = me.cpu_times(), time.monotonic() - started
+    cpu = (after.user - before.user) + (after.system - before.system)
+    per = cpu / n
+    row = {"path": label, "requests": n, "driver_cpu_s": round(cpu, 3), "wall_s": round(wall, 2),
+           "driver_cpu_ms_per_request": round(per * 1000, 3),
+           "requests_per_driver_core_s": round(1 / per) if per > 0 else None}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.driver_cpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model folder or id (default: the adapter's default model)")
+    p.add_argument("--gpus", type=int, help="GPU replicas (default: --replicas CPU replicas)")
+    p.add_argument("--replicas", type=int, default=2, help="CPU replicas when --gpus is not given")
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--threads", type=int, default=64, help="DSPy-style caller threads for the lm(...) path")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+
+    from vllm_dspy_adapter import vLLMOfflineMultiGPU
+
+    engine = dict(_engine_arg(a) for a in args.engine_arg)
+    if args.gpus:
+        place = {"num_gpus": args.gpus}
+    else:
+        place = {"num_replicas": args.replicas}
+        engine = {"enforce_eager": True, "max_model_len": 2048, **engine}
+    lm = vLLMOfflineMultiGPU(model=args.model, **place, cache=False, max_tokens=1, **engine)
+    try:
+        n = args.requests
+        tok = lm._runtime.tokenizer
+        vocab = min(len(tok) - 100, 30000)
+        rng = random.Random(0)
+        ids = [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(512)]} for _ in range(n)]
+        lm.batch_generate(ids[:8], max_tokens=1, progress=False)  # warm-up
+        rows = [measure("batch_generate, 512 token ids each", lambda: lm.batch_generate(ids, max_tokens=1,
+                                                                                        progress=False), n)]
+        chats = chat_messages(n, seed=1)
+        rows.append(measure("batch_generate, DSPy-rendered chat messages",
+                            lambda: lm.batch_generate(chats, max_tokens=1, progress=False), n))
+        chats = chat_messages(n, seed=2)
+
+        def dspy_calls():
+            with concurrent.futures.ThreadPoolExecutor(args.threads) as ex:
+                list(ex.map(lambda m: lm(messages=m), chats))
+
+        rows.append(measure(f"lm(messages=...) from {args.threads} threads", dspy_calls, n))
+        print(json.dumps({"replicas": len(lm.stats()), "model": lm.model, "cpu": psutil.cpu_count(),
+                          "summary": {r["path"]: r["driver_cpu_ms_per_request"] for r in rows}}))
+    finally:
+        lm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
