@@ -32,7 +32,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import dataclasses
-import itertools
 import logging
 import os
 import queue
@@ -46,6 +45,7 @@ from typing import Any
 from .config import EngineSpec
 from .errors import ConfigurationError, ReplicaDeadError, ReplicaStartError
 from .protocol import Generation, GenerationRequest
+from .replicas import ReplicaHandle
 
 __all__ = ["RayBackend", "RayReplica", "RayNode", "RayPlan", "plan_ray_placement"]
 
@@ -315,10 +315,11 @@ def _classify(exc: BaseException) -> tuple[BaseException, str | None]:
     return exc, None
 
 
-class RayReplica:
+class RayReplica(ReplicaHandle):
     """The driver's handle on one replica actor. Same surface as ``ProcessReplica``."""
 
     def __init__(self, backend: RayBackend, index: int, on_death: Callable[[RayReplica, str], None]):
+        super().__init__()
         self.index = index
         self.name = f"replica-{index}"
         self.device = "ray:pending"
@@ -327,9 +328,6 @@ class RayReplica:
         self.restarts = 0
         self._backend = backend
         self._on_death = on_death
-        self._lock = threading.Lock()
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._alive = False
         self._closed = False
         self._actor = None
         self._ready_ref = None
@@ -338,7 +336,6 @@ class RayReplica:
         self._host_ip: str | None = None
         self._starting = False
         self._pg = None  # its placement group (RayBackend)
-        self._ids = itertools.count()
         # Ray completes ObjectRef futures on its own threads, where no blocking
         # call belongs; every completion is handled on this replica's thread.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -390,19 +387,11 @@ class RayReplica:
 
     # -------------------------------------------------------------- serving
 
-    @property
-    def alive(self) -> bool:
-        return self._alive
-
     def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        request_id = request_id or f"{self.name}-{next(self._ids)}"
-        with self._lock:
-            if not self._alive:
-                future.set_exception(ReplicaDeadError(f"{self.name} is not running"))
-                return future
-            self._pending[request_id] = future
-            actor, incarnation = self._actor, self._incarnation
+        request_id, future, target = self._admit(request_id, lambda: (self._actor, self._incarnation))
+        if target is None:
+            return future
+        actor, incarnation = target
         try:
             if _ray_if_up() is None:
                 raise RuntimeError("this process is no longer connected to Ray")
@@ -437,8 +426,7 @@ class RayReplica:
         else:
             exc = done.exception()
             if exc is None:
-                with self._lock:
-                    future = self._pending.pop(request_id, None)
+                future = self._take(request_id)
                 if future is not None and not future.done():
                     future.set_result(done.result())
                 return
@@ -446,8 +434,7 @@ class RayReplica:
         if cause is not None:
             self._died(incarnation, cause)  # fails this request and every other one the actor held
             return
-        with self._lock:
-            future = self._pending.pop(request_id, None)
+        future = self._take(request_id)
         if future is not None and not future.done():
             future.set_exception(error)
 
@@ -460,9 +447,7 @@ class RayReplica:
             self._alive = False
             pending, self._pending = self._pending, {}
             actor = self._actor
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(ReplicaDeadError(f"{self.name} died: {cause}"))
+        self._fail(pending.values(), f"{self.name} died: {cause}")
         _ray_kill(actor)
         # At once, restart or not: a group whose node is lost would keep Ray's GCS busy.
         self._backend.drop_placement(self)
@@ -489,9 +474,7 @@ class RayReplica:
             self._alive = False
             pending, self._pending = self._pending, {}
             actor = self._actor
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(ReplicaDeadError(f"{self.name} was shut down"))
+        self._fail(pending.values(), f"{self.name} was shut down")
         ray = _ray_if_up()
         if actor is not None and ray is not None:
             try:

@@ -145,11 +145,55 @@ def _physical(ids: list[int]) -> list[str]:
     return [names[i] for i in ids]
 
 
-class ProcessReplica:
+class ReplicaHandle:
+    """The driver's side of one replica, whatever hosts it (a worker process here,
+    a Ray actor in ``ray_backend``): the futures of the requests it holds, by id.
+    A request is admitted only while the replica is alive, each future is taken
+    once when its result arrives, and a death fails every future still held (the
+    pool then resubmits those requests)."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._alive = False
+        self._ids = itertools.count()
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def _admit(self, request_id: str | None, target: Callable[[], Any]):
+        """Register a new request. Returns ``(request_id, future, target())``, where
+        ``target()`` (what to send it to) is read under the same lock as the alive
+        check; or a future already failed and ``None`` when the replica is down."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request_id = request_id or f"{self.name}-{next(self._ids)}"
+        with self._lock:
+            if not self._alive:
+                future.set_exception(ReplicaDeadError(f"{self.name} is not running"))
+                return request_id, future, None
+            self._pending[request_id] = future
+            return request_id, future, target()
+
+    def _take(self, request_id: str) -> concurrent.futures.Future | None:
+        with self._lock:
+            return self._pending.pop(request_id, None)
+
+    @staticmethod
+    def _fail(futures, message: str) -> None:
+        for future in futures:
+            if not future.done():
+                future.set_exception(ReplicaDeadError(message))
+
+
+class ProcessReplica(ReplicaHandle):
     """A replica in its own worker process. Same surface as ``LocalEngine``:
     ``submit``, ``stats``, ``alive``, ``shutdown``."""
 
     def __init__(self, spec: EngineSpec, placement: Placement, *, on_death: Callable[[ProcessReplica, str], None]):
+        super().__init__()
         self.spec = spec
         self.placement = placement
         self.index = placement.index
@@ -158,14 +202,10 @@ class ProcessReplica:
         self.info: dict[str, Any] = {}
         self.restarts = 0
         self._on_death = on_death
-        self._pending: dict[str, concurrent.futures.Future] = {}
-        self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._stats_reply: concurrent.futures.Future | None = None
-        self._alive = False
         self._process = None
         self._conn = None
-        self._ids = itertools.count()
 
     # ---------------------------------------------------------------- start
 
@@ -210,21 +250,13 @@ class ProcessReplica:
 
     # -------------------------------------------------------------- serving
 
-    @property
-    def alive(self) -> bool:
-        return self._alive
-
     def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        request_id = request_id or f"{self.name}-{next(self._ids)}"
-        with self._lock:
-            if not self._alive:
-                future.set_exception(ReplicaDeadError(f"{self.name} is not running"))
-                return future
-            self._pending[request_id] = future
+        request_id, future, conn = self._admit(request_id, lambda: self._conn)
+        if conn is None:
+            return future
         try:
             with self._send_lock:
-                self._conn.send(("submit", request_id, request))
+                conn.send(("submit", request_id, request))
         except (OSError, EOFError, BrokenPipeError):
             pass  # the reader thread sees the death and fails every pending request
         return future
@@ -239,8 +271,7 @@ class ProcessReplica:
                 break
             kind = message[0]
             if kind == "done" or kind == "error":
-                with self._lock:
-                    future = self._pending.pop(message[1], None)
+                future = self._take(message[1])
                 if future is not None:
                     if kind == "done":
                         future.set_result(message[2])
@@ -263,8 +294,7 @@ class ProcessReplica:
         with self._lock:
             was_alive, self._alive = self._alive, False
             pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(ReplicaDeadError(f"{self.name} died: {cause}"))
+        self._fail(pending.values(), f"{self.name} died: {cause}")
         if was_alive:
             self._on_death(self, cause)
 
