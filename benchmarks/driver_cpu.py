@@ -19,27 +19,16 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import random
 import time
 
 import psutil
 
-from .options import _engine_arg
+from .options import Settings, _engine_arg
+from .workloads import w1, w2_messages
 
-WORDS = ("model engine batch token prefix cache replica router thread answer question reason "
-         "signal vector matrix kernel memory queue latency throughput program module").split()
-
-
-def chat_messages(n: int, seed: int) -> list[list[dict]]:
-    """DSPy ChatAdapter prompts of a ChainOfThought signature with 4 demos (W2's shape)."""
-    import dspy
-
-    rng = random.Random(seed)
-    text = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
-    sig = dspy.Signature("question -> reasoning, answer", "Answer the question. Think step by step first.")
-    demos = [{"question": text(40), "reasoning": text(120), "answer": text(10)} for _ in range(4)]
-    adapter = dspy.ChatAdapter()
-    return [adapter.format(sig, demos, {"question": f"[{seed}-{i}] " + text(60)}) for i in range(n)]
+def chat_messages(n: int, run_key: str) -> list[list[dict]]:
+    """W2's prompts (DSPy ChatAdapter, ChainOfThought, 4 demos), from the harness's own generator."""
+    return w2_messages(Settings(), n, run_key)[0]
 
 
 def measure(label: str, fn, n: int) -> dict:
@@ -77,17 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     lm = vLLMOfflineMultiGPU(model=args.model, **place, cache=False, max_tokens=1, **engine)
     try:
         n = args.requests
-        tok = lm._runtime.tokenizer
-        vocab = min(len(tok) - 100, 30000)
-        rng = random.Random(0)
-        ids = [{"prompt_token_ids": [rng.randrange(100, vocab) for _ in range(512)]} for _ in range(n)]
+        # W1's prompts (512 random token ids), from the harness's own generator.
+        ids = [{"prompt_token_ids": r.token_ids} for r in w1(lm._runtime.tokenizer, Settings(), n, "driver-cpu").requests]
         lm.batch_generate(ids[:8], max_tokens=1, progress=False)  # warm-up
         rows = [measure("batch_generate, 512 token ids each", lambda: lm.batch_generate(ids, max_tokens=1,
                                                                                         progress=False), n)]
-        chats = chat_messages(n, seed=1)
+        chats = chat_messages(n, "driver-cpu-batch")
         rows.append(measure("batch_generate, DSPy-rendered chat messages",
                             lambda: lm.batch_generate(chats, max_tokens=1, progress=False), n))
-        chats = chat_messages(n, seed=2)
+        chats = chat_messages(n, "driver-cpu-calls")
 
         def dspy_calls():
             with concurrent.futures.ThreadPoolExecutor(args.threads) as ex:
