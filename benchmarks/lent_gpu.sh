@@ -63,12 +63,14 @@ case "$GROUP" in
   ours-ray) args=(--systems ours,ray --routings prefix --workloads w1,w2) ;;
   # issue 7: the ceiling and the peers at N GPUs.
   peers) args=(--systems raw-async,reference,http --workloads w1,w2) ;;
-  # issue 7: one tensor-parallel replica over N GPUs.
-  # At TP=2 on the lent 2 x H200 (2026-11-28) vLLM crashed while capturing CUDA graphs
-  # (illegal memory access; it had picked its custom all-reduce and symmetric memory, which
-  # rely on peer access these VMs may not give). NCCL alone is what was seen working there.
+  # issue 7: one tensor-parallel replica over N GPUs, all-reduce through NCCL only.
+  # On the lent 2 x H200 (2026-11-28) TP=2 crashed while capturing CUDA graphs (illegal memory
+  # access) twice: with vLLM's custom all-reduce, then with NCCL but vLLM's compile pass that
+  # fuses all-reduce + RMSNorm through FlashInfer's "mnnvl" backend (multi-node NVLink memory,
+  # which these VMs, multicast off, do not give). Both off here; symmetric memory too.
   tp) export VLLM_ALLREDUCE_USE_SYMM_MEM=0
-      args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true) ;;
+      args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true
+            --engine-arg 'compilation_config={"pass_config": {"fuse_allreduce_rms": false}}') ;;
   # issue 7: W4 (DSPy Evaluate, default model, 1 GPU), then the HTTP path's W1 row.
   w4-http) args=() ;;
   *) args=() ;;
