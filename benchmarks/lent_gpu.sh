@@ -56,7 +56,13 @@ fi
 LIMIT_S="${LIMIT_S:-590}"
 START="${START:-$(date +%s)}"
 left() { echo $(( LIMIT_S - ($(date +%s) - START) - $1 )); }
-budget=$(left 25)
+# The harness needs up to 40 s past its deadline to stop a hung child (SIGTERM, then SIGKILL to
+# its process group); killed by the call's own limit first, it leaves engine processes behind.
+budget=$(left 60)
+# An earlier call's hung engine (seen after a TP crash) still holds the GPUs' memory: free them.
+for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do
+  echo "killing leftover GPU process $pid"; kill -9 "$pid" 2>/dev/null
+done
 common=(--budget-s "$budget" --group-jobs --out "$OUT/$GROUP")
 case "$GROUP" in
   # issue 4: the Ray backend against the local one, same prompts, same policy.
@@ -77,10 +83,10 @@ case "$GROUP" in
 esac
 if [ "$GROUP" = w4-http ]; then
   # W4 first (small model, short); the HTTP server's start takes about 3 minutes.
-  python -m benchmarks.run --budget-s "$(left 240)" --min-job-s 60 --group-jobs --out "$OUT/w4" \
+  python -m benchmarks.run --budget-s "$(left 270)" --min-job-s 60 --group-jobs --out "$OUT/w4" \
     --systems ours --gpus 1 --workloads w4 --w4-examples "${W4_EXAMPLES:-256}" --w4-threads "${W4_THREADS:-64}"
   rc=$?
-  python -m benchmarks.run --budget-s "$(left 25)" --group-jobs --out "$OUT/http" \
+  python -m benchmarks.run --budget-s "$(left 60)" --group-jobs --out "$OUT/http" \
     --systems http --workloads w1 "$@" || rc=$?
 else
   python -m benchmarks.run "${common[@]}" "${args[@]}" "$@"
