@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 from conftest import ENGINE_KWARGS, engine_children, wait_for
-from vllm_dspy_adapter import ConfigurationError, EngineDeadError, vLLMOffline
+from vllm_dspy_adapter import ConfigurationError, EngineDeadError, ReplicaStartError, vLLMOffline
 
 pytestmark = pytest.mark.engine
 
@@ -146,6 +146,18 @@ def test_bad_engine_argument_fails_before_any_engine_starts():
 def test_missing_model_path_is_named():
     with pytest.raises(FileNotFoundError, match="/no/such/model"):
         vLLMOffline(model="/no/such/model")
+
+
+def test_start_past_start_timeout_stops_its_engine_processes(default_model):
+    # A start that hangs (seen with a crashed tensor-parallel start on GPUs) must not
+    # keep the caller, or engine processes holding the device, past start_timeout.
+    before = {p.pid for p in engine_children()}
+    started = time.monotonic()
+    with pytest.raises(ReplicaStartError, match="did not start within 8 s"):
+        vLLMOffline(start_timeout=8, **ENGINE_KWARGS)
+    assert time.monotonic() - started < 8 + 75
+    assert wait_for(lambda: {p.pid for p in engine_children()} <= before, 15), \
+        [p.cmdline() for p in engine_children() if p.pid not in before]
 
 
 def test_shutdown_with_a_request_in_flight_fails_it_instead_of_answering_half(default_model):

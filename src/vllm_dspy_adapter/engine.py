@@ -43,13 +43,19 @@ class LocalEngine:
     """An ``AsyncLLM`` on a private event-loop thread, with a thread-safe ``submit``."""
 
     def __init__(self, spec: EngineSpec, *, name: str = "engine",
-                 on_dead: Callable[[BaseException], None] | None = None):
+                 on_dead: Callable[[BaseException], None] | None = None, start_timeout: float | None = None):
         """``on_dead(error)`` is called (from the watchdog's thread) once the engine's
         processes are found dead, after every request in flight has failed; a
-        replica's worker uses it to report a death that no request would reveal."""
+        replica's worker uses it to report a death that no request would reveal.
+
+        ``start_timeout`` (seconds, None: no limit) bounds the start. A start that
+        fails or times out stops the engine processes it launched: a crashed
+        tensor-parallel start was seen to hang with its workers holding the GPUs'
+        memory, which would refuse the next start on them."""
         self.spec = spec
         self.name = name
         self._on_dead = on_dead
+        self._abandoned = False
         self._lock = threading.Lock()
         self._in_flight = 0
         self._peak_unfinished = 0
@@ -65,10 +71,18 @@ class LocalEngine:
         import psutil
 
         self._children_before = {p.pid for p in psutil.Process().children()}
+        start = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         try:
-            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
-        except BaseException as exc:
-            self._stop_loop()
+            start.result(timeout=start_timeout)
+        except BaseException as exc:  # a failure, the timeout, or Ctrl-C during a long start
+            timed_out = isinstance(exc, concurrent.futures.TimeoutError) and not start.done()
+            self._abandon(start)
+            if timed_out:
+                raise ReplicaStartError(
+                    f"{name}: the vLLM engine did not start within {start_timeout:g} s; its processes were "
+                    "stopped. Raise start_timeout if the start needs longer (a first start downloads the "
+                    "model and compiles), or see the log above for where it stalled."
+                ) from None
             raise ReplicaStartError(f"{name}: the vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
         self.start_seconds = time.monotonic() - started
         import psutil
@@ -109,6 +123,9 @@ class LocalEngine:
         self.engine = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.LLM_CLASS, disable_log_stats=kwargs["disable_log_stats"]
         )
+        if self._abandoned:  # the caller gave up while vLLM was starting: stop what it started
+            self.engine.shutdown()
+            raise ReplicaStartError(f"{self.name}: start abandoned")
         self.tokenizer = AutoTokenizer.from_pretrained(
             kwargs.get("tokenizer") or self.spec.model,
             trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
@@ -302,6 +319,44 @@ class LocalEngine:
         # before the loop's tasks are cancelled (which would read as a cancellation).
         self._fail_pending(f"{self.name}: shut down with this request in flight")
         self._stop_loop()
+
+    def _abandon(self, start: concurrent.futures.Future) -> None:
+        """Stop a start that failed or that the caller gave up on, with every engine
+        process it launched (vLLM's own cleanup can hang behind a crashed worker)."""
+        self._abandoned = True
+        deadline = time.monotonic() + 60
+        while True:
+            self._kill_new_children()
+            # Killing the engine core makes vLLM's startup wait raise, which frees the loop.
+            if start.done() or time.monotonic() > deadline:
+                break
+            try:
+                start.result(timeout=1.0)
+            except BaseException:
+                pass
+        self._kill_new_children()
+        self._stop_loop()
+
+    def _kill_new_children(self) -> None:
+        import psutil
+
+        procs = []
+        for child in psutil.Process().children():
+            if child.pid in self._children_before or not _is_engine_process(child):
+                continue
+            try:
+                procs += child.children(recursive=True)  # tensor-parallel workers
+            except psutil.Error:
+                pass
+            procs.append(child)
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        if procs:
+            logger.warning("%s: stopped %d engine process(es) of a failed start", self.name, len(procs))
+            psutil.wait_procs(procs, timeout=10)
 
     def _fail_pending(self, message: str) -> None:
         with self._lock:

@@ -222,18 +222,24 @@ class vLLMOffline(dspy.LM):
       (``repetition_penalty``, ``min_p``, ``ignore_eos``, ...), since DSPy refuses
       unknown per-call keywords;
     - ``chat_template_kwargs``: template switches such as Qwen3's
-      ``{"enable_thinking": False}``.
+      ``{"enable_thinking": False}``;
+    - ``start_timeout``: seconds the engine may take to start (default 1800, None:
+      no limit); past it, or when the start fails, the engine processes are
+      stopped and ``ReplicaStartError`` is raised.
 
     Use it as a context manager or call ``shutdown()``; engines also stop at exit.
     """
 
     def __init__(self, model: str | None = None, *, sampling_params: dict[str, Any] | None = None,
-                 chat_template_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+                 chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
+                 **kwargs: Any):
         from .models import resolve_model
 
         dspy_kwargs, engine_kwargs = _split_kwargs(dict(kwargs))
+        self._start_timeout = start_timeout
         self._init_args = {"model": model, "sampling_params": sampling_params,
-                           "chat_template_kwargs": chat_template_kwargs, **engine_kwargs}
+                           "chat_template_kwargs": chat_template_kwargs, "start_timeout": start_timeout,
+                           **engine_kwargs}
         path = resolve_model(model)
         check_engine_kwargs(engine_kwargs)
         check_sampling_kwargs(sampling_params or {})
@@ -253,7 +259,7 @@ class vLLMOffline(dspy.LM):
         from .replicas import ReplicaPool
         from .router import RoundRobinRouter
 
-        engine = LocalEngine(spec, name="engine")
+        engine = LocalEngine(spec, name="engine", start_timeout=self._start_timeout)
         engine.index, engine.device, engine.restarts = 0, "local", 0
         pool = ReplicaPool([engine], RoundRobinRouter(), restart=None, dead_error=EngineDeadError)
         return _Runtime(spec, pool, engine.tokenizer, engine.info(), [engine])
@@ -423,7 +429,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
         self._max_restarts = max_restarts
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
-        super().__init__(model, **kwargs)
+        super().__init__(model, start_timeout=start_timeout, **kwargs)
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
                                 "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
                                 "backend": backend, "ray_address": ray_address})
