@@ -26,6 +26,7 @@ import psutil
 from .options import Settings, _engine_arg
 from .workloads import w1, w2_messages
 
+
 def chat_messages(n: int, run_key: str) -> list[list[dict]]:
     """W2's prompts (DSPy ChatAdapter, ChainOfThought, 4 demos), from the harness's own generator."""
     return w2_messages(Settings(), n, run_key)[0]

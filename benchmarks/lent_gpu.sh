@@ -77,11 +77,10 @@ case "$GROUP" in
   tp) export VLLM_ALLREDUCE_USE_SYMM_MEM=0
       args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true
             --engine-arg 'compilation_config={"pass_config": {"fuse_allreduce_rms": false}}') ;;
-  # issue 7: W4 (DSPy Evaluate, default model, 1 GPU), then the HTTP path's W1 row.
-  w4-http) args=() ;;
   *) args=() ;;
 esac
 if [ "$GROUP" = w4-http ]; then
+  # issue 7: W4 (DSPy Evaluate, default model, 1 GPU), then the HTTP path's W1 row.
   # W4 first (small model, short); the HTTP server's start takes about 3 minutes.
   python -m benchmarks.run --budget-s "$(left 270)" --min-job-s 60 --group-jobs --out "$OUT/w4" \
     --systems ours --gpus 1 --workloads w4 --w4-examples "${W4_EXAMPLES:-256}" --w4-threads "${W4_THREADS:-64}"

@@ -85,10 +85,7 @@ class LocalEngine:
                 ) from None
             raise ReplicaStartError(f"{name}: the vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
         self.start_seconds = time.monotonic() - started
-        import psutil
-
-        self.engine_processes = [p for p in psutil.Process().children()
-                                 if p.pid not in self._children_before and _is_engine_process(p)]
+        self.engine_processes = self._new_engine_children()
         threading.Thread(target=self._watch, args=(self.engine_processes,), daemon=True,
                          name=f"{name}-watchdog").start()
         logger.info("%s: engine ready in %.1f s (max_model_len=%d)", name, self.start_seconds, self.max_model_len)
@@ -325,11 +322,9 @@ class LocalEngine:
         process it launched (vLLM's own cleanup can hang behind a crashed worker)."""
         self._abandoned = True
         deadline = time.monotonic() + 60
-        while True:
-            self._kill_new_children()
+        while not start.done() and time.monotonic() < deadline:
             # Killing the engine core makes vLLM's startup wait raise, which frees the loop.
-            if start.done() or time.monotonic() > deadline:
-                break
+            self._kill_new_children()
             try:
                 start.result(timeout=1.0)
             except BaseException:
@@ -337,13 +332,19 @@ class LocalEngine:
         self._kill_new_children()
         self._stop_loop()
 
+    def _new_engine_children(self) -> list:
+        """The processes this engine's start launched (its engine core), less
+        Python's multiprocessing helpers."""
+        import psutil
+
+        return [p for p in psutil.Process().children()
+                if p.pid not in self._children_before and _is_engine_process(p)]
+
     def _kill_new_children(self) -> None:
         import psutil
 
         procs = []
-        for child in psutil.Process().children():
-            if child.pid in self._children_before or not _is_engine_process(child):
-                continue
+        for child in self._new_engine_children():
             try:
                 procs += child.children(recursive=True)  # tensor-parallel workers
             except psutil.Error:
