@@ -12,7 +12,7 @@ import os
 import time
 
 from vllm_dspy_adapter import vLLMOfflineMultiGPU
-from vllm_dspy_adapter.replicas import visible_gpu_count
+from vllm_dspy_adapter import visible_gpu_count
 
 
 def main() -> None:

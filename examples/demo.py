@@ -17,7 +17,7 @@ import dspy
 import pydantic
 
 from vllm_dspy_adapter import vLLMOffline
-from vllm_dspy_adapter.replicas import visible_gpu_count
+from vllm_dspy_adapter import visible_gpu_count
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -20,7 +20,7 @@ import time
 import dspy
 
 from vllm_dspy_adapter import vLLMOfflineMultiGPU
-from vllm_dspy_adapter.replicas import visible_gpu_count
+from vllm_dspy_adapter import visible_gpu_count
 
 
 def arithmetic(n: int, seed: int) -> list[dspy.Example]:

@@ -51,7 +51,7 @@ def _env(tmp_path: pathlib.Path) -> dict[str, str]:
 
 
 def _cpu_only() -> bool:
-    from vllm_dspy_adapter.replicas import visible_gpu_count
+    from vllm_dspy_adapter import visible_gpu_count
 
     return visible_gpu_count() == 0
 

@@ -11,7 +11,7 @@ import dspy
 import pytest
 
 from conftest import ENGINE_KWARGS, ROOT, engine_children, prompts, wait_for
-from vllm_dspy_adapter import ConfigurationError, NoHealthyReplicaError, vLLMOfflineMultiGPU
+from vllm_dspy_adapter import ConfigurationError, LMClosedError, NoHealthyReplicaError, vLLMOfflineMultiGPU
 
 pytestmark = pytest.mark.engine
 
@@ -72,28 +72,31 @@ def test_batch_generate_refuses_bad_prompts_before_submitting(lm):
     assert sum(s["requests"] for s in lm.stats()) == before
 
 
+def replica(lm, index):
+    return lm.stats()[index]
+
+
 def test_killed_replica_loses_no_result_and_comes_back(lm, caplog):
-    victim = lm._runtime.replicas[1]
-    engine_pid = victim.info["engine_pids"][0]
+    engine_pid = replica(lm, 1)["engine_pids"][0]
     done = threading.Event()
 
     def kill_when_busy():
-        wait_for(lambda: sum(s.get("requests", 0) for s in lm.stats()) > 0 and victim.stats().get("in_flight", 0) > 0, 60)
+        wait_for(lambda: replica(lm, 1).get("in_flight", 0) > 0, 60)
         os.kill(engine_pid, signal.SIGKILL)
         done.set()
 
-    resubmitted_before = lm._runtime.pool.resubmitted
+    resubmitted_before = replica(lm, 1)["resubmitted"]
     threading.Thread(target=kill_when_busy, daemon=True).start()
     outs = lm.batch_generate(prompts(240, "gamma"), max_tokens=24, progress=False, return_outputs=True)
     assert done.is_set()
     assert len(outs) == 240 and all(o is not None for o in outs)
     lengths = [o.num_prompt_tokens for o in outs]
     assert lengths == sorted(lengths) and len(set(lengths)) == 240  # each prompt exactly once, in order
-    assert lm._runtime.pool.resubmitted > resubmitted_before
+    assert replica(lm, 1)["resubmitted"] > resubmitted_before
     assert "died" in caplog.text
     # restarted in the background, then serving again
-    assert wait_for(lambda: victim.alive, 240), "replica 1 was not restarted"
-    assert victim.restarts == 1
+    assert wait_for(lambda: replica(lm, 1)["alive"], 240), "replica 1 was not restarted"
+    assert replica(lm, 1)["restarts"] == 1
     again = lm.batch_generate(prompts(40, "delta"), max_tokens=4, progress=False, return_outputs=True)
     assert {o.replica for o in again} == {0, 1}
 
@@ -101,12 +104,12 @@ def test_killed_replica_loses_no_result_and_comes_back(lm, caplog):
 def test_idle_replica_whose_engine_dies_comes_back_without_a_request(lm):
     # No request is in flight: the worker's watchdog must report the death itself
     # (otherwise the replica would look alive until a request reached it).
-    victim = lm._runtime.replicas[0]
-    restarts, old_pid = victim.restarts, victim.pid
+    victim = replica(lm, 0)
     assert all(s.get("in_flight", 0) == 0 for s in lm.stats())
-    os.kill(victim.info["engine_pids"][0], signal.SIGKILL)
-    assert wait_for(lambda: victim.pid != old_pid, 60), "the dead engine's worker was not replaced"
-    assert wait_for(lambda: victim.alive and victim.restarts == restarts + 1, 240), "replica 0 was not restarted"
+    os.kill(victim["engine_pids"][0], signal.SIGKILL)
+    assert wait_for(lambda: replica(lm, 0)["pid"] != victim["pid"], 60), "the dead engine's worker was not replaced"
+    assert wait_for(lambda: replica(lm, 0)["alive"] and replica(lm, 0)["restarts"] == victim["restarts"] + 1, 240), \
+        "replica 0 was not restarted"
     outs = lm.batch_generate(prompts(20, "eta"), max_tokens=4, progress=False, return_outputs=True)
     assert {o.replica for o in outs} == {0, 1}
 
@@ -119,12 +122,12 @@ def test_stats_show_every_replica(lm):
         assert {"requests", "output_tokens", "in_flight", "prefix_cache_hit_rate"} <= set(s)
 
 
-def test_every_replica_dead_fails_fast_and_shutdown_leaves_no_process(lm):
-    # Last in this module: kills the pool for good.
-    lm._runtime.pool.max_restarts = 0
-    for replica in lm._runtime.replicas:
-        os.kill(replica.pid, signal.SIGKILL)
-    assert wait_for(lambda: not any(r.alive for r in lm._runtime.replicas), 30)
+def test_every_replica_dead_fails_fast_and_shutdown_during_restart_leaves_no_process(lm):
+    # Last in this module: kills both workers; calls fail at once while they restart,
+    # and a shutdown in the middle of the restarts leaves nothing running.
+    for entry in lm.stats():
+        os.kill(entry["pid"], signal.SIGKILL)
+    assert wait_for(lambda: not any(s["alive"] for s in lm.stats()), 30)
     started = time.monotonic()
     with pytest.raises(dspy.utils.exceptions.LMError, match="every replica is dead"):
         lm("Anyone?")
@@ -132,6 +135,8 @@ def test_every_replica_dead_fails_fast_and_shutdown_leaves_no_process(lm):
         lm.batch_generate(["Anyone?"], progress=False)
     assert time.monotonic() - started < 5
     lm.shutdown()
+    with pytest.raises(LMClosedError):
+        lm.batch_generate(["Anyone?"], progress=False)
     assert wait_for(lambda: not engine_children(), 30), engine_children()
 
 

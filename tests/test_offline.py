@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 from conftest import ENGINE_KWARGS, engine_children, wait_for
-from vllm_dspy_adapter import ConfigurationError, EngineDeadError, ReplicaStartError, vLLMOffline
+from vllm_dspy_adapter import ConfigurationError, LMClosedError, ReplicaStartError, vLLMOffline
 
 pytestmark = pytest.mark.engine
 
@@ -181,12 +181,12 @@ def test_shutdown_with_a_request_in_flight_fails_it_instead_of_answering_half(de
     thread.join(30)
     assert not thread.is_alive(), "the caller still waits after shutdown"
     assert "out" not in result, result
-    assert isinstance(result["error"], EngineDeadError) and "shut down" in str(result["error"])
+    assert isinstance(result["error"], LMClosedError) and "shut down" in str(result["error"])
 
 
 def test_dead_engine_raises_instead_of_hanging(lm):
     # Last in this module: it kills the shared engine.
-    engine_pids = set(lm._runtime.info["engine_pids"])
+    engine_pids = set(lm.stats()[0]["engine_pids"])
     killed = [c.pid for c in engine_children() if c.pid in engine_pids]
     assert killed
     for pid in killed:

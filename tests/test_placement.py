@@ -1,9 +1,9 @@
-"""GPU/CPU placement (replicas.plan_placement): pure, no engine."""
+"""GPU/CPU placement (placement.plan_placement): pure, no engine."""
 
 import pytest
 
 from vllm_dspy_adapter.errors import ConfigurationError
-from vllm_dspy_adapter.replicas import plan_placement
+from vllm_dspy_adapter.placement import plan_placement
 
 
 def plan(**kw):
@@ -39,6 +39,10 @@ def test_chosen_gpus_map_through_the_drivers_visible_devices(monkeypatch):
     (dict(num_gpus=4, num_replicas=3), "num_replicas=3"),
     (dict(available_gpus=0, num_gpus=2), "num_replicas=N"),
     (dict(available_gpus=0, num_replicas=9), "cores"),
+    (dict(available_gpus=0, num_replicas=0), "num_replicas must be >= 1"),
+    (dict(num_replicas=0), "num_replicas must be >= 1"),
+    (dict(num_gpus=0), "num_gpus must be >= 1"),
+    (dict(gpus=[]), "names no GPU"),
 ])
 def test_bad_requests_fail_before_anything_starts(kw, match):
     with pytest.raises(ConfigurationError, match=match):

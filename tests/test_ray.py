@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 
 from conftest import ENGINE_KWARGS, prompts, wait_for  # noqa: E402
 from vllm_dspy_adapter import ConfigurationError, vLLMOfflineMultiGPU  # noqa: E402
-from vllm_dspy_adapter.ray_backend import RayNode, _free_offset, plan_ray_placement  # noqa: E402
+from vllm_dspy_adapter.placement import RayNode, free_core_offset, plan_ray_placement  # noqa: E402
 
 
 # ---------------------------------------------------------------- placement (no cluster)
@@ -72,10 +72,10 @@ def test_cpu_replicas_take_as_many_cpus_as_fit():
 
 
 def test_cpu_replicas_of_one_host_bind_different_cores():
-    assert _free_offset(8, 4, set()) == 0
-    assert _free_offset(8, 4, {0}) == 4
-    assert _free_offset(2, 1, {1}) == 0
-    assert _free_offset(2, 1, {0, 1}) in (0, 1)  # oversubscribed: shares rather than fails
+    assert free_core_offset(8, 4, set()) == 0
+    assert free_core_offset(8, 4, {0}) == 4
+    assert free_core_offset(2, 1, {1}) == 0
+    assert free_core_offset(2, 1, {0, 1}) in (0, 1)  # oversubscribed: shares rather than fails
 
 
 # ---------------------------------------------------------------- a real two-node cluster
@@ -125,9 +125,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def lm(cluster, default_model):
+    # placement_timeout: a restart with no room anywhere gives up quickly
     lm = vLLMOfflineMultiGPU(backend="ray", ray_address=cluster.address, num_replicas=2, temperature=0.0,
-                             max_tokens=48, cache=False, **ENGINE_KWARGS)
-    lm._backend.placement_timeout = 10  # a restart with no room anywhere gives up quickly
+                             max_tokens=48, cache=False, placement_timeout=10, **ENGINE_KWARGS)
     lm.processes = descendants()  # Ray's and the engines', for the no-process-left check
     yield lm
     lm.shutdown()
@@ -170,9 +170,13 @@ def test_a_request_error_crosses_ray_as_the_adapters_own(lm):
     assert all(s["alive"] for s in lm.stats())  # only that request failed
 
 
-def engine_processes(replica):
+def replica(lm, index):
+    return lm.stats()[index]
+
+
+def engine_processes(entry):
     out = {}
-    for pid in [replica.info["pid"], *replica.info["engine_pids"]]:
+    for pid in [entry["pid"], *entry["engine_pids"]]:
         try:
             out[pid] = (psutil.Process(pid).create_time(), f"pid {pid}")
         except psutil.NoSuchProcess:
@@ -182,24 +186,25 @@ def engine_processes(replica):
 
 @pytest.mark.engine
 def test_dead_engine_is_replaced_on_its_node_and_loses_no_result(lm, caplog):
-    victim = lm._runtime.replicas[0]
-    node_id, old = victim.node_id, engine_processes(victim)
+    victim = replica(lm, 0)
+    node_id, old = victim["node_id"], engine_processes(victim)
     killed = threading.Event()
 
     def kill_engine_when_busy():
-        wait_for(lambda: victim.stats().get("in_flight", 0) > 0, 60)
-        psutil.Process(victim.info["engine_pids"][0]).kill()
+        wait_for(lambda: replica(lm, 0).get("in_flight", 0) > 0, 60)
+        psutil.Process(victim["engine_pids"][0]).kill()
         killed.set()
 
-    resubmitted_before = lm._runtime.pool.resubmitted
+    resubmitted_before = victim["resubmitted"]
     threading.Thread(target=kill_engine_when_busy, daemon=True).start()
     outs = lm.batch_generate(prompts(120, "beta"), max_tokens=4, progress=False, return_outputs=True)
     assert killed.is_set()
     lengths = [o.num_prompt_tokens for o in outs]
     assert lengths == sorted(lengths) and len(set(lengths)) == 120
-    assert lm._runtime.pool.resubmitted > resubmitted_before
-    assert wait_for(lambda: victim.alive, 240), "replica 0 was not restarted"
-    assert victim.restarts == 1 and victim.node_id == node_id  # back on its node, the only one with room
+    assert replica(lm, 0)["resubmitted"] > resubmitted_before
+    assert wait_for(lambda: replica(lm, 0)["alive"], 240), "replica 0 was not restarted"
+    now = replica(lm, 0)
+    assert now["restarts"] == 1 and now["node_id"] == node_id  # back on its node, the only one with room
     assert not still_running(old)  # the old actor and its engine processes are gone
     again = lm.batch_generate(prompts(40, "delta"), max_tokens=4, progress=False, return_outputs=True)
     assert {o.replica for o in again} == {0, 1}
@@ -207,24 +212,24 @@ def test_dead_engine_is_replaced_on_its_node_and_loses_no_result(lm, caplog):
 
 @pytest.mark.engine
 def test_node_lost_mid_batch_loses_no_result(lm, cluster, caplog):
-    victim = lm._runtime.replicas[1]
-    node = next(n for n in cluster.worker_nodes if n.node_id == victim.node_id)
+    victim = replica(lm, 1)
+    node = next(n for n in cluster.worker_nodes if n.node_id == victim["node_id"])
     old = engine_processes(victim)
     removed = threading.Event()
 
     def remove_node_when_busy():
-        wait_for(lambda: victim.stats().get("in_flight", 0) > 0, 60)
+        wait_for(lambda: replica(lm, 1).get("in_flight", 0) > 0, 60)
         cluster.remove_node(node, allow_graceful=False)  # kills the node's raylet, its workers and engines
         removed.set()
 
-    resubmitted_before = lm._runtime.pool.resubmitted
+    resubmitted_before = victim["resubmitted"]
     threading.Thread(target=remove_node_when_busy, daemon=True).start()
     outs = lm.batch_generate(prompts(240, "gamma"), max_tokens=4, progress=False, return_outputs=True)
     assert removed.is_set()
     assert len(outs) == 240 and all(o is not None for o in outs)
     lengths = [o.num_prompt_tokens for o in outs]
     assert lengths == sorted(lengths) and len(set(lengths)) == 240  # each prompt exactly once, in order
-    assert lm._runtime.pool.resubmitted > resubmitted_before
+    assert replica(lm, 1)["resubmitted"] > resubmitted_before
     assert "died" in caplog.text
 
     stats = {s["replica"]: s for s in lm.stats()}
@@ -232,7 +237,7 @@ def test_node_lost_mid_batch_loses_no_result(lm, cluster, caplog):
     assert stats[0]["alive"] is True
     assert wait_for(lambda: not still_running(old), 30), still_running(old)  # no orphaned engine
     # No node has room for it (the survivor's node has one CPU): the pool says so and goes on with one.
-    assert wait_for(lambda: "could not be restarted" in caplog.text, lm._backend.placement_timeout + 60)
+    assert wait_for(lambda: "could not be restarted" in caplog.text, 10 + 60)
     again = lm.batch_generate(prompts(20, "epsilon"), max_tokens=4, progress=False, return_outputs=True)
     assert {o.replica for o in again} == {0}
 

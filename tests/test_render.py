@@ -7,7 +7,7 @@ import pytest
 from dspy._vendor.lm15.types import image
 from dspy.lm15 import Config, Message, Reasoning, Request, TextPart
 
-from vllm_dspy_adapter.config import EngineSpec
+from vllm_dspy_adapter.config import ModelSpec
 from vllm_dspy_adapter.errors import UnsupportedInputError
 from vllm_dspy_adapter.protocol import Generation, TokenLogprobData
 from vllm_dspy_adapter.render import (
@@ -123,15 +123,15 @@ def test_render_chat_without_template_says_so():
 
 
 def test_label_changes_with_output_settings_only():
-    base = EngineSpec(model="/m", engine_kwargs={"max_model_len": 2048, "gpu_memory_utilization": 0.5})
+    base = ModelSpec(model="/m", engine_kwargs={"max_model_len": 2048, "gpu_memory_utilization": 0.5})
     assert base.label().startswith("vllm/m@")
-    faster = EngineSpec(model="/m", engine_kwargs={"max_model_len": 2048, "gpu_memory_utilization": 0.9})
+    faster = ModelSpec(model="/m", engine_kwargs={"max_model_len": 2048, "gpu_memory_utilization": 0.9})
     assert base.label() == faster.label()
-    other_dtype = EngineSpec(model="/m", engine_kwargs={"max_model_len": 2048, "gpu_memory_utilization": 0.5,
+    other_dtype = ModelSpec(model="/m", engine_kwargs={"max_model_len": 2048, "gpu_memory_utilization": 0.5,
                                                          "dtype": "float16"})
     assert base.label() != other_dtype.label()
-    assert base.label() != EngineSpec(model="/m", engine_kwargs=base.engine_kwargs, sampling={"min_p": 0.1}).label()
-    assert base.label() != EngineSpec(model="/m", engine_kwargs=base.engine_kwargs,
+    assert base.label() != ModelSpec(model="/m", engine_kwargs=base.engine_kwargs, sampling={"min_p": 0.1}).label()
+    assert base.label() != ModelSpec(model="/m", engine_kwargs=base.engine_kwargs,
                                       chat_template_kwargs={"enable_thinking": False}).label()
 
 

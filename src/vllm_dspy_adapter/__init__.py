@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     AdapterError,
     ConfigurationError,
-    EngineDeadError,
+    LMClosedError,
     NoHealthyReplicaError,
     PromptTooLongError,
     ReplicaDeadError,
@@ -27,9 +27,10 @@ __all__ = [
     "vLLMOfflineMultiGPU",
     "GenerationOutput",
     "default_model_path",
+    "visible_gpu_count",
     "AdapterError",
     "ConfigurationError",
-    "EngineDeadError",
+    "LMClosedError",
     "NoHealthyReplicaError",
     "PromptTooLongError",
     "ReplicaDeadError",
@@ -47,6 +48,13 @@ def default_model_path() -> str:
     from .models import resolve_model
 
     return resolve_model(None)
+
+
+def visible_gpu_count() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES, else NVML), without initialising CUDA."""
+    from .placement import visible_gpu_count as count
+
+    return count()
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["EngineSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs"]
+__all__ = ["ModelSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs"]
 
 # Engine arguments that change speed or memory but not what the model answers.
 # They stay out of the label DSPy caches under, so a cached answer survives a
@@ -37,7 +37,7 @@ _ADAPTER_OWNED_SAMPLING = frozenset({"n", "output_kind", "structured_outputs", "
 
 
 @dataclass(frozen=True)
-class EngineSpec:
+class ModelSpec:
     """Everything needed to start one replica's engine, and nothing about placement."""
 
     model: str
@@ -60,8 +60,18 @@ class EngineSpec:
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:10]
         return f"vllm/{name}@{digest}"
 
-    def with_engine_kwargs(self, **updates: Any) -> EngineSpec:
+    def with_engine_kwargs(self, **updates: Any) -> ModelSpec:
         return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, **updates})
+
+    def load_tokenizer(self):
+        """The model's Hugging Face tokenizer, as vLLM loads it (``tokenizer=``,
+        ``trust_remote_code``, ``tokenizer_revision`` honoured)."""
+        from transformers import AutoTokenizer
+
+        kwargs = self.engine_kwargs
+        return AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or self.model,
+                                             trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+                                             revision=kwargs.get("tokenizer_revision"))
 
 
 def _suggest(name: str, choices) -> str:

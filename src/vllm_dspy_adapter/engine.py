@@ -1,8 +1,8 @@
-"""One vLLM engine, driven from a background event loop in this process.
+"""One vLLM engine (one ``AsyncLLM``), driven from a background event loop.
 
-``LocalEngine`` is the unit of serving: ``vLLMOffline`` holds one in the user's
-process, and each data-parallel replica holds one inside its own worker process
-(``worker.py``). Callers on any thread ``submit`` a request and get a
+``Engine`` is the unit of serving: the in-process backend holds one in the
+user's process (``vLLMOffline``), and each replica of the process and Ray
+backends holds one inside its worker process or actor. Callers on any thread ``submit`` a request and get a
 ``concurrent.futures.Future``; every in-flight request is one request of the same
 running ``AsyncLLM``, so calls from all DSPy threads share the GPU's batch.
 ``vllm.LLM.generate`` is never used: it is not thread-safe, and it batches only
@@ -15,18 +15,28 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import EngineSpec
-from .errors import PromptTooLongError, ReplicaDeadError, ReplicaStartError, UnsupportedInputError
-from .protocol import Generation, GenerationRequest, TokenLogprobData
-from .render import is_context_length_message
+from .config import ModelSpec
+from .errors import (
+    PromptTooLongError,
+    ReplicaDeadError,
+    ReplicaStartError,
+    UnsupportedInputError,
+    is_context_length_message,
+)
+from .protocol import Generation, GenerationRequest, ReplicaInfo, TokenLogprobData
 
-__all__ = ["LocalEngine", "engine_defaults"]
+__all__ = ["Engine", "engine_defaults"]
+
+# How often the engine core is asked a trivial question (``is_sleeping``); its
+# answers are the engine's pulse (``Engine.ticks``). The engine core answers
+# between two steps, so a frozen or stuck core stops the count while a long
+# generation, however slow, keeps it going.
+PROBE_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +49,14 @@ def engine_defaults() -> dict[str, Any]:
     return {"disable_log_stats": True, "enable_prefix_caching": True}
 
 
-class LocalEngine:
+class Engine:
     """An ``AsyncLLM`` on a private event-loop thread, with a thread-safe ``submit``."""
 
-    def __init__(self, spec: EngineSpec, *, name: str = "engine",
+    def __init__(self, spec: ModelSpec, *, name: str = "engine",
                  on_dead: Callable[[BaseException], None] | None = None, start_timeout: float | None = None):
         """``on_dead(error)`` is called (from the watchdog's thread) once the engine's
         processes are found dead, after every request in flight has failed; a
-        replica's worker uses it to report a death that no request would reveal.
+        replica uses it to report a death that no request would reveal.
 
         ``start_timeout`` (seconds, None: no limit) bounds the start. A start that
         fails or times out stops the engine processes it launched: a crashed
@@ -63,7 +73,10 @@ class LocalEngine:
         self._totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
         self._dead: BaseException | None = None
         self._closing = False
-        self._pending: dict[str, tuple[concurrent.futures.Future, concurrent.futures.Future]] = {}
+        self._tasks: set[asyncio.Task] = set()  # requests in flight; touched on the loop's thread only
+        self.ticks = 0  # answers of the engine core to the probe (see PROBE_S)
+        self.engine = None
+        self.engine_processes: list = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
         self._thread.start()
@@ -88,23 +101,16 @@ class LocalEngine:
         self.engine_processes = self._new_engine_children()
         threading.Thread(target=self._watch, args=(self.engine_processes,), daemon=True,
                          name=f"{name}-watchdog").start()
+        asyncio.run_coroutine_threadsafe(self._probe(), self._loop)
         logger.info("%s: engine ready in %.1f s (max_model_len=%d)", name, self.start_seconds, self.max_model_len)
 
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
-        from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kwargs = {**engine_defaults(), **self.spec.engine_kwargs}
-        from .replicas import visible_gpu_count
-
-        if visible_gpu_count() == 0 and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            # vLLM's CPU build otherwise reserves most of the RAM for its KV cache
-            # and refuses to start beside anything else.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
-            logger.info("%s: no GPU and no VLLM_CPU_KVCACHE_SPACE: using 2 GiB of KV cache", self.name)
         args = AsyncEngineArgs(model=self.spec.model, **kwargs)
         # LLM_CLASS, not the engine context AsyncLLM defaults to: the offline
         # batch limits (e.g. 1024 sequences and 16384 batched tokens on a large
@@ -112,10 +118,10 @@ class LocalEngine:
         vllm_config = args.create_engine_config(UsageContext.LLM_CLASS)
         self.model_config = vllm_config.model_config
         self.max_model_len = int(self.model_config.max_model_len)
-        self.is_multimodal = bool(getattr(self.model_config, "is_multimodal_model", False))
+        self.is_multimodal = bool(self.model_config.is_multimodal_model)
         try:
             self.model_defaults = dict(self.model_config.get_diff_sampling_param() or {})
-        except Exception:  # older/newer vLLM without generation-config support
+        except Exception:  # a model folder whose generation config does not parse
             self.model_defaults = {}
         self.engine = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.LLM_CLASS, disable_log_stats=kwargs["disable_log_stats"]
@@ -123,33 +129,24 @@ class LocalEngine:
         if self._abandoned:  # the caller gave up while vLLM was starting: stop what it started
             self.engine.shutdown()
             raise ReplicaStartError(f"{self.name}: start abandoned")
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            kwargs.get("tokenizer") or self.spec.model,
-            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-            revision=kwargs.get("tokenizer_revision"),
-        )
+        self.tokenizer = self.spec.load_tokenizer()
 
     # ------------------------------------------------------------------ serving
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ReplicaInfo:
         """What the driver needs to know about this engine (crosses processes)."""
-        children = []
-        for process in self.engine_processes:
-            try:
-                children += [process.pid] + [c.pid for c in process.children(recursive=True)]
-            except Exception:  # already gone
-                pass
-        return {
-            "max_model_len": self.max_model_len,
-            "is_multimodal": self.is_multimodal,
-            "model_defaults": self.model_defaults,
-            "start_seconds": self.start_seconds,
-            "engine_pids": children,
-        }
+        return ReplicaInfo(max_model_len=self.max_model_len, is_multimodal=self.is_multimodal,
+                           model_defaults=self.model_defaults, start_seconds=self.start_seconds,
+                           engine_pids=[p.pid for p in self._engine_process_tree()])
+
+    @property
+    def death(self) -> BaseException | None:
+        """Why the engine is dead, or None while it serves."""
+        return self._dead
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and not getattr(self.engine, "errored", False)
+        return self._dead is None and self.engine is not None and not self.engine.errored
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         if isinstance(request.prompt, str):
@@ -160,7 +157,8 @@ class LocalEngine:
 
     def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
         """Queue one request; thread-safe. Tokenising happens here, in the caller's
-        thread, so the event loop only moves requests and results."""
+        thread, so the event loop only moves requests and results. The future
+        fails with ``ReplicaDeadError`` if the engine dies or stops first."""
         request_id = request_id or f"{self.name}-{next(_ids)}"
         try:
             if not self.alive:
@@ -170,32 +168,13 @@ class LocalEngine:
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_exception(exc)
             return failed
-        unfinished = getattr(self.engine, "get_num_unfinished_requests", None)
-        outer: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._in_flight += 1
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
-            if unfinished is not None:
-                # vLLM's own count of requests it holds (this one not yet added):
-                # the proof that calls from many threads share one batch.
-                self._peak_unfinished = max(self._peak_unfinished, unfinished() + 1)
-            task = asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
-            self._pending[request_id] = (outer, task)
-        task.add_done_callback(lambda done: self._resolve(request_id, done))
-        return outer
-
-    def _resolve(self, request_id: str, done: concurrent.futures.Future) -> None:
-        with self._lock:
-            entry = self._pending.pop(request_id, None)
-        if entry is None or entry[0].done():
-            return  # already failed by the watchdog
-        outer = entry[0]
-        if done.cancelled():
-            outer.cancel()
-        elif done.exception() is not None:
-            outer.set_exception(done.exception())
-        else:
-            outer.set_result(done.result())
+            # vLLM's own count of requests it holds (this one not yet added):
+            # the proof that calls from many threads share one batch.
+            self._peak_unfinished = max(self._peak_unfinished, self.engine.get_num_unfinished_requests() + 1)
+        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
 
     def _watch(self, processes) -> None:
         """Fail every request in flight the moment an engine process dies.
@@ -207,16 +186,35 @@ class LocalEngine:
         import psutil
 
         gone: list = []
-        while not gone and not self._closing:
-            gone, _ = psutil.wait_procs(processes, timeout=1.0)  # returns as soon as one exits
-        if self._closing:
+        try:
+            while not gone and not self._closing:
+                gone, _ = psutil.wait_procs(processes, timeout=1.0)  # returns as soon as one exits
+            if self._closing:
+                return
+            cause = "the vLLM engine process died (" + ", ".join(
+                f"pid {p.pid} exit code {p.returncode}" for p in gone) + ")"
+        except Exception as exc:  # the watchdog itself failed: the engine can no longer be trusted
+            cause = f"the engine watchdog failed: {type(exc).__name__}: {exc}"
+        self._mark_dead(ReplicaDeadError(f"{self.name}: {cause}"))
+
+    def _mark_dead(self, error: ReplicaDeadError) -> None:
+        if self._dead is not None and self._closing:
             return
-        codes = ", ".join(f"pid {p.pid} exit code {p.returncode}" for p in gone)
-        self._dead = ReplicaDeadError(f"{self.name}: the vLLM engine process died ({codes})")
-        logger.error("%s", self._dead)
-        self._fail_pending(str(self._dead))
-        if self._on_dead is not None:
-            self._on_dead(self._dead)
+        self._dead = error
+        logger.error("%s", error)
+        if self._on_dead is not None:  # the replica fails what it holds first, then the tasks end
+            self._on_dead(error)
+        self._cancel_tasks()
+
+    async def _probe(self) -> None:
+        """The engine's pulse: ask the engine core a trivial question, once a second."""
+        try:
+            while not self._closing:
+                await self.engine.is_sleeping()
+                self.ticks += 1
+                await asyncio.sleep(PROBE_S)
+        except Exception:  # the engine died: the watchdog reports it
+            logger.debug("%s: probe stopped", self.name, exc_info=True)
 
     def _prepare(self, request: GenerationRequest):
         from vllm import SamplingParams
@@ -255,19 +253,29 @@ class LocalEngine:
     async def _generate(self, prompt, params, request_id: str) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
+        task = asyncio.current_task()
+        self._tasks.add(task)
         final = None
         try:
+            if self._dead is not None:
+                raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead}")
             async for output in self.engine.generate(prompt, params, request_id):
                 final = output
         except VllmEngineDead as exc:
-            self._dead = exc
+            self._dead = self._dead or exc
             raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None
+        except asyncio.CancelledError:
+            # Cancelled by a death or a shutdown (_cancel_tasks): the caller gets
+            # the reason, never a bare cancellation.
+            why = "the engine was shut down" if self._closing else f"the engine died: {self._dead}"
+            raise ReplicaDeadError(f"{self.name}: request {request_id} did not finish: {why}") from None
         except ValueError as exc:  # vLLM's input validation
             self._count(failed=True)
             if is_context_length_message(str(exc)):
                 raise PromptTooLongError(str(exc)) from None
             raise UnsupportedInputError(str(exc)) from None
         finally:
+            self._tasks.discard(task)
             with self._lock:
                 self._in_flight -= 1
         if final is None or any(o.finish_reason == "abort" for o in final.outputs):
@@ -296,26 +304,48 @@ class LocalEngine:
             in_flight = self._in_flight
         hit_rate = totals["cached_tokens"] / totals["prompt_tokens"] if totals["prompt_tokens"] else None
         return {**totals, "in_flight": in_flight, "peak_in_flight": self._peak_in_flight,
-                "peak_unfinished": self._peak_unfinished,
+                "peak_unfinished": self._peak_unfinished, "engine_ticks": self.ticks,
                 "prefix_cache_hit_rate": hit_rate, "alive": self.alive}
 
     # ---------------------------------------------------------------- lifetime
 
+    def kill(self) -> None:
+        """Kill the engine's processes at once, in any state (a stopped one too);
+        the watchdog then fails every request in flight and calls ``on_dead``."""
+        import psutil
+
+        procs = self._engine_process_tree()
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+
     def shutdown(self) -> None:
         self._closing = True
-        engine = getattr(self, "engine", None)
+        engine = self.engine
         if engine is not None:
             self._cancel_output_handler(engine)
             try:
                 engine.shutdown()
             except Exception:  # already dead: nothing left to stop
                 logger.debug("%s: shutdown raised", self.name, exc_info=True)
-            self.engine = None
             self._dead = self._dead or ReplicaDeadError(f"{self.name}: shut down")
         # What the stopped engine did not finish fails now (no caller waits forever),
-        # before the loop's tasks are cancelled (which would read as a cancellation).
-        self._fail_pending(f"{self.name}: shut down with this request in flight")
+        # then the loop stops.
+        self._cancel_tasks()
         self._stop_loop()
+
+    def _cancel_tasks(self) -> None:
+        """End every request in flight (each then fails with ``ReplicaDeadError``)."""
+
+        def cancel() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(cancel)
 
     def _abandon(self, start: concurrent.futures.Future) -> None:
         """Stop a start that failed or that the caller gave up on, with every engine
@@ -340,6 +370,18 @@ class LocalEngine:
         return [p for p in psutil.Process().children()
                 if p.pid not in self._children_before and _is_engine_process(p)]
 
+    def _engine_process_tree(self) -> list:
+        """The engine's processes and their children (tensor-parallel workers)."""
+        import psutil
+
+        procs = []
+        for process in self.engine_processes:
+            try:
+                procs += [process] + process.children(recursive=True)
+            except psutil.Error:  # already gone
+                pass
+        return procs
+
     def _kill_new_children(self) -> None:
         import psutil
 
@@ -359,20 +401,12 @@ class LocalEngine:
             logger.warning("%s: stopped %d engine process(es) of a failed start", self.name, len(procs))
             psutil.wait_procs(procs, timeout=10)
 
-    def _fail_pending(self, message: str) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for outer, task in pending.values():
-            task.cancel()
-            if not outer.done():
-                outer.set_exception(ReplicaDeadError(message))
-
     def _cancel_output_handler(self, engine) -> None:
         """vLLM stops its engine core before it cancels its output handler, which then
         reports the stop as an engine failure (an ERROR traceback in the log) whenever
         a request is in flight. Cancelling the handler first keeps a shutdown quiet;
         the requests it would have ended are failed by ``shutdown``."""
-        handler = getattr(engine, "output_handler", None)
+        handler = engine.output_handler
         if handler is None or not self._loop.is_running():
             return
 

@@ -1,12 +1,22 @@
-"""Errors raised by the adapter.
+"""Errors raised by the adapter, and which of them the pool acts on.
 
-Each class says whether the condition is *recoverable*: whether the same LM
-object can keep serving after it. Errors cross process boundaries (a replica's
-worker process reports them to the driver), so every class pickles from its
-message alone.
+| error | raised when | the pool | DSPy sees |
+| --- | --- | --- | --- |
+| ``ConfigurationError`` | a bad argument or input, before anything runs | - | the error itself |
+| ``PromptTooLongError`` | one prompt does not fit ``max_model_len`` | fails that request | ``ContextWindowExceededError`` |
+| ``UnsupportedInputError`` | a request the model or engine cannot serve | fails that request | an invalid-request error |
+| ``ReplicaDeadError`` | a replica died or stalled holding the request | resubmits it elsewhere | only if no replica is left |
+| ``ReplicaStartError`` | a replica failed to start; nothing is left running | continues without it | the error itself |
+| ``NoHealthyReplicaError`` | every replica is dead and none could be restarted | fails fast | a provider error (no retry) |
+| ``LMClosedError`` | the LM was shut down | fails fast | a provider error (no retry) |
+
+Errors cross process boundaries (a worker reports them to the driver), so every
+class pickles from its message alone.
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "AdapterError",
@@ -16,59 +26,53 @@ __all__ = [
     "ReplicaDeadError",
     "ReplicaStartError",
     "NoHealthyReplicaError",
-    "EngineDeadError",
+    "LMClosedError",
+    "is_context_length_message",
 ]
 
 
 class AdapterError(RuntimeError):
-    """Base class. ``recoverable`` tells whether the LM keeps serving."""
-
-    recoverable: bool = True
+    """Base class of every error the adapter raises."""
 
 
 class ConfigurationError(AdapterError, ValueError):
     """A bad argument, found before any engine process starts. Nothing was started."""
 
-    recoverable = True
-
 
 class PromptTooLongError(AdapterError, ValueError):
-    """One prompt does not fit ``max_model_len``. Only that request fails; the
-    engine keeps serving. DSPy sees it as ``dspy.ContextWindowExceededError``."""
-
-    recoverable = True
+    """One prompt does not fit ``max_model_len``. Only that request fails."""
 
 
 class UnsupportedInputError(AdapterError, ValueError):
     """The request asks for something this model or engine cannot do (an image
     for a text-only model, an unknown sampling option). Only that request fails."""
 
-    recoverable = True
-
 
 class ReplicaDeadError(AdapterError):
-    """A replica's engine died while it held this request. The pool resubmits
-    the request to a healthy replica; users only see it when no replica is left."""
-
-    recoverable = True
-
-
-class EngineDeadError(AdapterError):
-    """The single in-process engine of a ``vLLMOffline`` died. Unrecoverable for
-    this LM object: create a new one (the cause is in the message and the log)."""
-
-    recoverable = False
+    """A replica died (or was declared stalled) while it held this request. The
+    pool resubmits the request to a healthy replica; users see it only when no
+    replica is left."""
 
 
 class ReplicaStartError(AdapterError):
     """A replica failed to start (out of memory, bad argument, no such GPU).
     The message names the replica's device. Nothing is left running."""
 
-    recoverable = False
-
 
 class NoHealthyReplicaError(AdapterError):
-    """Every replica of a pool is dead and none could be restarted. Calls fail
-    fast with this error instead of hanging."""
+    """Every replica of the LM is dead and none could be restarted (for
+    ``vLLMOffline``: its one engine died or stalled). Calls fail at once; create
+    a new LM (the cause is in the message and the log)."""
 
-    recoverable = False
+
+class LMClosedError(AdapterError):
+    """The LM was shut down (``shutdown()``, the end of a ``with`` block, or the
+    interpreter's exit). Requests in flight at that moment fail with it too."""
+
+
+_CONTEXT_RE = re.compile(r"longer than the maximum model length|maximum context length|exceeds the max", re.I)
+
+
+def is_context_length_message(message: str) -> bool:
+    """Whether a vLLM validation error is the prompt-too-long one."""
+    return bool(_CONTEXT_RE.search(message))

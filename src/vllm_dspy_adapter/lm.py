@@ -1,24 +1,18 @@
-"""The DSPy side: ``vLLMOffline`` and ``vLLMOfflineMultiGPU``.
+"""The DSPy LM classes: ``vLLMOffline`` (one engine in this process) and
+``vLLMOfflineMultiGPU`` (replicas in worker processes or Ray actors).
 
-Both are ``dspy.LM`` subclasses built on DSPy 3.4's engine contract: the LM is
-constructed with ``engine=`` and ``async_engine=`` objects whose ``complete``
-takes one canonical ``dspy.lm15.Request`` and returns one ``Response``. DSPy
-itself keeps its cache, retries, history, usage tracking, callbacks, ``copy()``
-and ``acall``; this module only turns a Request into an engine request and the
-result back (through the pure functions of ``render.py``).
-
-The extension contract, for a new kind of replica (for example a Ray actor): it
-needs ``submit(GenerationRequest) -> concurrent.futures.Future[Generation]``,
-``stats() -> dict``, an ``alive`` property, ``index``, ``name``, ``device``,
-``restarts`` and ``shutdown()``; ``ReplicaPool`` does the rest.
+Both are ``dspy.LM`` subclasses on DSPy 3.4's engine contract
+(``dspy_engine.py``) and share one start path: a backend starts the replicas,
+a pool routes requests over them, and a ``Runtime`` holds both for the LM and
+all its copies. ``vLLMOffline``'s engine is the one replica of the in-process
+backend, so death and stall handling are the same for both classes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
+import concurrent.futures
 import logging
-import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -26,16 +20,12 @@ from typing import Any
 
 import dspy
 
-from .config import EngineSpec, check_engine_kwargs, check_sampling_kwargs
-from .errors import (
-    AdapterError,
-    ConfigurationError,
-    EngineDeadError,
-    PromptTooLongError,
-    UnsupportedInputError,
-)
-from .protocol import Generation, GenerationRequest
-from .render import config_to_sampling, generation_to_response, render_chat, request_to_messages
+from .config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
+from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
+from .errors import ConfigurationError, LMClosedError
+from .pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
+from .protocol import Generation
+from .router import Router
 
 __all__ = ["vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"]
 
@@ -44,147 +34,7 @@ logger = logging.getLogger(__name__)
 # Constructor arguments that belong to dspy.LM; every other keyword is a vLLM engine argument.
 _DSPY_ARGS = ("temperature", "max_tokens", "cache", "callbacks", "num_retries", "top_p", "stop", "rollout_id")
 
-_SUPPORTED_PARAMS = frozenset({
-    "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "logprobs", "top_logprobs", "response_format", "n",
-})
-
 GenerationOutput = Generation  # the public name for a full batch_generate result
-
-
-def _to_lm15_error(exc: BaseException) -> BaseException:
-    """Our errors as the lm15 errors DSPy maps to its public ones
-    (ContextLengthError -> dspy.ContextWindowExceededError, and so on)."""
-    from dspy import lm15
-
-    if isinstance(exc, PromptTooLongError):
-        return lm15.ContextLengthError(str(exc), provider="vllm")
-    if isinstance(exc, UnsupportedInputError):
-        return lm15.InvalidRequestError(str(exc), provider="vllm")
-    if isinstance(exc, AdapterError):
-        # Not a ServerError: DSPy would retry it with back-off, and a dead pool
-        # must fail fast.
-        return lm15.ProviderError(str(exc), provider="vllm")
-    return exc
-
-
-class _Runtime:
-    """What an LM and all its copies share: the replicas and the prompt renderer."""
-
-    def __init__(self, spec: EngineSpec, pool, tokenizer, info: dict[str, Any], replicas: list):
-        self.spec = spec
-        self.pool = pool
-        self.tokenizer = tokenizer
-        self.info = info
-        self.replicas = replicas
-        self.label = spec.label()
-        self.closed = False
-        self._close_lock = threading.Lock()
-        from vllm import SamplingParams
-
-        self.sampling_fields = frozenset(getattr(SamplingParams, "__struct_fields__", ()) or ())
-
-    def build(self, request) -> GenerationRequest:
-        """A DSPy Request to an engine request: chat template, sampling options, images."""
-        messages, images = request_to_messages(request)
-        chat_kwargs = dict(self.spec.chat_template_kwargs)
-        reasoning = request.config.reasoning
-        if reasoning is not None and reasoning.is_off:
-            chat_kwargs.setdefault("enable_thinking", False)  # Qwen3's switch; ignored by other templates
-        prompt = render_chat(self.tokenizer, messages, chat_kwargs)
-        sampling = {**self.spec.sampling, **config_to_sampling(request.config, allowed=self.sampling_fields)}
-        return GenerationRequest(prompt=prompt, sampling=sampling, chat=True, images=images)
-
-    def prompt_request(self, prompt, sampling: dict[str, Any]) -> GenerationRequest:
-        """A batch_generate prompt: raw text, token ids, or chat messages."""
-        if isinstance(prompt, str):
-            return GenerationRequest(prompt=prompt, sampling=sampling)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return GenerationRequest(prompt=list(prompt["prompt_token_ids"]), sampling=sampling)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in prompt):
-            text = render_chat(self.tokenizer, list(prompt), self.spec.chat_template_kwargs)
-            return GenerationRequest(prompt=text, sampling=sampling, chat=True)
-        raise ConfigurationError(
-            f"A batch_generate prompt must be a string, a list of chat messages ({{'role': ..., 'content': ...}}) "
-            f"or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}: {str(prompt)[:80]!r}"
-        )
-
-    def to_response(self, generation: Generation):
-        return generation_to_response(generation, model=self.label)
-
-    def shutdown(self) -> None:
-        with self._close_lock:
-            if self.closed:
-                return
-            self.closed = True
-        self.pool.close()
-        threads = [threading.Thread(target=r.shutdown, daemon=True) for r in self.replicas]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-
-
-class vLLMEngine:
-    """DSPy's synchronous engine over a runtime. Called from every DSPy thread at
-    once: each call becomes one request of the running engine(s) and waits for it."""
-
-    supports_response_schema = True
-    supports_reasoning = False  # CoT keeps its text field; <think> blocks still arrive as reasoning
-    supports_function_calling = False
-    supported_params = _SUPPORTED_PARAMS
-
-    def __init__(self, runtime: _Runtime):
-        self.runtime = runtime
-
-    def _submit(self, request):
-        from dspy.clients.engines.base import validate_request
-
-        validate_request(request)
-        try:
-            return self.runtime.pool.submit(self.runtime.build(request))
-        except AdapterError as exc:
-            raise _to_lm15_error(exc) from exc
-
-    def complete(self, request):
-        future = self._submit(request)
-        try:
-            generation = future.result()
-        except AdapterError as exc:
-            raise _to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation)
-
-    def stream(self, request):
-        from dspy.lm15 import response_to_events
-
-        # vLLM streams, but DSPy's ChatAdapter needs whole answers; one final event
-        # keeps the engine-side batch (FINAL_ONLY outputs) free of per-token traffic.
-        return response_to_events(self.complete(request))
-
-    def close(self) -> None:
-        """Borrowed by DSPy: the LM's shutdown() owns the engines' lifetime."""
-
-
-class AsyncvLLMEngine(vLLMEngine):
-    """DSPy's async engine: the same requests, awaited without blocking the loop."""
-
-    async def complete(self, request):
-        future = await asyncio.to_thread(self._submit, request)  # rendering off the event loop
-        try:
-            generation = await asyncio.wrap_future(future)
-        except AdapterError as exc:
-            raise _to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation)
-
-    async def stream(self, request):
-        from dspy.lm15 import response_to_events
-
-        for event in response_to_events(await self.complete(request)):
-            yield event
-
-    async def aclose(self) -> None:
-        """See ``vLLMEngine.close``."""
-
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
@@ -208,6 +58,12 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return dspy_kwargs, kwargs
 
 
+def _check_health_timeout(value: float | None) -> None:
+    if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+        raise ConfigurationError(f"health_timeout must be a number of seconds > 0, or None to turn the stall "
+                                 f"check off; got {value!r}")
+
+
 class vLLMOffline(dspy.LM):
     """A DSPy LM over one in-process vLLM engine.
 
@@ -225,44 +81,70 @@ class vLLMOffline(dspy.LM):
       ``{"enable_thinking": False}``;
     - ``start_timeout``: seconds the engine may take to start (default 1800, None:
       no limit); past it, or when the start fails, the engine processes are
-      stopped and ``ReplicaStartError`` is raised.
+      stopped and ``ReplicaStartError`` is raised;
+    - ``health_timeout``: seconds a busy engine may go without progress (no tick
+      of its engine core, no finished request) before it is declared stalled
+      (default 120, None: never). A stalled engine is killed and every waiting
+      call fails with ``NoHealthyReplicaError`` naming the stall.
 
     Use it as a context manager or call ``shutdown()``; engines also stop at exit.
+    After a shutdown every call fails with ``LMClosedError``.
     """
 
     def __init__(self, model: str | None = None, *, sampling_params: dict[str, Any] | None = None,
                  chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
-                 **kwargs: Any):
+                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, **kwargs: Any):
         from .models import resolve_model
 
         dspy_kwargs, engine_kwargs = _split_kwargs(dict(kwargs))
-        self._start_timeout = start_timeout
         self._init_args = {"model": model, "sampling_params": sampling_params,
                            "chat_template_kwargs": chat_template_kwargs, "start_timeout": start_timeout,
-                           **engine_kwargs}
+                           "health_timeout": health_timeout, **engine_kwargs}
+        _check_health_timeout(health_timeout)
         path = resolve_model(model)
         check_engine_kwargs(engine_kwargs)
         check_sampling_kwargs(sampling_params or {})
         name = None if model is not None else _default_name(path)
-        spec = EngineSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
-                          chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name)
-        runtime = self._start(spec)
+        spec = ModelSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
+                         chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name)
+        runtime = self._start(spec, start_timeout=start_timeout, health_timeout=health_timeout)
         _LIVE.add(runtime)
         self._runtime = runtime
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
-        super().__init__(model=runtime.label, engine=vLLMEngine(runtime), async_engine=AsyncvLLMEngine(runtime),
+        super().__init__(model=runtime.label, engine=DSPyEngine(runtime), async_engine=AsyncDSPyEngine(runtime),
                          **dspy_kwargs)
 
-    # The single-engine runtime; vLLMOfflineMultiGPU overrides it.
-    def _start(self, spec: EngineSpec) -> _Runtime:
-        from .engine import LocalEngine
-        from .replicas import ReplicaPool
+    def _layout(self, start_timeout: float | None):
+        """(backend, router, max_restarts): one engine here, never restarted."""
+        from .backends import make_backend
         from .router import RoundRobinRouter
 
-        engine = LocalEngine(spec, name="engine", start_timeout=self._start_timeout)
-        engine.index, engine.device, engine.restarts = 0, "local", 0
-        pool = ReplicaPool([engine], RoundRobinRouter(), restart=None, dead_error=EngineDeadError)
-        return _Runtime(spec, pool, engine.tokenizer, engine.info(), [engine])
+        return make_backend("inprocess", start_timeout=start_timeout), RoundRobinRouter(), 0
+
+    def _start(self, spec: ModelSpec, *, start_timeout: float | None, health_timeout: float | None) -> Runtime:
+        """The one start path of both classes: the backend starts every replica
+        (all ready, or none left running), the pool takes them."""
+        backend, router, max_restarts = self._layout(start_timeout)
+        pools: list[ReplicaPool] = []
+
+        def on_death(replica, cause):
+            if pools:  # a death before the pool exists is handled by the start's error path
+                pools[0].replica_died(replica, cause)
+
+        replicas = backend.start(spec, on_death)
+        try:
+            logger.info("%d replica(s) ready: %s", len(replicas),
+                        ", ".join(f"{r.name} in {r.info.start_seconds:.0f} s" for r in replicas))
+            pools.append(ReplicaPool(replicas, router, restart=backend.restart if max_restarts else None,
+                                     max_restarts=max_restarts, health_timeout=health_timeout))
+            return Runtime(spec, pools[0], backend, replicas)
+        except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
+            if pools:
+                pools[0].close()
+            for replica in replicas:
+                replica.shutdown()
+            backend.shutdown()
+            raise
 
     # ------------------------------------------------------------ batch use
 
@@ -284,7 +166,11 @@ class vLLMOffline(dspy.LM):
         """
         runtime = self._runtime
         if runtime.closed:
-            raise EngineDeadError("This LM was shut down; create a new one.")
+            raise LMClosedError("This LM was shut down; create a new one.")
+        if isinstance(prompts, (str, bytes, dict)):
+            raise ConfigurationError(
+                f"batch_generate takes a list of prompts, got one {type(prompts).__name__}: "
+                f"pass [prompt] for a single prompt, or call the LM itself (lm(prompt)).")
         prompts = list(prompts)
         check_sampling_kwargs(sampling)
         merged = {**runtime.spec.sampling, **sampling}
@@ -299,10 +185,8 @@ class vLLMOffline(dspy.LM):
         bar = _progress_bar(len(futures), progress)
         started, out_tokens = time.monotonic(), 0
         index_of = {id(f): i for i, f in enumerate(futures)}
-        import concurrent.futures as cf
-
         try:
-            for future in cf.as_completed(futures):
+            for future in concurrent.futures.as_completed(futures):
                 i = index_of[id(future)]
                 exc = future.exception()
                 if exc is not None:
@@ -327,12 +211,14 @@ class vLLMOffline(dspy.LM):
         return results
 
     def stats(self) -> list[dict[str, Any]]:
-        """Per-replica statistics: requests, tokens, in-flight, prefix-cache hit rate."""
+        """One dict per replica: device, alive, restarts, stalls and the time of the
+        last one, the last death's cause, requests routed and served, tokens,
+        requests in flight, prefix-cache hit rate, the engine's process ids."""
         return self._runtime.pool.stats()
 
     @property
     def max_model_len(self) -> int:
-        return int(self._runtime.info["max_model_len"])
+        return int(self._runtime.info.max_model_len)
 
     # ------------------------------------------------------------ lifetime
 
@@ -410,56 +296,44 @@ class vLLMOfflineMultiGPU(vLLMOffline):
     replicas splitting the cores. Each request goes to the replica the routing
     policy picks (``"prefix"``, ``"least_loaded"``, ``"round_robin"``).
 
-    A replica whose engine dies has its requests resubmitted to the others and is
-    restarted in the background (``max_restarts`` times); if every replica is gone,
-    calls fail at once with ``NoHealthyReplicaError``.
+    A replica whose engine dies, or that stalls (``health_timeout``, as for
+    ``vLLMOffline``), has its requests resubmitted to the others and is restarted
+    in the background (``max_restarts`` times); if every replica is gone, calls
+    fail at once with ``NoHealthyReplicaError``. ``backend="ray"`` runs the
+    replicas as Ray actors over a cluster (``ray_address``); a Ray replica waits
+    at most ``placement_timeout`` seconds for a node with room.
     """
 
     def __init__(self, model: str | None = None, num_gpus: int | None = None, gpus: Sequence[int] | None = None,
-                 tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str = "prefix", *,
+                 tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str | Router = "prefix", *,
                  backend: str = "local", ray_address: str | None = None, max_restarts: int = 3,
-                 start_timeout: float | None = 1800.0, **kwargs: Any):
-        from .replicas import make_backend
+                 start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, **kwargs: Any):
+        from .backends import BACKENDS, make_backend
         from .router import make_router
 
+        if backend not in BACKENDS:
+            raise ConfigurationError(f"Unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         # Placement is decided (and refused) here, before any engine starts.
         self._backend = make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
-                                     num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout)
+                                     num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout,
+                                     placement_timeout=placement_timeout)
         self._router = make_router(routing)
         self._max_restarts = max_restarts
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
-        super().__init__(model, start_timeout=start_timeout, **kwargs)
+        try:
+            super().__init__(model, start_timeout=start_timeout, **kwargs)
+        except BaseException:
+            self._backend.shutdown()  # a Ray connection made for us
+            raise
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
                                 "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
-                                "backend": backend, "ray_address": ray_address})
+                                "backend": backend, "ray_address": ray_address, "max_restarts": max_restarts})
 
-    def _start(self, spec: EngineSpec) -> _Runtime:
-        from transformers import AutoTokenizer
-
-        from .replicas import ReplicaPool
-
-        pool_box: list = []
-
-        def on_death(replica, cause):
-            if pool_box:  # a death before the pool exists is handled by the start's error path
-                pool_box[0].replica_died(replica, cause)
-
-        replicas = self._backend.start(spec, on_death)  # all in parallel; raises with nothing left running
-        try:
-            logger.info("%d replica(s) ready: %s", len(replicas),
-                        ", ".join(f"{r.name} in {r.info['start_seconds']:.0f} s" for r in replicas))
-            pool = ReplicaPool(replicas, self._router, restart=self._backend.restart, max_restarts=self._max_restarts)
-            pool_box.append(pool)
-            kwargs = spec.engine_kwargs
-            tokenizer = AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or spec.model,
-                                                      trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-                                                      revision=kwargs.get("tokenizer_revision"))
-        except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
-            for replica in replicas:
-                replica.shutdown()
-            raise
-        return _Runtime(spec, pool, tokenizer, replicas[0].info, replicas)
+    def _layout(self, start_timeout: float | None):
+        return self._backend, self._router, self._max_restarts
 
     @property
     def num_replicas(self) -> int:

@@ -1,13 +1,25 @@
-"""The request and result types that travel between the DSPy side, the router
-and the replicas (possibly in another process, so everything here is plain,
-picklable data with no vLLM objects in it)."""
+"""The wire types and the two contracts of the replica layer.
+
+- Wire types: the request and result that travel between the DSPy side, the
+  router and the replicas (possibly in another process, so they are plain,
+  picklable data with no vLLM objects in them).
+- ``Replica`` and ``Backend``: what the pool needs of a replica and of whatever
+  starts replicas, written as ``typing.Protocol`` classes (DSPy writes its engine
+  contract the same way). ``backends/`` holds the implementations; the fast test
+  suite drives the real pool with fakes of both.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-__all__ = ["GenerationRequest", "Generation", "TokenLogprobData"]
+if TYPE_CHECKING:
+    from .config import ModelSpec
+
+__all__ = ["GenerationRequest", "Generation", "TokenLogprobData", "ReplicaInfo", "Replica", "Backend", "OnDeath"]
 
 
 @dataclass
@@ -58,3 +70,76 @@ class Generation:
     logprobs: list[TokenLogprobData] | None = None
     replica: int = 0
     request_id: str = ""
+
+
+# ------------------------------------------------------------------ the contracts
+
+
+@dataclass
+class ReplicaInfo:
+    """What a started replica tells the driver about its engine (crosses processes)."""
+
+    max_model_len: int
+    is_multimodal: bool = False
+    model_defaults: dict[str, Any] = field(default_factory=dict)
+    start_seconds: float = 0.0
+    engine_pids: list[int] = field(default_factory=list)
+    node: str | None = None  # where it runs, for replicas of a cluster
+
+
+OnDeath = Callable[["Replica", str], None]
+"""``on_death(replica, cause)``: called once per death of a replica that was alive,
+from a background thread, after every request it held has failed with
+``ReplicaDeadError``. The pool resubmits those requests and restarts the replica."""
+
+
+@runtime_checkable
+class Replica(Protocol):
+    """One model replica as the pool sees it, wherever it runs (this process, a
+    worker process, a Ray actor). ``backends/base.py`` implements the shared part."""
+
+    index: int  # its slot in the pool, stable across restarts
+    name: str  # for logs: "replica-0[cuda:0]"
+    device: str  # "cuda:0", "cpu:0-3", "node:10.0.0.2/gpu:1", "local"
+    restarts: int  # how many times the pool restarted it
+    info: ReplicaInfo | None  # set once it is ready
+
+    @property
+    def alive(self) -> bool:
+        """True from ready to death or shutdown; a dead replica refuses requests."""
+
+    def submit(self, request: GenerationRequest, request_id: str | None = None) -> Future:
+        """Queue one request; never blocks on the engine. The future resolves to a
+        ``Generation``, or fails: ``ReplicaDeadError`` (the pool resubmits),
+        ``PromptTooLongError`` / ``UnsupportedInputError`` (the request's own fault)."""
+
+    def last_progress(self) -> float:
+        """``time.monotonic()`` of the last sign of progress: a token step of its
+        engine or any reply of its worker. The pool's stall check reads it."""
+
+    def declare_dead(self, cause: str) -> None:
+        """Kill whatever runs the replica now (a stalled replica cannot stop in
+        order) and run the death path: fail its requests, then ``on_death``."""
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Counters of its engine; never waits longer than ``timeout``."""
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop in order; requests still held fail with ``ReplicaDeadError``. Idempotent."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Starts and restarts replicas of one kind. Placement is checked when the
+    backend is built, so a bad request fails before any start."""
+
+    def start(self, spec: ModelSpec, on_death: OnDeath) -> list[Replica]:
+        """Start every replica (in parallel where possible) and return them ready,
+        or raise ``ReplicaStartError`` with nothing left running."""
+
+    def restart(self, replica: Replica) -> None:
+        """Bring a dead replica back in place (same index), or raise."""
+
+    def shutdown(self) -> None:
+        """Release what the backend itself holds (a Ray connection); replicas
+        are shut down by the pool first."""

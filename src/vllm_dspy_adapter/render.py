@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from typing import Any
 
 from .errors import UnsupportedInputError
@@ -205,11 +204,3 @@ def generation_to_response(generation: Generation, *, model: str, reasoning: boo
         logprobs=logprobs,
         provider_data={"replica": generation.replica},
     )
-
-
-_CONTEXT_RE = re.compile(r"longer than the maximum model length|maximum context length|exceeds the max", re.I)
-
-
-def is_context_length_message(message: str) -> bool:
-    """Whether a vLLM validation error is the prompt-too-long one."""
-    return bool(_CONTEXT_RE.search(message))

@@ -46,6 +46,9 @@ class Router:
     def choose(self, prompt: str | Sequence[int], loads: Sequence[ReplicaLoad]) -> int:
         raise NotImplementedError
 
+    def forget(self, replica: int) -> None:
+        """A replica died (its cache with it): drop what the policy knows of it. No-op by default."""
+
     @staticmethod
     def _alive(loads: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
         alive = [load for load in loads if load.alive]

@@ -1,14 +1,17 @@
 """The entry point of a replica's worker process.
 
-Each data-parallel replica runs in its own process with its own GPUs (its
-environment is set when it is spawned) and hosts one ``LocalEngine``. Keeping
-replicas in separate processes is what lets one die without the others, lets
-them start in parallel, and moves tokenisation and detokenisation off the
-driver. The driver talks to it over one duplex pipe:
+Each replica runs in its own process with its own GPUs (its environment is set
+when it is spawned) and hosts one ``Engine``. The driver talks to it over one
+duplex pipe; every reply names what it answers:
 
-driver -> worker: ("submit", id, GenerationRequest) | ("stats",) | ("shutdown",)
-worker -> driver: ("ready", info) | ("failed", message) | ("done", id, Generation)
-                | ("error", id, exception) | ("stats", dict) | ("dead", message)
+driver -> worker: ("submit", id, GenerationRequest) | ("stats", stats_id) | ("shutdown",)
+worker -> driver: ("ready", ReplicaInfo) | ("failed", message)
+                | ("done", id, Generation) | ("error", id, exception)
+                | ("stats", stats_id, dict) | ("beat", engine_steps) | ("dead", message)
+
+A heartbeat ("beat", steps) goes out every ``heartbeat_s`` seconds with the
+engine's token-step count: a frozen worker stops beating, a frozen engine stops
+stepping, and the driver's stall check sees either.
 """
 
 from __future__ import annotations
@@ -20,15 +23,15 @@ import threading
 __all__ = ["serve"]
 
 
-def serve(conn, spec, name: str, log_level: int) -> None:
+def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> None:
     # A process group of our own: the driver can then kill this worker together
     # with the engine processes it starts, whatever state they are in (a SIGKILLed
     # worker cannot take its children down itself). It also keeps the terminal's
     # Ctrl-C away from the engines; the driver shuts them down in order.
     os.setsid()
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
-    from .engine import LocalEngine
-    from .errors import ReplicaDeadError
+    from ..engine import Engine
+    from ..errors import ReplicaDeadError
 
     send_lock = threading.Lock()
     dying = threading.Event()
@@ -49,9 +52,9 @@ def serve(conn, spec, name: str, log_level: int) -> None:
             os._exit(3)
 
     try:
-        engine = LocalEngine(spec, name=name, on_dead=lambda exc: die(str(exc)))
+        engine = Engine(spec, name=name, on_dead=lambda exc: die(str(exc)))
     except BaseException as exc:  # report, then exit: the driver decides what to do
-        conn.send(("failed", str(exc)))
+        send(("failed", str(exc)))
         return
 
     def finished(request_id: str, future) -> None:
@@ -63,7 +66,12 @@ def serve(conn, spec, name: str, log_level: int) -> None:
         if isinstance(exc, ReplicaDeadError):
             die(str(exc))  # every request in flight fails the same way
 
+    def beat() -> None:
+        while not dying.wait(heartbeat_s):
+            send(("beat", engine.steps))
+
     send(("ready", engine.info()))
+    threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True).start()
     while not dying.is_set():
         try:
             message = conn.recv()
@@ -74,7 +82,7 @@ def serve(conn, spec, name: str, log_level: int) -> None:
             _, request_id, request = message
             engine.submit(request, request_id).add_done_callback(lambda f, rid=request_id: finished(rid, f))
         elif kind == "stats":
-            send(("stats", engine.stats()))
+            send(("stats", message[1], engine.stats()))
         elif kind == "shutdown":
             break
     # From here on, requests failing because the engine stops are expected: report

@@ -1,0 +1,213 @@
+"""What every replica handle shares, whatever hosts the replica.
+
+``ReplicaHandle`` holds the driver's side of one replica: the futures of the
+requests it holds (by id), its incarnation (bumped at each start, so a reply of
+a replaced engine is dropped, never delivered), its last sign of progress, and
+the one death path: a death fails every request still held with
+``ReplicaDeadError`` and then tells the pool (``on_death``), once per
+incarnation. A late or duplicate reply finds no future and is dropped.
+
+``start_all`` is the one start-all-or-none rule of every backend: launch every
+replica first (they load in parallel), then wait for each; on any failure, or
+Ctrl-C, every replica is killed and ``ReplicaStartError`` lists what failed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from ..errors import ReplicaDeadError, ReplicaStartError
+from ..protocol import Generation, OnDeath, ReplicaInfo
+
+__all__ = ["ReplicaHandle", "start_all"]
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound="ReplicaHandle")
+
+
+class ReplicaHandle:
+    """The shared part of the ``Replica`` contract (see ``protocol.py``).
+
+    Subclasses implement how a request reaches the replica (``submit``, using
+    ``_admit`` and ``_complete``), ``stats``, ``_kill`` (stop whatever runs it,
+    at once, in any state) and ``shutdown``; they report a death through
+    ``_died``.
+    """
+
+    def __init__(self, index: int, device: str, on_death: OnDeath) -> None:
+        self.index = index
+        self.device = device
+        self.name = f"replica-{index}[{device}]"
+        self.restarts = 0
+        self.info: ReplicaInfo | None = None
+        self._on_death = on_death
+        self._lock = threading.Lock()
+        self._pending: dict[str, concurrent.futures.Future] = {}
+        self._alive = False
+        self._closed = False
+        self._incarnation = 0
+        self._ids = itertools.count()
+        self._progress = time.monotonic()
+        self._stalls: list[str] = []  # when each stall was declared (UTC, ISO 8601)
+        self._last_cause: str | None = None
+
+    # ------------------------------------------------------------- contract
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def last_progress(self) -> float:
+        return self._progress
+
+    def declare_dead(self, cause: str) -> None:
+        """Kill the replica now and run the death path (the pool's stall check)."""
+        with self._lock:
+            incarnation = self._incarnation
+            if not self._alive:
+                return
+            self._stalls.append(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        logger.error("%s: %s; killing it", self.name, cause)
+        self._died(incarnation, cause, kill=True)
+
+    def base_stats(self) -> dict[str, Any]:
+        return {"replica": self.index, "device": self.device, "alive": self._alive, "restarts": self.restarts,
+                "stalls": len(self._stalls), "last_stall": self._stalls[-1] if self._stalls else None,
+                "last_death": self._last_cause, "engine_pids": list(self.info.engine_pids) if self.info else []}
+
+    # -------------------------------------------------------- for subclasses
+
+    def _kill(self) -> None:
+        raise NotImplementedError
+
+    def _touch(self) -> None:
+        """A sign of progress: a token step of the engine or a reply."""
+        self._progress = time.monotonic()
+
+    def _became_ready(self, info: ReplicaInfo) -> int:
+        """Mark a (re)started replica alive; returns its new incarnation."""
+        with self._lock:
+            self.info = info
+            self._incarnation += 1
+            self._alive = not self._closed
+            self._touch()
+            return self._incarnation
+
+    def _admit(self, request_id: str | None) -> tuple[str, concurrent.futures.Future, int | None]:
+        """Register a new request: ``(id, future, incarnation)``; the incarnation is
+        None (and the future already failed) when the replica is not alive."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        request_id = request_id or f"{self.name}-{next(self._ids)}"
+        with self._lock:
+            if not self._alive:
+                future.set_exception(ReplicaDeadError(f"{self.name} is not running"))
+                return request_id, future, None
+            if not self._pending:
+                self._touch()  # idle until now: the stall clock starts here
+            self._pending[request_id] = future
+            return request_id, future, self._incarnation
+
+    def _complete(self, incarnation: int, request_id: str, result: Generation | None = None,
+                  error: BaseException | None = None) -> None:
+        """Deliver one reply. A reply of an older incarnation, or for a request no
+        longer held (late, duplicate, already failed by a death), is dropped."""
+        with self._lock:
+            if incarnation != self._incarnation:
+                return
+            future = self._pending.pop(request_id, None)
+            self._touch()
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            held, self._pending = self._pending, {}
+        for future in held.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def _died(self, incarnation: int, cause: str, *, kill: bool = False) -> None:
+        """The one death path: once per incarnation, fail what it held, tell the pool.
+        With ``kill``, the replica is killed after its death is recorded, so the
+        death the kill itself causes (a closed pipe) is not reported a second time."""
+        with self._lock:
+            if incarnation != self._incarnation or not self._alive:
+                return  # already handled, or shut down, or a restart replaced it
+            self._alive = False
+            self._last_cause = cause
+            held, self._pending = self._pending, {}
+        if kill:
+            self._kill()
+        if not self._closed:
+            self._on_death(self, cause)  # first, so that the pool knows the cause when the requests come back
+        error = ReplicaDeadError(f"{self.name} died: {cause}")
+        for future in held.values():
+            if not future.done():
+                future.set_exception(error)
+
+    def _mark_closed(self) -> bool:
+        """For ``shutdown``: True the first time. Requests still held then fail."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._alive = False
+        return True
+
+    def _guarded(self, incarnation: int, what: str, target: Callable[[], None]) -> threading.Thread:
+        """A daemon thread that never dies silently: if ``target`` raises, the
+        replica is killed and declared dead with the error as its cause."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - reported, never swallowed
+                logger.exception("%s: %s failed", self.name, what)
+                self._died(incarnation, f"its {what} thread failed: {type(exc).__name__}: {exc}", kill=True)
+
+        thread = threading.Thread(target=run, name=f"{self.name}-{what}", daemon=True)
+        thread.start()
+        return thread
+
+
+def start_all(replicas: Sequence[R], launch: Callable[[R], None], wait: Callable[[R], None]) -> list[R]:
+    """Launch every replica, then wait for each; all ready, or none left running."""
+    errors: list[str] = []
+    try:
+        for replica in replicas:  # every launch first, so the engines load in parallel
+            try:
+                launch(replica)
+            except Exception as exc:
+                errors.append(f"{replica.name}: {exc}")
+                break
+        if not errors:
+            for replica in replicas:
+                try:
+                    wait(replica)
+                except Exception as exc:
+                    errors.append(str(exc))
+    except BaseException:  # Ctrl-C while starting: take every replica down with us
+        for replica in replicas:
+            replica._kill()
+        raise
+    if errors:
+        for replica in replicas:
+            replica._kill()
+        raise ReplicaStartError("Replica start failed; nothing is left running.\n  " + "\n  ".join(errors))
+    return list(replicas)

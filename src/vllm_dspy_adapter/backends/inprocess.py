@@ -1,0 +1,106 @@
+"""The in-process backend: one ``Engine`` in the user's own process (``vLLMOffline``).
+
+The engine is a replica like any other, so ``vLLMOffline`` and
+``vLLMOfflineMultiGPU`` share one start path, one pool and one death and stall
+handling. Its pulse is the engine's probe count (``Engine.ticks``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+from typing import Any
+
+from ..config import ModelSpec
+from ..errors import LMClosedError, ReplicaStartError
+from ..placement import cpu_env, visible_gpu_count
+from ..protocol import GenerationRequest, OnDeath
+from .base import ReplicaHandle, start_all
+
+__all__ = ["InProcessReplica", "InProcessBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+class InProcessReplica(ReplicaHandle):
+    """A replica whose engine runs in this process (its engine core in a child)."""
+
+    def __init__(self, spec: ModelSpec, on_death: OnDeath, start_timeout: float | None):
+        super().__init__(0, "local", on_death)
+        self.name = "engine"
+        self.spec = spec
+        self.start_timeout = start_timeout
+        self.engine = None
+        self._ticks = -1
+        self._watch_stop = threading.Event()
+
+    def start(self) -> None:
+        from ..engine import Engine
+
+        if visible_gpu_count() == 0:
+            for key, value in cpu_env().items():
+                os.environ[key] = value
+                logger.info("no GPU and no %s: using %s GiB of CPU KV cache", key, value)
+        self.engine = Engine(self.spec, name=self.name, start_timeout=self.start_timeout,
+                             on_dead=lambda exc: self._died(incarnation, str(exc)))
+        incarnation = self._became_ready(self.engine.info())
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def last_progress(self) -> float:
+        ticks = self.engine.ticks if self.engine is not None else -1
+        if ticks != self._ticks:
+            self._ticks = ticks
+            self._touch()
+        return self._progress
+
+    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+        request_id, future, incarnation = self._admit(request_id)
+        if incarnation is None:
+            return future
+        inner = self.engine.submit(request, request_id)
+        inner.add_done_callback(lambda done: self._deliver(incarnation, request_id, done))
+        return future
+
+    def _deliver(self, incarnation: int, request_id: str, done: concurrent.futures.Future) -> None:
+        error = done.exception()
+        if error is None:
+            self._complete(incarnation, request_id, result=done.result())
+        else:
+            self._complete(incarnation, request_id, error=error)
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        base = self.base_stats()
+        return {**base, **self.engine.stats(), "alive": self._alive} if self.engine is not None else base
+
+    def _kill(self) -> None:
+        if self.engine is not None:
+            self.engine.kill()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        if not self._mark_closed():
+            return
+        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+        if self.engine is not None:
+            self.engine.shutdown()
+
+
+class InProcessBackend:
+    """One engine in this process (the ``Backend`` contract, with one replica)."""
+
+    def __init__(self, start_timeout: float | None):
+        self.start_timeout = start_timeout
+
+    def start(self, spec: ModelSpec, on_death: OnDeath) -> list[InProcessReplica]:
+        replica = InProcessReplica(spec, on_death, self.start_timeout)
+        return start_all([replica], lambda r: None, InProcessReplica.start)
+
+    def restart(self, replica: InProcessReplica) -> None:
+        raise ReplicaStartError(f"{replica.name}: a vLLMOffline engine is not restarted; create a new LM")
+
+    def shutdown(self) -> None:
+        """Nothing of its own to release."""

@@ -1,0 +1,259 @@
+"""Replicas in worker processes on this machine (``backend="local"``).
+
+Each replica is one worker process (``worker.py``) hosting one ``Engine``,
+pinned to its GPUs (or CPU cores) by the environment it is spawned with, in a
+process group of its own so that killing the group takes its engine processes
+down too. The driver talks to it over one duplex pipe; every reply carries the
+id of what it answers (requests and stats alike), and a reader thread per
+incarnation delivers them. The worker sends a heartbeat with its engine's
+token-step count every second: the pool's stall check reads the progress.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, Protocol
+
+from ..config import ModelSpec
+from ..errors import ReplicaStartError
+from ..placement import Placement
+from ..protocol import GenerationRequest, OnDeath
+from .base import ReplicaHandle, start_all
+from .worker import serve
+
+__all__ = ["ProcessReplica", "ProcessBackend", "Launcher", "WorkerProcess", "spawn_worker"]
+
+logger = logging.getLogger(__name__)
+
+# os.environ is process-wide: spawning a replica sets its device variables for
+# the instant of the spawn only, one replica at a time.
+_SPAWN_ENV_LOCK = threading.Lock()
+
+HEARTBEAT_S = 1.0
+
+
+class WorkerProcess(Protocol):
+    """What the replica needs of its worker process (``multiprocessing.Process``)."""
+
+    pid: int | None
+    exitcode: int | None
+
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+Launcher = Callable[[ModelSpec, Placement, str, float], "tuple[WorkerProcess, Connection]"]
+"""``launch(spec, placement, name, heartbeat_s) -> (process, driver's end of the pipe)``:
+how a worker starts. ``spawn_worker`` is the real one; the fast tests pass a
+worker that is a thread on a real pipe."""
+
+
+def spawn_worker(spec: ModelSpec, placement: Placement, name: str, heartbeat_s: float):
+    """A worker process pinned to the placement's devices through its environment."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    process = ctx.Process(target=serve, name=name, daemon=False,
+                          args=(child, spec, name, logging.getLogger().getEffectiveLevel(), heartbeat_s))
+    with _SPAWN_ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in placement.env}
+        os.environ.update(placement.env)
+        try:
+            process.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    child.close()
+    return process, parent
+
+
+class ProcessReplica(ReplicaHandle):
+    """The driver's handle on one worker process."""
+
+    def __init__(self, spec: ModelSpec, placement: Placement, on_death: OnDeath, *,
+                 launch: Launcher | None = None, heartbeat_s: float = HEARTBEAT_S):
+        super().__init__(placement.index, placement.device, on_death)
+        self.spec = spec
+        self.placement = placement
+        self._launch = launch or spawn_worker
+        self._heartbeat_s = heartbeat_s
+        self._send_lock = threading.Lock()
+        self._stats_waiting: dict[int, concurrent.futures.Future] = {}
+        self._stats_ids = itertools.count()
+        self._steps = -1
+        self._process = None
+        self._conn = None
+
+    # ---------------------------------------------------------------- start
+
+    def spawn(self) -> None:
+        """Start the worker; returns at once (``wait_ready`` waits)."""
+        self._process, self._conn = self._launch(self.spec, self.placement, self.name, self._heartbeat_s)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        conn = self._conn
+        if not conn.poll(timeout):
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: engine did not start within {timeout} s")
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):
+            code = self._process.exitcode
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: worker process exited during start (exit code {code}); "
+                                    "see the log above") from None
+        if kind != "ready":
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: {payload}")
+        self._steps = -1
+        incarnation = self._became_ready(payload)
+        if self._closed:  # shut down while it started
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: shut down")
+        self._guarded(incarnation, "reader", lambda: self._read(conn, incarnation))
+
+    # -------------------------------------------------------------- serving
+
+    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+        request_id, future, incarnation = self._admit(request_id)
+        if incarnation is None:
+            return future
+        self._send(("submit", request_id, request))  # a broken pipe: the reader sees the death
+        return future
+
+    def _send(self, message) -> bool:
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except (OSError, EOFError, BrokenPipeError, ValueError):
+            return False
+
+    def _read(self, conn, incarnation: int) -> None:
+        """Deliver every reply of one incarnation; its end is the replica's death."""
+        cause = "worker process exited"
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "done":
+                self._complete(incarnation, message[1], result=message[2])
+            elif kind == "error":
+                self._complete(incarnation, message[1], error=message[2])
+            elif kind == "beat":
+                if message[1] != self._steps:  # the engine made a token step since the last beat
+                    self._steps = message[1]
+                    self._touch()
+            elif kind == "stats":
+                waiter = self._stats_waiting.pop(message[1], None)
+                if waiter is not None and not waiter.done():  # a late reply finds no waiter: dropped
+                    waiter.set_result(message[2])
+            elif kind == "dead":
+                cause = message[1]
+            else:
+                raise ValueError(f"unknown message from the worker: {kind!r}")
+        self._died(incarnation, self._exit_cause(cause))
+        for waiter in list(self._stats_waiting.values()):  # a stats call waiting on the dead worker
+            waiter.cancel()
+
+    def _exit_cause(self, cause: str) -> str:
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            cause = f"{cause} (killed by signal {signal.Signals(-code).name})"
+        elif code not in (None, 0):
+            cause = f"{cause} (exit code {code})"
+        self._reap_group()
+        return cause
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        base = {**self.base_stats(), "pid": self.pid}
+        if not self._alive:
+            return base
+        stats_id = next(self._stats_ids)
+        waiter: concurrent.futures.Future = concurrent.futures.Future()
+        self._stats_waiting[stats_id] = waiter
+        try:
+            if self._send(("stats", stats_id)):
+                return {**base, **waiter.result(timeout=timeout)}
+            return base
+        except concurrent.futures.TimeoutError:
+            return {**base, "stats_error": f"no reply within {timeout:g} s"}
+        except concurrent.futures.CancelledError:  # it died meanwhile
+            return {**self.base_stats(), "pid": self.pid}
+        finally:
+            self._stats_waiting.pop(stats_id, None)
+
+    # -------------------------------------------------------------- lifetime
+
+    def _reap_group(self) -> None:
+        """Kill whatever is left of the worker's process group (the worker made
+        itself a group leader), so no engine process outlives its replica.
+        SIGKILL ends stopped (SIGSTOPped) processes too."""
+        if self._process is None or self._process.pid is None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _kill(self) -> None:
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=10)
+        self._reap_group()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        from ..errors import LMClosedError
+
+        if not self._mark_closed():
+            return
+        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+        if self._conn is not None:
+            self._send(("shutdown",))
+        if self._process is not None:
+            self._process.join(timeout=timeout)
+        self._kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+
+class ProcessBackend:
+    """Replicas as worker processes on this machine (the ``Backend`` contract)."""
+
+    def __init__(self, placements: list[Placement], start_timeout: float | None, *,
+                 launch: Launcher | None = None, heartbeat_s: float = HEARTBEAT_S):
+        self.placements = placements
+        self.start_timeout = start_timeout
+        self._launch = launch
+        self._heartbeat_s = heartbeat_s
+
+    def start(self, spec: ModelSpec, on_death: OnDeath) -> list[ProcessReplica]:
+        replicas = [ProcessReplica(spec, placement, on_death, launch=self._launch, heartbeat_s=self._heartbeat_s)
+                    for placement in self.placements]
+        return start_all(replicas, ProcessReplica.spawn, lambda r: r.wait_ready(self.start_timeout))
+
+    def restart(self, replica: ProcessReplica) -> None:
+        replica._kill()
+        replica.spawn()
+        replica.wait_ready(self.start_timeout)
+
+    def shutdown(self) -> None:
+        """Nothing of its own to release."""

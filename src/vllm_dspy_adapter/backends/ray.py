@@ -1,0 +1,557 @@
+"""Replicas as Ray actors over every node of a Ray cluster (``backend="ray"``).
+
+``RayBackend`` implements the ``Backend`` contract and ``RayReplica`` the
+``Replica`` one, so the pool and the router work unchanged over a cluster. The
+actor itself (one ``Engine`` per actor) is in ``ray_actor.py``.
+
+Why one actor per replica, each hosting its own engine, and not vLLM's own data
+parallelism on Ray (``data_parallel_backend="ray"``): there, every rank sits
+behind one front end and shares one fate, and requests are balanced without
+regard to prefixes. One actor per replica isolates faults exactly as the local
+worker processes do (a lost node costs its replicas only; their requests go to
+the survivors) and keeps our prefix router in front of the replicas.
+
+Placement: each replica reserves its resources in a placement group of its
+own, one bundle (``tensor_parallel_size`` GPUs, or a CPU replica's CPUs) with
+``STRICT_PACK``: a replica always sits on one node, and Ray places such groups
+on the least used node that fits, which spreads the replicas over the nodes.
+Not one group with a bundle per replica: when a node is lost, such a group goes
+to RESCHEDULING and, while the lost bundle fits nowhere, Ray 2.60's GCS and
+dashboard agent spin on it (measured: 35-90% of a core each), and the group can
+only be removed whole, which kills the surviving replicas too. Inside the
+actor, vLLM runs its tensor-parallel workers with its multiprocessing executor
+on the GPUs Ray assigned. CPU replicas bind vLLM's OpenMP threads to distinct
+cores of their host (``VLLM_CPU_OMP_THREADS_BIND``, in the actor's runtime_env).
+
+Ray is imported lazily: ``import vllm_dspy_adapter`` never needs it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import os
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ModelSpec
+from ..errors import ConfigurationError, LMClosedError, ReplicaDeadError, ReplicaStartError
+from ..placement import RayNode, cluster_text, cores_text, free_core_offset, plan_ray_placement
+from ..protocol import GenerationRequest, OnDeath
+from .base import ReplicaHandle, start_all
+
+__all__ = ["RayBackend", "RayReplica"]
+
+logger = logging.getLogger(__name__)
+
+# The driver's settings that every replica gets, as local worker processes
+# inherit them. Anything else comes from the environment `ray start` ran in on
+# each node. No secrets: a runtime_env is stored by Ray and shown in its dashboard.
+FORWARDED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_DSPY_MODEL", "VLLM_DSPY_CACHE", "VLLM_LOGGING_LEVEL",
+                 "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+
+# An async actor runs this many requests at once (coroutines, not threads):
+# enough never to be the limit in front of vLLM's own scheduler.
+_MAX_CONCURRENCY = 100_000
+
+HEARTBEAT_S = 1.0
+
+
+def _classify(exc: BaseException) -> tuple[BaseException, str | None]:
+    """(the request's error, the death cause or None). A task error carries the
+    engine's own exception; any other Ray error means the actor or its node is gone."""
+    import ray.exceptions as rex
+
+    if isinstance(exc, rex.RayTaskError):
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        if isinstance(cause, ReplicaDeadError):
+            return cause, str(cause)
+        return cause, None
+    if isinstance(exc, rex.RayError):
+        text = str(exc).strip().splitlines()
+        return exc, f"{type(exc).__name__}: {' '.join(line.strip() for line in text[:4])}"
+    return exc, None
+
+
+@dataclass
+class _Launch:
+    """What the backend decided for one start of a replica's actor."""
+
+    actor_class: Any
+    options: dict[str, Any]
+    spec: ModelSpec
+    cpu_slot: tuple[int, int] | None
+
+
+class RayReplica(ReplicaHandle):
+    """The driver's handle on one replica actor."""
+
+    def __init__(self, index: int, on_death: OnDeath, on_closed):
+        super().__init__(index, "ray:pending", on_death)
+        self.name = f"replica-{index}"
+        self.node_id: str | None = None
+        self.pid: int | None = None  # the actor's process, on its node
+        self.starting = False
+        self._on_closed = on_closed
+        self._actor = None
+        self._ready_ref = None
+        # Ray completes ObjectRef futures on its own threads, where no blocking
+        # call belongs; every completion is handled on this replica's thread.
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._handle_events, name=f"{self.name}-ray-events", daemon=True).start()
+
+    # ---------------------------------------------------------------- start
+
+    def launch(self, launch: _Launch) -> None:
+        """Create the actor; returns at once (``wait_ready`` waits)."""
+        self.starting = True
+        self._actor = launch.actor_class.options(**launch.options).remote(
+            launch.spec, self.name, logging.getLogger().getEffectiveLevel(), launch.cpu_slot)
+        self._ready_ref = self._actor.ready.remote()
+
+    def wait_ready(self, timeout: float | None) -> None:
+        try:
+            self._wait_ready(timeout)
+        finally:
+            self.starting = False
+
+    def _wait_ready(self, timeout: float | None) -> None:
+        import ray
+
+        try:
+            ready = ray.get(self._ready_ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: engine did not start within {timeout} s") from None
+        except Exception as exc:
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: the Ray actor died during start: {_classify(exc)[0]}") from None
+        where = f"node {ready.get('node_ip')} ({str(ready.get('node_id'))[:8]})"
+        if "error" in ready:
+            self._kill()
+            raise ReplicaStartError(f"{self.name} on {where}: {ready['error']}")
+        self.node_id, self.pid = ready["node_id"], ready["pid"]
+        self.device = ready["device"]
+        self.name = f"replica-{self.index}[{self.device}]"
+        incarnation = self._became_ready(ready["info"])
+        if self._closed:  # shut down while it started
+            self._kill()
+            raise ReplicaStartError(f"{self.name}: shut down")
+        actor = self._actor
+        watch = actor.watch.remote()
+        watch.future().add_done_callback(lambda f: self._events.put(("watch", incarnation, None, f)))
+        self._guarded(incarnation, "heartbeat", lambda: self._beat(actor, incarnation))
+
+    def _beat(self, actor, incarnation: int) -> None:
+        """Read the engine's pulse once a second; a frozen actor or engine stops it."""
+        import ray
+
+        ticks = -1
+        while self._alive and self._incarnation == incarnation and _ray_if_up() is not None:
+            try:
+                now = ray.get(actor.ticks.remote(), timeout=HEARTBEAT_S * 5)
+            except ray.exceptions.GetTimeoutError:
+                continue  # no answer: no progress (the pool's stall check decides)
+            except Exception:  # the actor is gone: its watch reports the death
+                return
+            if now != ticks:
+                ticks = now
+                self._touch()
+            time.sleep(HEARTBEAT_S)
+
+    # -------------------------------------------------------------- serving
+
+    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+        request_id, future, incarnation = self._admit(request_id)
+        if incarnation is None:
+            return future
+        actor = self._actor
+        try:
+            if _ray_if_up() is None:
+                raise RuntimeError("this process is no longer connected to Ray")
+            ref = actor.generate.remote(request, request_id)
+        except Exception as exc:  # Ray itself is gone
+            self._events.put(("lost", incarnation, request_id, f"submitting to the actor failed: {exc}"))
+            return future
+        ref.future().add_done_callback(lambda f: self._events.put(("done", incarnation, request_id, f)))
+        return future
+
+    def _handle_events(self) -> None:
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            kind, incarnation, request_id, payload = event
+            try:
+                if kind == "lost":
+                    self._declare(incarnation, payload)
+                elif kind == "watch":
+                    exc = payload.exception()
+                    cause = payload.result() if exc is None else (
+                        _classify(exc)[1] or f"{type(exc).__name__}: {exc}")
+                    self._declare(incarnation, cause)
+                else:
+                    self._finish(incarnation, request_id, payload)
+            except Exception as exc:  # a completion we cannot read: this actor can no longer be trusted
+                logger.exception("%s: error handling a Ray completion", self.name)
+                self._declare(incarnation, f"handling a Ray completion failed: {type(exc).__name__}: {exc}")
+
+    def _finish(self, incarnation: int, request_id: str, done: concurrent.futures.Future) -> None:
+        if done.cancelled():
+            self._complete(incarnation, request_id, error=concurrent.futures.CancelledError())
+            return
+        exc = done.exception()
+        if exc is None:
+            self._complete(incarnation, request_id, result=done.result())
+            return
+        error, cause = _classify(exc)
+        if cause is not None:
+            self._declare(incarnation, cause)  # fails this request and every other one the actor held
+        else:
+            self._complete(incarnation, request_id, error=error)
+
+    def _declare(self, incarnation: int, cause: str) -> None:
+        self._died(incarnation, cause, kill=True)  # the actor goes at once, restart or not
+
+    def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        base = {**self.base_stats(), "pid": self.pid, "node_id": self.node_id,
+                "node_ip": self.info.node if self.info else None}
+        ray = _ray_if_up()
+        if not self._alive or ray is None:
+            return base
+        try:
+            return {**base, **ray.get(self._actor.stats.remote(), timeout=timeout)}
+        except ray.exceptions.GetTimeoutError:
+            return {**base, "stats_error": f"no reply within {timeout:g} s"}
+        except Exception:  # the actor is gone; its watch reports it
+            return base
+
+    # -------------------------------------------------------------- lifetime
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        if not self._mark_closed():
+            return
+        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+        actor = self._actor
+        ray = _ray_if_up()
+        if actor is not None and ray is not None:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=timeout)  # stops the engine processes in order
+            except Exception:
+                pass
+        self._kill()
+        self._events.put(None)
+        self._on_closed(self)
+
+    def _kill(self) -> None:
+        """Kill the actor at once; Ray ends its child processes (the engine's) with it."""
+        _ray_kill(self._actor)
+
+
+def _ray_if_up():
+    """Ray, if this process is still connected. Every call made after a shutdown
+    goes through here: most Ray calls would otherwise start a new local instance
+    (at interpreter exit, Ray's own atexit handler may already have disconnected)."""
+    import ray
+
+    return ray if ray.is_initialized() else None
+
+
+def _ray_kill(actor) -> None:
+    ray = _ray_if_up()
+    if actor is None or ray is None:
+        return
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already dead
+        pass
+
+
+# ------------------------------------------------------------------ the backend
+
+# ray.init() is process-wide: the backends that share a connection we opened
+# close it when the last one is done.
+_RAY_LOCK = threading.Lock()
+_RAY_STATE = {"users": 0, "owned": False, "atexit": False}
+_BACKENDS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shutdown_backends() -> None:
+    """At interpreter exit, stop the engines in order while Ray is still connected.
+
+    Registered after ``ray.init``, so it runs before Ray's own exit handlers
+    (atexit runs the last registered first), which would otherwise disconnect
+    (or stop a local instance) first and leave Ray to kill the actors, their
+    engines with them."""
+    for backend in list(_BACKENDS):
+        try:
+            backend.shutdown_replicas(timeout=10)
+        except Exception:
+            pass
+
+
+def _ray_connect(address: str | None):
+    import ray
+
+    with _RAY_LOCK:
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address or None, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError) as exc:
+                why = str(exc).rstrip(".")
+                raise ConfigurationError(
+                    f"Could not connect to a Ray cluster at ray_address={address!r}: {why}. Start one with "
+                    "`ray start --head` (and `ray start --address=HEAD_IP:6379` on the other nodes), or pass "
+                    "ray_address=None for a Ray instance on this machine only."
+                ) from exc
+            _RAY_STATE["owned"] = True
+        elif address not in (None, "auto"):
+            logger.warning("Ray is already initialised in this process; ray_address=%r is ignored.", address)
+        if not _RAY_STATE["atexit"]:  # after ray.init, which registers exit handlers of its own
+            atexit.register(_shutdown_backends)
+            _RAY_STATE["atexit"] = True
+        _RAY_STATE["users"] += 1
+    return ray
+
+
+def _ray_release() -> None:
+    import ray
+
+    with _RAY_LOCK:
+        _RAY_STATE["users"] -= 1
+        if _RAY_STATE["users"] <= 0 and _RAY_STATE["owned"]:
+            _RAY_STATE["owned"] = False
+            try:
+                ray.shutdown()
+            except Exception:
+                pass
+
+
+def _alive_nodes(ray) -> list[RayNode]:
+    nodes = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        nodes.append(RayNode(node_id=node["NodeID"], ip=node.get("NodeManagerAddress", "?"),
+                             cpus=int(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0))))
+    return nodes
+
+
+class RayBackend:
+    """Replicas as Ray actors over a Ray cluster (the ``Backend`` contract).
+
+    ``ray_address``: ``"auto"`` or ``"HEAD_IP:6379"`` joins a running cluster
+    (``"auto"``: the one ``$RAY_ADDRESS`` names or the last one ``ray start``
+    started on this machine); None does the same but starts a Ray instance on
+    this machine only when there is none. If Ray is already initialised in this
+    process, that connection is used. Placement is checked in the constructor,
+    before any engine starts. The backend owns each replica's placement group
+    and, for CPU replicas, its block of host cores.
+    """
+
+    def __init__(self, *, num_gpus: int | None, gpus: Sequence[int] | None, tensor_parallel_size: int,
+                 num_replicas: int | None, ray_address: str | None, start_timeout: float | None,
+                 placement_timeout: float = 60.0):
+        try:
+            import ray  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"backend='ray' needs Ray: pip install 'vllm-dspy-adapter[ray]' ({exc})"
+            ) from exc
+        self._lock = threading.Lock()
+        self._released = False
+        self.replicas: list[RayReplica] = []
+        self.start_timeout = start_timeout
+        # How long placing a replica may wait for a node with room: at start, and
+        # at each restart (after which the pool continues without the replica).
+        self.placement_timeout = placement_timeout
+        self._groups: dict[int, Any] = {}  # replica index -> its placement group
+        self._slots: dict[int, tuple[str | None, int]] = {}  # replica index -> (host ip, first core), CPU replicas
+        self._ray = _ray_connect(ray_address)
+        try:
+            self.nodes = _alive_nodes(self._ray)
+            self.plan = plan_ray_placement(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                                           num_replicas=num_replicas, nodes=self.nodes)
+        except BaseException:
+            self._release()
+            raise
+        self._spec: ModelSpec | None = None
+        self._open = 0
+        _BACKENDS.add(self)
+
+    # ---------------------------------------------------------------- start
+
+    def start(self, spec: ModelSpec, on_death: OnDeath) -> list[RayReplica]:
+        if self.plan.gpus_per_replica > 1:
+            # In a placement group vLLM would pick its Ray executor and ask Ray for
+            # GPUs this actor already holds; its multiprocessing executor uses them.
+            spec = spec.with_engine_kwargs(
+                distributed_executor_backend=spec.engine_kwargs.get("distributed_executor_backend", "mp"))
+        self._spec = spec
+
+        def died(replica: RayReplica, cause: str) -> None:
+            # At once, restart or not: a group whose node is lost would keep Ray's GCS busy.
+            self.drop_placement(replica)
+            on_death(replica, cause)
+
+        replicas = [RayReplica(i, died, self._replica_closed) for i in range(self.plan.count)]
+        self.replicas = replicas
+        self._open = len(replicas)
+        deadline = time.monotonic() + self.placement_timeout
+        try:
+            return start_all(replicas, lambda r: self._launch(r, self._place(r, deadline, probe=False)),
+                             lambda r: r.wait_ready(self.start_timeout))
+        except BaseException:
+            for replica in replicas:
+                replica.shutdown(timeout=5)  # the last one removes the groups and closes Ray
+            raise
+
+    def _place(self, replica: RayReplica, deadline: float, *, probe: bool) -> str:
+        """Reserve the replica's resources in a placement group of its own; the node it got.
+
+        With ``probe``, a no-op task confirms the node is alive: just after a node
+        loss the GCS may not know yet and could place the group on the lost node."""
+        ray = self._ray
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        while True:
+            self.drop_placement(replica)
+            pg = placement_group([self.plan.bundle], strategy="STRICT_PACK")
+            self._groups[replica.index] = pg
+            while not pg.wait(1):
+                if replica.closed:
+                    raise ReplicaStartError(f"{replica.name}: shut down")
+                if time.monotonic() > deadline:
+                    self.drop_placement(replica)
+                    raise ReplicaStartError(
+                        f"no node has room for {replica.name} ({self.plan.describe()}) within "
+                        f"{self.placement_timeout:.0f} s; the cluster: {cluster_text(_alive_nodes(ray))}"
+                    )
+            node_id = placement_group_table(pg)["bundles_to_node_id"][0]
+            if not probe:
+                return node_id
+            check = ray.remote(_node_id).options(
+                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg)).remote()
+            try:
+                return ray.get(check, timeout=max(deadline - time.monotonic(), 10.0))
+            except Exception:  # that node is gone (or hung): place again
+                ray.cancel(check, force=True)
+                if time.monotonic() > deadline or replica.closed:
+                    self.drop_placement(replica)
+                    raise ReplicaStartError(f"{replica.name}: found no live node with room within "
+                                            f"{self.placement_timeout:.0f} s") from None
+
+    def _launch(self, replica: RayReplica, node_id: str) -> None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .ray_actor import VLLMReplica
+
+        env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+        options: dict[str, Any] = {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=self._groups[replica.index]),
+            "max_restarts": 0,  # the pool restarts replicas (and resubmits their requests), not Ray
+            "max_concurrency": _MAX_CONCURRENCY,
+        }
+        cpu_slot = None
+        if self.plan.gpus_per_replica:
+            options.update(num_gpus=self.plan.gpus_per_replica, num_cpus=0)
+            self._slots.pop(replica.index, None)
+        else:
+            cpu_slot = self._cpu_slot(replica, node_id)
+            offset, per = cpu_slot
+            env.update(VLLM_CPU_OMP_THREADS_BIND=cores_text(offset, per), CUDA_VISIBLE_DEVICES="")
+            options["num_cpus"] = per
+        options["runtime_env"] = {"env_vars": env}
+        replica.launch(_Launch(self._ray.remote(VLLMReplica), options, self._spec, cpu_slot))
+
+    def _cpu_slot(self, replica: RayReplica, node_id: str) -> tuple[int, int]:
+        """A block of cores of the replica's host that no other replica there binds.
+
+        A host's cores are the CPUs of every Ray node on its IP address: one node
+        per machine in a real cluster, several in a test cluster on one machine,
+        whose replicas must still bind different cores."""
+        nodes = _alive_nodes(self._ray)
+        ip = next((node.ip for node in nodes if node.node_id == node_id), None)
+        host_cores = sum(node.cpus for node in nodes if node.ip == ip) or self.plan.cpus_per_replica
+        with self._lock:
+            taken = {offset for index, (host, offset) in self._slots.items()
+                     if index != replica.index and host == ip
+                     and (self.replicas[index].alive or self.replicas[index].starting)}
+            offset = free_core_offset(host_cores, self.plan.cpus_per_replica, taken)
+            self._slots[replica.index] = (ip, offset)
+        return offset, self.plan.cpus_per_replica
+
+    # -------------------------------------------------------------- restart
+
+    def restart(self, replica: RayReplica) -> None:
+        """A new actor for a dead replica, on any node with room (its old one if it
+        is still there); raises when none has room within ``placement_timeout``,
+        and the pool continues without the replica."""
+        replica._kill()
+        node_id = self._place(replica, time.monotonic() + self.placement_timeout, probe=True)
+        if replica.closed:
+            self.drop_placement(replica)
+            raise ReplicaStartError(f"{replica.name}: shut down")
+        self._launch(replica, node_id)
+        try:
+            replica.wait_ready(self.start_timeout)
+        except BaseException:
+            self.drop_placement(replica)
+            raise
+
+    def drop_placement(self, replica: RayReplica) -> None:
+        """Remove a replica's placement group (killing whatever actor still runs in it)."""
+        pg = self._groups.pop(replica.index, None)
+        if pg is None or _ray_if_up() is None:
+            return
+        try:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)
+        except Exception:  # Ray gone, or the group already removed
+            pass
+
+    # -------------------------------------------------------------- lifetime
+
+    def shutdown_replicas(self, timeout: float = 30.0) -> None:
+        """Shut every replica down (in parallel); the last one out closes the rest."""
+        replicas = [r for r in self.replicas if not r.closed]
+        threads = [threading.Thread(target=r.shutdown, args=(timeout,), daemon=True) for r in replicas]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout + 15)
+
+    def shutdown(self) -> None:
+        self.shutdown_replicas()
+        self._release()
+
+    def _replica_closed(self, replica: RayReplica) -> None:
+        self.drop_placement(replica)
+        with self._lock:
+            self._open -= 1
+            last = self._open <= 0
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        """Disconnect from Ray if this process connected for us (and we are the last user)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        _ray_release()
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,209 @@
+"""The pool: routes every request to a replica and keeps every result through
+replica deaths and stalls.
+
+- A request goes to the replica the router picks among the alive ones.
+- A replica that dies (or is declared stalled) fails what it held with
+  ``ReplicaDeadError``; the pool resubmits each such request to the others,
+  once per death and at most ``max_attempts`` times in all, so each result is
+  delivered exactly once. The dead replica is restarted in the background
+  (``max_restarts`` times); when none is left, calls fail at once with
+  ``NoHealthyReplicaError``.
+- Stall check (``health_timeout`` seconds, None: off): a replica with requests
+  in flight and no sign of progress for that long (``Replica.last_progress``: a
+  tick of its engine or a reply) is declared dead: killed, its requests
+  resubmitted, restarted like a crashed one.
+- After ``close()`` every call fails with ``LMClosedError``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError
+from .protocol import Generation, GenerationRequest, Replica
+from .router import ReplicaLoad, Router
+
+__all__ = ["ReplicaPool", "DEFAULT_HEALTH_TIMEOUT"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEALTH_TIMEOUT = 120.0
+
+
+@dataclass
+class _Job:
+    request: GenerationRequest
+    future: concurrent.futures.Future
+    cost: int
+    attempts: int = 0
+
+
+class ReplicaPool:
+    """Routes requests over replicas (see the module docstring).
+
+    ``restart(replica)`` brings a dead replica back in place or raises; None
+    means a dead replica stays dead and the pool shrinks.
+    """
+
+    def __init__(self, replicas: Sequence[Replica], router: Router, *,
+                 restart: Callable[[Replica], None] | None = None, max_restarts: int = 3, max_attempts: int = 3,
+                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT):
+        self.replicas = list(replicas)
+        self.router = router
+        self._restart = restart
+        self.max_restarts = max_restarts
+        self.max_attempts = max_attempts
+        self.health_timeout = health_timeout
+        self._lock = threading.Lock()
+        n = len(self.replicas)
+        self._outstanding = [0] * n
+        self._in_flight = [0] * n
+        self._busy_since = [0.0] * n
+        self._routed = [0] * n
+        self._resubmitted = [0] * n  # requests taken from each replica by its deaths and sent again
+        self._last_death = ""
+        self._closed = threading.Event()
+        if health_timeout is not None:
+            threading.Thread(target=self._watch_stalls, name="pool-stall-check", daemon=True).start()
+
+    # ---------------------------------------------------------------- serving
+
+    def loads(self) -> list[ReplicaLoad]:
+        with self._lock:
+            return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i])
+                    for i, r in enumerate(self.replicas)]
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
+        job = _Job(request, concurrent.futures.Future(), cost)
+        self._dispatch(job)
+        return job.future
+
+    def _dispatch(self, job: _Job) -> None:
+        job.attempts += 1
+        if self._closed.is_set():
+            job.future.set_exception(LMClosedError("This LM was shut down; create a new one."))
+            return
+        loads = self.loads()
+        if not any(load.alive for load in loads):
+            job.future.set_exception(NoHealthyReplicaError(self._no_replica_text()))
+            return
+        with self._lock:  # routing decisions update the router's tables: one at a time
+            index = self.router.choose(job.request.prompt, loads)
+            self._outstanding[index] += job.cost
+            if self._in_flight[index] == 0:
+                self._busy_since[index] = time.monotonic()
+            self._in_flight[index] += 1
+            self._routed[index] += 1
+        inner = self.replicas[index].submit(job.request)
+        inner.add_done_callback(lambda f, i=index: self._finished(job, i, f))
+
+    def _no_replica_text(self) -> str:
+        if len(self.replicas) == 1 and self._restart is None:
+            return (f"The engine is dead ({self._last_death or 'it stopped'}); this LM cannot serve any more "
+                    "calls: create a new one.")
+        return f"No replica can serve this request: every replica is dead (last cause: {self._last_death})."
+
+    def _finished(self, job: _Job, index: int, inner: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._outstanding[index] -= job.cost
+            self._in_flight[index] -= 1
+        if inner.cancelled():
+            job.future.cancel()
+            return
+        exc = inner.exception()
+        if exc is None:
+            generation: Generation = inner.result()
+            generation.replica = index
+            job.future.set_result(generation)
+        elif not isinstance(exc, ReplicaDeadError):
+            job.future.set_exception(exc)  # the request's own fault: no other replica would do better
+        elif self._closed.is_set():
+            job.future.set_exception(LMClosedError("This LM was shut down with the request in flight."))
+        elif job.attempts < self.max_attempts:
+            with self._lock:
+                self._resubmitted[index] += 1
+            self._dispatch(job)  # to a healthy replica: the dead one is no longer alive
+        elif not any(r.alive for r in self.replicas):
+            job.future.set_exception(NoHealthyReplicaError(self._no_replica_text()))
+        else:
+            job.future.set_exception(exc)
+
+    # ------------------------------------------------------- deaths and stalls
+
+    def replica_died(self, replica: Replica, cause: str) -> None:
+        """The replicas' ``on_death``: log, forget its prefixes, restart it."""
+        self._last_death = f"{replica.name}: {cause}"
+        alive = sum(r.alive for r in self.replicas)
+        with self._lock:
+            self.router.forget(replica.index)
+        if self._closed.is_set():
+            return
+        if self._restart is None or replica.restarts >= self.max_restarts:
+            logger.error("%s died: %s. %d of %d replica(s) left.", replica.name, cause, alive, len(self.replicas))
+            return
+        logger.error("%s died: %s. Its requests go to the %d healthy replica(s); restarting it in the background.",
+                     replica.name, cause, alive)
+        threading.Thread(target=self._restart_replica, args=(replica,), daemon=True,
+                         name=f"restart-{replica.index}").start()
+
+    def _restart_replica(self, replica: Replica) -> None:
+        replica.restarts += 1
+        try:
+            self._restart(replica)
+            logger.warning("%s restarted (restart %d of at most %d).", replica.name, replica.restarts,
+                           self.max_restarts)
+        except Exception as exc:  # the replica stays dead; the pool goes on without it
+            if self._closed.is_set():
+                return  # shut down while restarting: nothing to report
+            logger.error("%s could not be restarted: %s. %d of %d replica(s) left.", replica.name, exc,
+                         sum(r.alive for r in self.replicas), len(self.replicas))
+
+    def _watch_stalls(self) -> None:
+        period = min(1.0, self.health_timeout / 4)
+        while not self._closed.wait(period):
+            try:
+                self.check_stalls()
+            except Exception:  # never let the check die: log and look again next period
+                logger.exception("stall check failed")
+
+    def check_stalls(self, now: float | None = None) -> list[int]:
+        """Declare dead every alive replica with requests in flight and no
+        progress for ``health_timeout`` seconds; returns their indices."""
+        now = time.monotonic() if now is None else now
+        stalled = []
+        for i, replica in enumerate(self.replicas):
+            with self._lock:
+                busy, since = self._in_flight[i], self._busy_since[i]
+            if not busy or not replica.alive:
+                continue
+            quiet = now - max(replica.last_progress(), since)
+            if quiet > self.health_timeout:
+                stalled.append(i)
+                replica.declare_dead(f"stalled: no progress for {quiet:.0f} s with {busy} request(s) in flight "
+                                     f"(health_timeout={self.health_timeout:g})")
+        return stalled
+
+    # ----------------------------------------------------------------- the rest
+
+    def stats(self) -> list[dict[str, Any]]:
+        out = []
+        for replica, load in zip(self.replicas, self.loads()):
+            out.append({"replica": replica.index, "device": replica.device, "routed": self._routed[replica.index],
+                        "resubmitted": self._resubmitted[replica.index], "outstanding_tokens": load.outstanding,
+                        **replica.stats()})
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def close(self) -> None:
+        """Refuse new requests from now on (they fail with ``LMClosedError``)."""
+        self._closed.set()

@@ -1,0 +1,232 @@
+"""Fakes for the fast fault suite: logic only, never an end-to-end claim.
+
+- ``FakeWorker``: a thread that speaks the worker's pipe protocol on a real
+  ``multiprocessing`` pipe, scripted by the test (answer, hold, duplicate,
+  reply late, stop beating, freeze, die, send garbage). The real
+  ``ProcessReplica`` (and its reader thread) drives it through ``launch=``.
+- ``FakeReplica``: an in-memory replica on the real ``ReplicaHandle`` base, for
+  the pool's own logic.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+from vllm_dspy_adapter.backends.base import ReplicaHandle
+from vllm_dspy_adapter.config import ModelSpec
+from vllm_dspy_adapter.placement import Placement
+from vllm_dspy_adapter.protocol import Generation, GenerationRequest, ReplicaInfo
+
+SPEC = ModelSpec(model="/nonexistent/fake-model")
+
+
+def generation(request: GenerationRequest, request_id: str) -> Generation:
+    text = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
+    return Generation(text=f"echo:{text}", finish_reason="stop", num_prompt_tokens=len(text.split()),
+                      num_output_tokens=1, request_id=request_id)
+
+
+class FakeProcess:
+    """Stands in for ``multiprocessing.Process``: the worker is a thread."""
+
+    pid = None
+
+    def __init__(self, worker: FakeWorker):
+        self.worker = worker
+        self.exitcode = None
+
+    def is_alive(self) -> bool:
+        return self.worker.thread.is_alive()
+
+    def join(self, timeout=None) -> None:
+        self.worker.thread.join(timeout)
+        if not self.worker.thread.is_alive() and self.exitcode is None:
+            self.exitcode = self.worker.exit_code
+
+    def kill(self) -> None:
+        self.worker.killed = True
+        self.worker.stop("killed")
+
+
+class FakeWorker:
+    """One incarnation of a worker. ``mode`` decides what it does with requests:
+    "answer" (at once), "hold" (keep them; ``release()`` answers), "duplicate"
+    (answer twice). ``beating`` / ``stepping`` drive the heartbeat."""
+
+    def __init__(self, conn, heartbeat_s: float, *, mode: str = "answer", fail_start: str | None = None,
+                 stats_delay: float = 0.0):
+        self.conn = conn
+        self.heartbeat_s = heartbeat_s
+        self.mode = mode
+        self.fail_start = fail_start
+        self.stats_delay = stats_delay
+        self.beating = True
+        self.stepping = True
+        self.steps = 0
+        self.held: list[tuple[str, GenerationRequest]] = []
+        self.received: list[str] = []
+        self.killed = False
+        self.exit_code = 0
+        self._stop = threading.Event()
+        self._send_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def send(self, message) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(message)
+        except (OSError, EOFError, BrokenPipeError):
+            self.stop("the driver closed the pipe")
+
+    def _serve(self) -> None:
+        if self.fail_start:
+            self.send(("failed", self.fail_start))
+            self.conn.close()
+            self.exit_code = 1
+            return
+        self.send(("ready", ReplicaInfo(max_model_len=2048, engine_pids=[])))
+        threading.Thread(target=self._beat, daemon=True).start()
+        while not self._stop.is_set():
+            if not self.conn.poll(0.02):
+                continue
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = message[0]
+            if kind == "submit":
+                _, request_id, request = message
+                self.received.append(request_id)
+                if self.mode == "hold":
+                    self.held.append((request_id, request))
+                else:
+                    self.send(("done", request_id, generation(request, request_id)))
+                    if self.mode == "duplicate":
+                        self.send(("done", request_id, generation(request, request_id)))
+            elif kind == "stats":
+                stats_id = message[1]
+                if self.stats_delay:
+                    threading.Timer(self.stats_delay, self._send_quietly,
+                                    args=(("stats", stats_id, {"requests": len(self.received)}),)).start()
+                else:
+                    self.send(("stats", stats_id, {"requests": len(self.received)}))
+            elif kind == "shutdown":
+                break
+        self.stop("exited")
+
+    def _send_quietly(self, message) -> None:
+        self.send(message)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if self.stepping:
+                self.steps += 1
+            if self.beating:
+                self._send_quietly(("beat", self.steps))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for request_id, request in held:
+            self.send(("done", request_id, generation(request, request_id)))
+
+    def freeze(self) -> None:
+        """Like SIGSTOP of the worker: no beat, no reply, pipe still open."""
+        self.beating = False
+        self.mode = "hold"
+
+    def stop(self, why: str) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            try:
+                self.conn.close()  # the driver's reader sees EOF: the worker is gone
+            except OSError:
+                pass
+
+
+class FakeLauncher:
+    """``launch=`` for ``ProcessReplica``: every (re)start makes a new ``FakeWorker``
+    with the settings the test set for that replica's next start."""
+
+    def __init__(self, **defaults):
+        self.defaults = defaults
+        self.next: dict[int, dict] = {}
+        self.workers: dict[int, list[FakeWorker]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, spec, placement: Placement, name: str, heartbeat_s: float):
+        parent, child = multiprocessing.Pipe(duplex=True)
+        with self.lock:
+            settings = {**self.defaults, **self.next.pop(placement.index, {})}
+            worker = FakeWorker(child, heartbeat_s, **settings)
+            self.workers.setdefault(placement.index, []).append(worker)
+        return FakeProcess(worker), parent
+
+    def current(self, index: int) -> FakeWorker:
+        return self.workers[index][-1]
+
+
+def placements(n: int) -> list[Placement]:
+    return [Placement(i, f"fake:{i}") for i in range(n)]
+
+
+class FakeReplica(ReplicaHandle):
+    """An in-memory replica on the real handle base: requests wait until the test
+    finishes them; ``progressing`` decides whether ``last_progress`` moves."""
+
+    def __init__(self, index: int, on_death):
+        super().__init__(index, f"fake:{index}", on_death)
+        self.requests: dict[str, GenerationRequest] = {}
+        self.killed = 0
+        self.progressing = True
+        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
+
+    def submit(self, request, request_id=None):
+        request_id, future, incarnation = self._admit(request_id)
+        if incarnation is not None:
+            self.requests[request_id] = request
+        return future
+
+    def last_progress(self) -> float:
+        if self.progressing:
+            self._touch()
+        return super().last_progress()
+
+    def finish_all(self) -> int:
+        requests, self.requests = self.requests, {}
+        for request_id, request in requests.items():
+            self._complete(self.incarnation, request_id, result=generation(request, request_id))
+        return len(requests)
+
+    def reply_from(self, incarnation: int, request_id: str, request: GenerationRequest) -> None:
+        self._complete(incarnation, request_id, result=generation(request, request_id))
+
+    def crash(self, cause: str = "crashed") -> None:
+        self._died(self.incarnation, cause)
+
+    def come_back(self) -> None:
+        self.requests = {}
+        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
+
+    def stats(self, timeout: float = 5.0):
+        return {**self.base_stats(), "held": len(self.requests)}
+
+    def _kill(self) -> None:
+        self.killed += 1
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        from vllm_dspy_adapter.errors import LMClosedError
+
+        if self._mark_closed():
+            self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False

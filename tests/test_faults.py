@@ -1,0 +1,319 @@
+"""The replica layer's faults, in seconds: the real pool, the real ProcessReplica
+and its reader thread, driven against fake workers (threads on real pipes) and
+fake replicas. No vLLM here; the end-to-end versions are in test_stall.py and
+test_multigpu.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+
+import pytest
+
+from fakes import SPEC, FakeLauncher, FakeReplica, placements, wait_until
+from vllm_dspy_adapter.backends.process import ProcessBackend
+from vllm_dspy_adapter.errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, ReplicaStartError
+from vllm_dspy_adapter.pool import ReplicaPool
+from vllm_dspy_adapter.protocol import Backend, GenerationRequest, Replica
+from vllm_dspy_adapter.router import RoundRobinRouter
+
+HEARTBEAT = 0.05
+
+
+def start(n=2, *, launcher=None, health_timeout=None, max_restarts=3, restart=True):
+    """A real pool over real ProcessReplicas whose workers are FakeWorkers."""
+    launcher = launcher or FakeLauncher()
+    backend = ProcessBackend(placements(n), start_timeout=5, launch=launcher, heartbeat_s=HEARTBEAT)
+    pools: list[ReplicaPool] = []
+    replicas = backend.start(SPEC, lambda replica, cause: pools[0].replica_died(replica, cause))
+    pool = ReplicaPool(replicas, RoundRobinRouter(), restart=backend.restart if restart else None,
+                       max_restarts=max_restarts, health_timeout=health_timeout)
+    pools.append(pool)
+    return pool, launcher
+
+
+def request(i: int) -> GenerationRequest:
+    return GenerationRequest(prompt=f"prompt {i}", sampling={"max_tokens": 4})
+
+
+def results(futures, timeout=5.0):
+    return [f.result(timeout=timeout) for f in futures]
+
+
+@pytest.fixture(autouse=True)
+def _shutdown_pools():
+    made = []
+    original = ReplicaPool.__init__
+
+    def tracking(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    ReplicaPool.__init__ = tracking
+    yield
+    ReplicaPool.__init__ = original
+    for pool in made:
+        pool.close()
+        for replica in pool.replicas:
+            replica.shutdown(timeout=2)
+
+
+def test_the_real_handles_and_backend_meet_the_contract():
+    pool, _ = start(1)
+    assert isinstance(pool.replicas[0], Replica)
+    assert isinstance(ProcessBackend(placements(1), 5), Backend)
+
+
+def test_requests_are_answered_in_order_over_both_replicas():
+    pool, _ = start(2)
+    outs = results([pool.submit(request(i)) for i in range(50)])
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(50)]
+    assert {o.replica for o in outs} == {0, 1}
+
+
+def test_concurrent_stats_from_32_threads_during_a_batch():
+    pool, launcher = start(2)
+    for i in (0, 1):
+        launcher.current(i).stats_delay = 0.01  # replies cross each other on the pipe
+    futures = [pool.submit(request(i)) for i in range(200)]
+    errors, seen = [], []
+
+    def poll():
+        try:
+            for _ in range(5):
+                seen.append(pool.stats())
+        except Exception as exc:  # any exception is the bug this test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=poll) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors
+    assert len(seen) == 160 and all(len(s) == 2 and all("requests" in r for r in s) for s in seen)
+    assert len(results(futures)) == 200
+    assert all(r.alive for r in pool.replicas)
+    assert len(results([pool.submit(request(i)) for i in range(10)])) == 10  # the readers still run
+
+
+def test_a_stats_reply_after_its_timeout_is_dropped_and_the_replica_keeps_serving():
+    pool, launcher = start(1)
+    launcher.current(0).stats_delay = 0.5
+    late = pool.replicas[0].stats(timeout=0.1)
+    assert "no reply" in late["stats_error"]
+    time.sleep(0.7)  # the late reply arrives and finds no waiter
+    launcher.current(0).stats_delay = 0.0
+    assert pool.replicas[0].stats(timeout=2)["requests"] == 0
+    assert results([pool.submit(request(1))])[0].text == "echo:prompt 1"
+    assert pool.replicas[0].alive
+
+
+def test_a_duplicate_reply_is_dropped():
+    pool, launcher = start(1)
+    launcher.current(0).mode = "duplicate"
+    outs = results([pool.submit(request(i)) for i in range(20)])
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(20)]
+    assert pool.replicas[0].alive
+
+
+def test_a_reader_that_raises_kills_its_replica_and_the_requests_move(caplog):
+    pool, launcher = start(2, restart=False)
+    launcher.current(0).mode = "hold"
+    futures = [pool.submit(request(i)) for i in range(10)]
+    assert wait_until(lambda: len(launcher.current(0).held) == 5)
+    launcher.current(0).send(("nonsense", 1, 2))  # the reader cannot read it
+    outs = results(futures)
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(10)]
+    assert {o.replica for o in outs} == {1}
+    assert "reader thread failed" in caplog.text
+    assert pool.stats()[0]["resubmitted"] == 5
+
+
+def test_death_mid_batch_resubmits_each_request_exactly_once():
+    pool, launcher = start(2)
+    launcher.current(1).mode = "hold"
+    futures = [pool.submit(request(i)) for i in range(40)]
+    assert wait_until(lambda: len(launcher.current(1).held) == 20)
+    launcher.current(1).stop("crashed")
+    outs = results(futures)
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(40)]
+    assert pool.stats()[1]["resubmitted"] == 20
+    sent = sum(len(w.received) for workers in launcher.workers.values() for w in workers)
+    assert sent == 60  # 40, and the 20 the dead one held sent again once each
+    assert wait_until(lambda: pool.replicas[1].alive and pool.replicas[1].restarts == 1)
+
+
+def test_death_during_stats_returns_at_once():
+    pool, launcher = start(1, restart=False)
+    launcher.current(0).stats_delay = 30
+    timer = threading.Timer(0.2, launcher.current(0).stop, args=("crashed",))
+    timer.start()
+    started = time.monotonic()
+    stats = pool.replicas[0].stats(timeout=20)
+    assert time.monotonic() - started < 5
+    assert stats["alive"] is False
+
+
+def test_a_frozen_worker_is_declared_stalled_its_requests_move_and_it_restarts():
+    pool, launcher = start(2, health_timeout=0.5)
+    frozen = launcher.current(0)
+    frozen.freeze()
+    futures = [pool.submit(request(i)) for i in range(20)]
+    started = time.monotonic()
+    outs = results(futures, timeout=10)
+    assert time.monotonic() - started < 4
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(20)]
+    assert frozen.killed
+    stats = pool.stats()[0]
+    assert stats["stalls"] == 1 and stats["last_stall"] and "stalled" in stats["last_death"]
+    assert wait_until(lambda: pool.replicas[0].alive and pool.replicas[0].restarts == 1)
+    assert {o.replica for o in results([pool.submit(request(i)) for i in range(10)])} == {0, 1}
+
+
+def test_a_frozen_engine_behind_a_live_worker_is_declared_stalled():
+    pool, launcher = start(2, health_timeout=0.5, restart=False)
+    worker = launcher.current(1)
+    worker.mode, worker.stepping = "hold", False  # beats keep coming, the step count does not move
+    outs = results([pool.submit(request(i)) for i in range(10)], timeout=10)
+    assert {o.replica for o in outs} == {0}
+    assert pool.stats()[1]["stalls"] == 1
+
+
+def test_a_slow_generation_that_keeps_stepping_is_not_a_stall():
+    pool, launcher = start(1, health_timeout=0.3)
+    worker = launcher.current(0)
+    worker.mode = "hold"  # nothing finishes for a while, but the engine steps
+    future = pool.submit(request(1))
+    time.sleep(1.2)  # four health timeouts
+    assert pool.replicas[0].alive and not future.done()
+    worker.release()
+    assert future.result(timeout=2).text == "echo:prompt 1"
+    assert pool.stats()[0]["stalls"] == 0
+
+
+def test_an_idle_replica_is_never_a_stall():
+    pool, launcher = start(1, health_timeout=0.2)
+    launcher.current(0).freeze()
+    time.sleep(0.8)
+    assert pool.replicas[0].alive
+
+
+def test_a_restart_that_fails_leaves_the_pool_serving_on_the_others(caplog):
+    pool, launcher = start(2)
+    launcher.next[1] = {"fail_start": "CUDA out of memory"}
+    launcher.current(1).stop("crashed")
+    assert wait_until(lambda: "could not be restarted" in caplog.text)
+    assert "CUDA out of memory" in caplog.text
+    outs = results([pool.submit(request(i)) for i in range(10)])
+    assert {o.replica for o in outs} == {0}
+
+
+def test_every_replica_gone_fails_fast():
+    pool, launcher = start(2, max_restarts=0)
+    for i in (0, 1):
+        launcher.current(i).stop("crashed")
+    assert wait_until(lambda: not any(r.alive for r in pool.replicas))
+    started = time.monotonic()
+    with pytest.raises(NoHealthyReplicaError, match="every replica is dead"):
+        pool.submit(request(1)).result(timeout=1)
+    assert time.monotonic() - started < 0.5
+
+
+def test_the_last_replica_dying_with_requests_fails_them_with_the_cause():
+    pool, launcher = start(1, restart=False)
+    launcher.current(0).mode = "hold"
+    futures = [pool.submit(request(i)) for i in range(5)]
+    assert wait_until(lambda: len(launcher.current(0).held) == 5)
+    launcher.current(0).stop("crashed")
+    for future in futures:
+        with pytest.raises(NoHealthyReplicaError, match="engine is dead"):
+            future.result(timeout=5)
+
+
+def test_shutdown_with_requests_in_flight_fails_them_and_later_calls():
+    pool, launcher = start(2)
+    for i in (0, 1):
+        launcher.current(i).mode = "hold"
+    futures = [pool.submit(request(i)) for i in range(10)]
+    assert wait_until(lambda: sum(len(launcher.current(i).held) for i in (0, 1)) == 10)
+    pool.close()
+    for replica in pool.replicas:
+        replica.shutdown(timeout=2)
+    for future in futures:
+        with pytest.raises(LMClosedError):
+            future.result(timeout=2)
+    with pytest.raises(LMClosedError):
+        pool.submit(request(99)).result(timeout=1)
+    assert not any(launcher.current(i).thread.is_alive() for i in (0, 1))
+
+
+def test_start_is_all_or_none():
+    launcher = FakeLauncher()
+    launcher.next[1] = {"fail_start": "no such GPU"}
+    with pytest.raises(ReplicaStartError, match="no such GPU"):
+        start(2, launcher=launcher)
+    assert launcher.current(0).killed  # the one that started was stopped again
+
+
+# ------------------------------------------------------ the pool alone, on FakeReplicas
+
+
+def fake_pool(n=2, **kwargs):
+    pools = []
+    replicas = [FakeReplica(i, lambda r, c: pools[0].replica_died(r, c)) for i in range(n)]
+    pool = ReplicaPool(replicas, RoundRobinRouter(), **kwargs)
+    pools.append(pool)
+    return pool, replicas
+
+
+def test_a_reply_of_an_older_incarnation_is_dropped():
+    pool, (replica, _) = fake_pool(2, health_timeout=None)
+    future = pool.submit(request(0))  # to replica 0
+    request_id, held = next(iter(replica.requests.items()))
+    old = replica.incarnation
+    replica.crash()  # resubmitted to replica 1
+    replica.come_back()
+    replica.reply_from(old, request_id, held)  # the dead engine's late answer
+    assert not future.done()
+    pool.replicas[1].finish_all()
+    assert future.result(timeout=1).replica == 1
+
+
+def test_a_request_is_resubmitted_at_most_max_attempts_times():
+    pool, replicas = fake_pool(2, health_timeout=None, max_attempts=2)
+    future = pool.submit(request(0))
+    replicas[0].crash()
+    replicas[0].come_back()
+    replicas[1].crash()
+    with pytest.raises(ReplicaDeadError):
+        future.result(timeout=1)
+    assert sum(s["resubmitted"] for s in pool.stats()) == 1
+
+
+def test_the_stall_check_never_dies(caplog):
+    pool, replicas = fake_pool(1, health_timeout=0.1)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    replicas[0].last_progress = broken
+    pool.submit(request(0))
+    with caplog.at_level(logging.ERROR):
+        assert wait_until(lambda: caplog.text.count("stall check failed") >= 2, 3)
+    replicas[0].last_progress = lambda: time.monotonic() - 10
+    assert wait_until(lambda: not replicas[0].alive, 3)  # it still looks, and finds the stall
+
+
+def test_check_stalls_alone():
+    pool, (replica,) = fake_pool(1, health_timeout=5)
+    replica.progressing = False
+    future = pool.submit(request(0))
+    now = time.monotonic()
+    assert pool.check_stalls(now + 1) == []
+    assert pool.check_stalls(now + 6) == [0]
+    assert replica.killed == 1 and not replica.alive
+    with pytest.raises(NoHealthyReplicaError, match="stalled"):
+        future.result(timeout=1)
