@@ -134,8 +134,24 @@ def _doc_ids(paths):
 def test_the_documents_exist():
     names = {str(p.relative_to(ROOT)) for p in DOC_FILES}
     for required in ("docs/VLLM_QUICKSTART.md", "docs/VLLM_OFFLINE_GUIDE.md", "docs/MULTI_GPU_GUIDE.md",
-                     "docs/zh/README.md"):
+                     "docs/ARCHITECTURE.md", "docs/zh/README.md"):
         assert required in names
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/ARCHITECTURE.md"])
+def test_the_layout_named_in_docs_is_the_code(doc):
+    # Every file the layout text names exists; README's layout names every source file.
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    if doc == "README.md":
+        text = text[text.index("## Layout"):]
+        text = text[:text.index("\n## ", 1)] if "\n## " in text[1:] else text
+    package = ROOT / "src" / "vllm_dspy_adapter"
+    sources = {p.name for p in package.rglob("*.py")}
+    elsewhere = {p.name for folder in ("tests", "examples", "benchmarks") for p in (ROOT / folder).rglob("*.py")}
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", text))
+    assert not named - sources - elsewhere - {"import_cycles.py"}, named - sources - elsewhere
+    if doc == "README.md":
+        assert sources - {"__main__.py"} <= named, sources - named
 
 
 @pytest.mark.parametrize("doc", DOC_FILES, ids=_doc_ids(DOC_FILES))

@@ -5,7 +5,6 @@ test_multigpu.py."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time

@@ -1,6 +1,5 @@
 """Pure conversions (render.py, config.py): no engine."""
 
-import base64
 import io
 
 import pytest

@@ -28,23 +28,23 @@ Ray is imported lazily: ``import vllm_dspy_adapter`` never needs it.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import logging
 import os
 import queue
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelSpec
 from ..errors import ConfigurationError, LMClosedError, ReplicaDeadError, ReplicaStartError
-from ..placement import RayNode, cluster_text, cores_text, free_core_offset, plan_ray_placement
+from ..placement import cluster_text, cores_text, free_core_offset, plan_ray_placement
 from ..protocol import GenerationRequest, OnDeath
 from .base import ReplicaHandle, start_all
+from .ray_cluster import alive_nodes, ray_connect, ray_if_up, ray_kill, ray_release, register
+from .ray_cluster import node_id as current_node_id
 
 __all__ = ["RayBackend", "RayReplica"]
 
@@ -153,7 +153,7 @@ class RayReplica(ReplicaHandle):
         import ray
 
         ticks = -1
-        while self._alive and self._incarnation == incarnation and _ray_if_up() is not None:
+        while self._alive and self._incarnation == incarnation and ray_if_up() is not None:
             try:
                 now = ray.get(actor.ticks.remote(), timeout=HEARTBEAT_S * 5)
             except ray.exceptions.GetTimeoutError:
@@ -173,7 +173,7 @@ class RayReplica(ReplicaHandle):
             return future
         actor = self._actor
         try:
-            if _ray_if_up() is None:
+            if ray_if_up() is None:
                 raise RuntimeError("this process is no longer connected to Ray")
             ref = actor.generate.remote(request, request_id)
         except Exception as exc:  # Ray itself is gone
@@ -222,7 +222,7 @@ class RayReplica(ReplicaHandle):
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         base = {**self.base_stats(), "pid": self.pid, "node_id": self.node_id,
                 "node_ip": self.info.node if self.info else None}
-        ray = _ray_if_up()
+        ray = ray_if_up()
         if not self._alive or ray is None:
             return base
         try:
@@ -239,7 +239,7 @@ class RayReplica(ReplicaHandle):
             return
         self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
         actor = self._actor
-        ray = _ray_if_up()
+        ray = ray_if_up()
         if actor is not None and ray is not None:
             try:
                 ray.get(actor.shutdown.remote(), timeout=timeout)  # stops the engine processes in order
@@ -251,98 +251,10 @@ class RayReplica(ReplicaHandle):
 
     def _kill(self) -> None:
         """Kill the actor at once; Ray ends its child processes (the engine's) with it."""
-        _ray_kill(self._actor)
-
-
-def _ray_if_up():
-    """Ray, if this process is still connected. Every call made after a shutdown
-    goes through here: most Ray calls would otherwise start a new local instance
-    (at interpreter exit, Ray's own atexit handler may already have disconnected)."""
-    import ray
-
-    return ray if ray.is_initialized() else None
-
-
-def _ray_kill(actor) -> None:
-    ray = _ray_if_up()
-    if actor is None or ray is None:
-        return
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception:  # already dead
-        pass
+        ray_kill(self._actor)
 
 
 # ------------------------------------------------------------------ the backend
-
-# ray.init() is process-wide: the backends that share a connection we opened
-# close it when the last one is done.
-_RAY_LOCK = threading.Lock()
-_RAY_STATE = {"users": 0, "owned": False, "atexit": False}
-_BACKENDS: weakref.WeakSet = weakref.WeakSet()
-
-
-def _shutdown_backends() -> None:
-    """At interpreter exit, stop the engines in order while Ray is still connected.
-
-    Registered after ``ray.init``, so it runs before Ray's own exit handlers
-    (atexit runs the last registered first), which would otherwise disconnect
-    (or stop a local instance) first and leave Ray to kill the actors, their
-    engines with them."""
-    for backend in list(_BACKENDS):
-        try:
-            backend.shutdown_replicas(timeout=10)
-        except Exception:
-            pass
-
-
-def _ray_connect(address: str | None):
-    import ray
-
-    with _RAY_LOCK:
-        if not ray.is_initialized():
-            try:
-                ray.init(address=address or None, logging_level=logging.WARNING)
-            except (ConnectionError, ValueError) as exc:
-                why = str(exc).rstrip(".")
-                raise ConfigurationError(
-                    f"Could not connect to a Ray cluster at ray_address={address!r}: {why}. Start one with "
-                    "`ray start --head` (and `ray start --address=HEAD_IP:6379` on the other nodes), or pass "
-                    "ray_address=None for a Ray instance on this machine only."
-                ) from exc
-            _RAY_STATE["owned"] = True
-        elif address not in (None, "auto"):
-            logger.warning("Ray is already initialised in this process; ray_address=%r is ignored.", address)
-        if not _RAY_STATE["atexit"]:  # after ray.init, which registers exit handlers of its own
-            atexit.register(_shutdown_backends)
-            _RAY_STATE["atexit"] = True
-        _RAY_STATE["users"] += 1
-    return ray
-
-
-def _ray_release() -> None:
-    import ray
-
-    with _RAY_LOCK:
-        _RAY_STATE["users"] -= 1
-        if _RAY_STATE["users"] <= 0 and _RAY_STATE["owned"]:
-            _RAY_STATE["owned"] = False
-            try:
-                ray.shutdown()
-            except Exception:
-                pass
-
-
-def _alive_nodes(ray) -> list[RayNode]:
-    nodes = []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        resources = node.get("Resources", {})
-        nodes.append(RayNode(node_id=node["NodeID"], ip=node.get("NodeManagerAddress", "?"),
-                             cpus=int(resources.get("CPU", 0)), gpus=int(resources.get("GPU", 0))))
-    return nodes
-
 
 class RayBackend:
     """Replicas as Ray actors over a Ray cluster (the ``Backend`` contract).
@@ -374,9 +286,9 @@ class RayBackend:
         self.placement_timeout = placement_timeout
         self._groups: dict[int, Any] = {}  # replica index -> its placement group
         self._slots: dict[int, tuple[str | None, int]] = {}  # replica index -> (host ip, first core), CPU replicas
-        self._ray = _ray_connect(ray_address)
+        self._ray = ray_connect(ray_address)
         try:
-            self.nodes = _alive_nodes(self._ray)
+            self.nodes = alive_nodes(self._ray)
             self.plan = plan_ray_placement(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
                                            num_replicas=num_replicas, nodes=self.nodes)
         except BaseException:
@@ -384,7 +296,7 @@ class RayBackend:
             raise
         self._spec: ModelSpec | None = None
         self._open = 0
-        _BACKENDS.add(self)
+        register(self)
 
     # ---------------------------------------------------------------- start
 
@@ -433,12 +345,12 @@ class RayBackend:
                     self.drop_placement(replica)
                     raise ReplicaStartError(
                         f"no node has room for {replica.name} ({self.plan.describe()}) within "
-                        f"{self.placement_timeout:.0f} s; the cluster: {cluster_text(_alive_nodes(ray))}"
+                        f"{self.placement_timeout:.0f} s; the cluster: {cluster_text(alive_nodes(ray))}"
                     )
             node_id = placement_group_table(pg)["bundles_to_node_id"][0]
             if not probe:
                 return node_id
-            check = ray.remote(_node_id).options(
+            check = ray.remote(current_node_id).options(
                 num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg)).remote()
             try:
                 return ray.get(check, timeout=max(deadline - time.monotonic(), 10.0))
@@ -478,7 +390,7 @@ class RayBackend:
         A host's cores are the CPUs of every Ray node on its IP address: one node
         per machine in a real cluster, several in a test cluster on one machine,
         whose replicas must still bind different cores."""
-        nodes = _alive_nodes(self._ray)
+        nodes = alive_nodes(self._ray)
         ip = next((node.ip for node in nodes if node.node_id == node_id), None)
         host_cores = sum(node.cpus for node in nodes if node.ip == ip) or self.plan.cpus_per_replica
         with self._lock:
@@ -510,7 +422,7 @@ class RayBackend:
     def drop_placement(self, replica: RayReplica) -> None:
         """Remove a replica's placement group (killing whatever actor still runs in it)."""
         pg = self._groups.pop(replica.index, None)
-        if pg is None or _ray_if_up() is None:
+        if pg is None or ray_if_up() is None:
             return
         try:
             from ray.util.placement_group import remove_placement_group
@@ -548,10 +460,4 @@ class RayBackend:
             if self._released:
                 return
             self._released = True
-        _ray_release()
-
-
-def _node_id() -> str:
-    import ray
-
-    return ray.get_runtime_context().get_node_id()
+        ray_release()
