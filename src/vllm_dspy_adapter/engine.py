@@ -160,8 +160,9 @@ class Engine:
         thread, so the event loop only moves requests and results. The future
         fails with ``ReplicaDeadError`` if the engine dies or stops first."""
         request_id = request_id or f"{self.name}-{next(_ids)}"
+        engine = self.engine
         try:
-            if not self.alive:
+            if engine is None or not self.alive:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
             prompt, params = self._prepare(request)
         except BaseException as exc:
@@ -173,7 +174,7 @@ class Engine:
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
             # vLLM's own count of requests it holds (this one not yet added):
             # the proof that calls from many threads share one batch.
-            self._peak_unfinished = max(self._peak_unfinished, self.engine.get_num_unfinished_requests() + 1)
+            self._peak_unfinished = max(self._peak_unfinished, engine.get_num_unfinished_requests() + 1)
         return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
 
     def _watch(self, processes) -> None:
@@ -208,9 +209,10 @@ class Engine:
 
     async def _probe(self) -> None:
         """The engine's pulse: ask the engine core a trivial question, once a second."""
+        engine = self.engine
         try:
             while not self._closing:
-                await self.engine.is_sleeping()
+                await engine.is_sleeping()
                 self.ticks += 1
                 await asyncio.sleep(PROBE_S)
         except Exception:  # the engine died: the watchdog reports it
@@ -256,10 +258,11 @@ class Engine:
         task = asyncio.current_task()
         self._tasks.add(task)
         final = None
+        engine = self.engine
         try:
-            if self._dead is not None:
-                raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead}")
-            async for output in self.engine.generate(prompt, params, request_id):
+            if self._dead is not None or engine is None:
+                raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'shut down'}")
+            async for output in engine.generate(prompt, params, request_id):
                 final = output
         except VllmEngineDead as exc:
             self._dead = self._dead or exc
@@ -331,6 +334,9 @@ class Engine:
                 engine.shutdown()
             except Exception:  # already dead: nothing left to stop
                 logger.debug("%s: shutdown raised", self.name, exc_info=True)
+            # Dropped now: left to the interpreter's exit, AsyncLLM.__del__ would run its
+            # shutdown again when the modules it needs are already gone.
+            self.engine = None
             self._dead = self._dead or ReplicaDeadError(f"{self.name}: shut down")
         # What the stopped engine did not finish fails now (no caller waits forever),
         # then the loop stops.
