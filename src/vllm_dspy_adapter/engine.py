@@ -146,7 +146,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and self.engine is not None and not self.engine.errored
+        engine = self.engine
+        return self._dead is None and engine is not None and not engine.errored
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         if isinstance(request.prompt, str):
