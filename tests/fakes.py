@@ -53,7 +53,7 @@ class FakeProcess:
 class FakeWorker:
     """One incarnation of a worker. ``mode`` decides what it does with requests:
     "answer" (at once), "hold" (keep them; ``release()`` answers), "duplicate"
-    (answer twice). ``beating`` / ``stepping`` drive the heartbeat."""
+    (answer twice). ``beating`` / ``ticking`` drive the heartbeat."""
 
     def __init__(self, conn, heartbeat_s: float, *, mode: str = "answer", fail_start: str | None = None,
                  stats_delay: float = 0.0):
@@ -63,8 +63,8 @@ class FakeWorker:
         self.fail_start = fail_start
         self.stats_delay = stats_delay
         self.beating = True
-        self.stepping = True
-        self.steps = 0
+        self.ticking = True
+        self.ticks = 0
         self.held: list[tuple[str, GenerationRequest]] = []
         self.received: list[str] = []
         self.killed = False
@@ -122,10 +122,10 @@ class FakeWorker:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            if self.stepping:
-                self.steps += 1
+            if self.ticking:
+                self.ticks += 1
             if self.beating:
-                self._send_quietly(("beat", self.steps))
+                self._send_quietly(("beat", self.ticks))
 
     def release(self) -> None:
         held, self.held = self.held, []

@@ -175,7 +175,7 @@ def test_a_frozen_worker_is_declared_stalled_its_requests_move_and_it_restarts()
 def test_a_frozen_engine_behind_a_live_worker_is_declared_stalled():
     pool, launcher = start(2, health_timeout=0.5, restart=False)
     worker = launcher.current(1)
-    worker.mode, worker.stepping = "hold", False  # beats keep coming, the step count does not move
+    worker.mode, worker.ticking = "hold", False  # beats keep coming, the tick count does not move
     outs = results([pool.submit(request(i)) for i in range(10)], timeout=10)
     assert {o.replica for o in outs} == {0}
     assert pool.stats()[1]["stalls"] == 1
@@ -184,7 +184,7 @@ def test_a_frozen_engine_behind_a_live_worker_is_declared_stalled():
 def test_a_slow_generation_that_keeps_stepping_is_not_a_stall():
     pool, launcher = start(1, health_timeout=0.3)
     worker = launcher.current(0)
-    worker.mode = "hold"  # nothing finishes for a while, but the engine steps
+    worker.mode = "hold"  # nothing finishes for a while, but the engine ticks
     future = pool.submit(request(1))
     time.sleep(1.2)  # four health timeouts
     assert pool.replicas[0].alive and not future.done()

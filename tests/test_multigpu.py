@@ -28,6 +28,20 @@ def test_gpu_request_on_a_cpu_machine_says_what_to_do():
         vLLMOfflineMultiGPU(num_gpus=2)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_replicas=0), "num_replicas must be >= 1"),
+    (dict(num_replicas=2, health_timeout=0), "health_timeout"),
+    (dict(num_replicas=2, max_restarts=-1), "max_restarts"),
+    (dict(num_replicas=2, backend="slurm"), "Unknown backend"),
+])
+def test_bad_arguments_are_refused_before_any_start(kwargs, match):
+    before = len(engine_children())
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match=match):
+        vLLMOfflineMultiGPU(**kwargs, **ENGINE_KWARGS)
+    assert time.monotonic() - started < 10 and len(engine_children()) == before
+
+
 def test_evaluate_spreads_over_both_replicas(lm):
     from vllm_dspy_adapter.cli import arithmetic_devset
 
@@ -69,6 +83,8 @@ def test_batch_generate_refuses_bad_prompts_before_submitting(lm):
     before = sum(s["requests"] for s in lm.stats())
     with pytest.raises(ConfigurationError, match="prompt_token_ids"):
         lm.batch_generate(["fine", 42], progress=False)
+    with pytest.raises(ConfigurationError, match=r"list of prompts.*\[prompt\]"):
+        lm.batch_generate("hello", progress=False)  # not five one-character prompts
     assert sum(s["requests"] for s in lm.stats()) == before
 
 

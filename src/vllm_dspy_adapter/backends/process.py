@@ -6,7 +6,7 @@ process group of its own so that killing the group takes its engine processes
 down too. The driver talks to it over one duplex pipe; every reply carries the
 id of what it answers (requests and stats alike), and a reader thread per
 incarnation delivers them. The worker sends a heartbeat with its engine's
-token-step count every second: the pool's stall check reads the progress.
+pulse (``Engine.ticks``) every second: the pool's stall check reads the progress.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class ProcessReplica(ReplicaHandle):
         self._send_lock = threading.Lock()
         self._stats_waiting: dict[int, concurrent.futures.Future] = {}
         self._stats_ids = itertools.count()
-        self._steps = -1
+        self._ticks = -1
         self._process = None
         self._conn = None
 
@@ -118,7 +118,7 @@ class ProcessReplica(ReplicaHandle):
         if kind != "ready":
             self._kill()
             raise ReplicaStartError(f"{self.name}: {payload}")
-        self._steps = -1
+        self._ticks = -1
         incarnation = self._became_ready(payload)
         if self._closed:  # shut down while it started
             self._kill()
@@ -156,8 +156,8 @@ class ProcessReplica(ReplicaHandle):
             elif kind == "error":
                 self._complete(incarnation, message[1], error=message[2])
             elif kind == "beat":
-                if message[1] != self._steps:  # the engine made a token step since the last beat
-                    self._steps = message[1]
+                if message[1] != self._ticks:  # the engine ticked since the last beat
+                    self._ticks = message[1]
                     self._touch()
             elif kind == "stats":
                 waiter = self._stats_waiting.pop(message[1], None)
@@ -225,7 +225,10 @@ class ProcessReplica(ReplicaHandle):
             return
         self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
         if self._conn is not None:
-            self._send(("shutdown",))
+            # A frozen worker reads nothing: once its pipe is full a send would block,
+            # so the request to stop in order is sent aside and the kill below ends it.
+            threading.Thread(target=self._send, args=(("shutdown",),), daemon=True,
+                             name=f"{self.name}-stop").start()
         if self._process is not None:
             self._process.join(timeout=timeout)
         self._kill()

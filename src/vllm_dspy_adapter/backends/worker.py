@@ -7,11 +7,11 @@ duplex pipe; every reply names what it answers:
 driver -> worker: ("submit", id, GenerationRequest) | ("stats", stats_id) | ("shutdown",)
 worker -> driver: ("ready", ReplicaInfo) | ("failed", message)
                 | ("done", id, Generation) | ("error", id, exception)
-                | ("stats", stats_id, dict) | ("beat", engine_steps) | ("dead", message)
+                | ("stats", stats_id, dict) | ("beat", engine_ticks) | ("dead", message)
 
-A heartbeat ("beat", steps) goes out every ``heartbeat_s`` seconds with the
-engine's token-step count: a frozen worker stops beating, a frozen engine stops
-stepping, and the driver's stall check sees either.
+A heartbeat ("beat", ticks) goes out every ``heartbeat_s`` seconds with the
+engine's pulse (``Engine.ticks``): a frozen worker stops beating, a frozen engine
+stops ticking, and the driver's stall check sees either.
 """
 
 from __future__ import annotations
@@ -67,8 +67,11 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
             die(str(exc))  # every request in flight fails the same way
 
     def beat() -> None:
-        while not dying.wait(heartbeat_s):
-            send(("beat", engine.steps))
+        try:
+            while not dying.wait(heartbeat_s):
+                send(("beat", engine.ticks))
+        except BaseException as exc:  # no heartbeat means a stall: say why and go, not silently
+            die(f"the worker's heartbeat failed: {type(exc).__name__}: {exc}")
 
     send(("ready", engine.info()))
     threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True).start()
