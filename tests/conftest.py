@@ -31,12 +31,12 @@ def engine_children():
     return out
 
 
-def wait_for(predicate, timeout):
+def wait_for(predicate, timeout, interval=0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.5)
+        time.sleep(interval)
     return False
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 
 from vllm_dspy_adapter.backends.base import ReplicaHandle
 from vllm_dspy_adapter.config import ModelSpec
@@ -221,12 +220,3 @@ class FakeReplica(ReplicaHandle):
 
         if self._mark_closed():
             self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from fakes import SPEC, FakeLauncher, FakeReplica, placements, wait_until
+from conftest import wait_for
+from fakes import SPEC, FakeLauncher, FakeReplica, placements
 from vllm_dspy_adapter.backends.process import ProcessBackend
 from vllm_dspy_adapter.errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, ReplicaStartError
 from vllm_dspy_adapter.pool import ReplicaPool
@@ -19,6 +20,10 @@ from vllm_dspy_adapter.protocol import Backend, GenerationRequest, Replica
 from vllm_dspy_adapter.router import RoundRobinRouter
 
 HEARTBEAT = 0.05
+
+
+def wait_until(predicate, timeout=5.0):
+    return wait_for(predicate, timeout, interval=0.01)
 
 
 def start(n=2, *, launcher=None, health_timeout=None, max_restarts=3, restart=True):
