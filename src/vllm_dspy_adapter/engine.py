@@ -32,11 +32,16 @@ from .protocol import Generation, GenerationRequest, ReplicaInfo, TokenLogprobDa
 
 __all__ = ["Engine", "engine_defaults"]
 
-# How often the engine core is asked a trivial question (``is_sleeping``); its
-# answers are the engine's pulse (``Engine.ticks``). The engine core answers
-# between two steps, so a frozen or stuck core stops the count while a long
-# generation, however slow, keeps it going.
+# The engine's pulse (``Engine.ticks``) moves while the engine makes progress:
+# - once a second the engine core is asked a trivial question (``is_sleeping``),
+#   which it answers between two steps: a frozen or stuck core stops answering,
+#   while a long generation, however slow, keeps it going;
+# - on a CPU engine, whose single step (a large prefill on a few cores) can last
+#   longer than any sensible stall deadline, each second in which its processes
+#   computed (CPU time above CPU_BUSY of a core, none of them stopped) counts
+#   too. Not on GPUs: a process waiting on a hung GPU may spin on a core.
 PROBE_S = 1.0
+CPU_BUSY = 0.05
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +79,8 @@ class Engine:
         self._dead: BaseException | None = None
         self._closing = False
         self._tasks: set[asyncio.Task] = set()  # requests in flight; touched on the loop's thread only
-        self.ticks = 0  # answers of the engine core to the probe (see PROBE_S)
+        self.ticks = 0  # the engine's pulse (see PROBE_S)
+        self.on_cpu = False
         self.engine = None
         self.engine_processes: list = []
         self._loop = asyncio.new_event_loop()
@@ -117,6 +123,7 @@ class Engine:
         # GPU instead of 128 and 2048) are what a GPU fed by many threads needs.
         vllm_config = args.create_engine_config(UsageContext.LLM_CLASS)
         self.model_config = vllm_config.model_config
+        self.on_cpu = vllm_config.device_config.device_type == "cpu"
         self.max_model_len = int(self.model_config.max_model_len)
         self.is_multimodal = bool(self.model_config.is_multimodal_model)
         try:
@@ -188,9 +195,14 @@ class Engine:
         import psutil
 
         gone: list = []
+        cpu = self._cpu_seconds() if self.on_cpu else 0.0
         try:
             while not gone and not self._closing:
-                gone, _ = psutil.wait_procs(processes, timeout=1.0)  # returns as soon as one exits
+                gone, _ = psutil.wait_procs(processes, timeout=PROBE_S)  # returns as soon as one exits
+                if self.on_cpu and not gone:
+                    cpu, before = self._cpu_seconds(), cpu
+                    if cpu - before >= CPU_BUSY * PROBE_S:
+                        self.ticks += 1
             if self._closing:
                 return
             cause = "the vLLM engine process died (" + ", ".join(
@@ -198,6 +210,21 @@ class Engine:
         except Exception as exc:  # the watchdog itself failed: the engine can no longer be trusted
             cause = f"the engine watchdog failed: {type(exc).__name__}: {exc}"
         self._mark_dead(ReplicaDeadError(f"{self.name}: {cause}"))
+
+    def _cpu_seconds(self) -> float:
+        """CPU time of the engine's processes; frozen while any of them is stopped."""
+        import psutil
+
+        total = 0.0
+        for proc in self._engine_process_tree():
+            try:
+                if proc.status() == psutil.STATUS_STOPPED:
+                    return -1.0  # a stopped process makes no progress, whatever the others do
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:  # gone: the watchdog reports it
+                pass
+        return total
 
     def _mark_dead(self, error: ReplicaDeadError) -> None:
         if self._dead is not None and self._closing:
