@@ -54,7 +54,7 @@ def test_a_frozen_engine_process_is_declared_stalled_and_the_batch_completes(lm)
     assert frozen, "the engine was never busy"
     check_batch(outs)
     assert HEALTH_TIMEOUT - 2 <= frozen["declared_after"] < HEALTH_TIMEOUT + 15  # last beat up to 1 s before
-    assert time.monotonic() - frozen["at"] < 8 * HEALTH_TIMEOUT  # the rest ran on the other replica
+    assert time.monotonic() - frozen["at"] < 15 * HEALTH_TIMEOUT  # the rest ran on the other replica
     stats = lm.stats()[1]
     assert stats["stalls"] == 1 and "stalled" in stats["last_death"] and stats["resubmitted"] > 0
     assert wait_for(lambda: lm.stats()[1]["alive"], 300), "replica 1 was not restarted"
@@ -65,7 +65,7 @@ def test_a_frozen_worker_process_is_declared_stalled_and_the_batch_completes(lm)
     assert frozen, "the worker was never busy"
     check_batch(outs)
     assert HEALTH_TIMEOUT - 2 <= frozen["declared_after"] < HEALTH_TIMEOUT + 15  # last beat up to 1 s before
-    assert time.monotonic() - frozen["at"] < 8 * HEALTH_TIMEOUT
+    assert time.monotonic() - frozen["at"] < 15 * HEALTH_TIMEOUT
     assert lm.stats()[0]["stalls"] == 1
     assert wait_for(lambda: lm.stats()[0]["alive"], 300), "replica 0 was not restarted"
     again = lm.batch_generate(prompts(20, "after"), max_tokens=4, progress=False, return_outputs=True)
