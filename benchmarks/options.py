@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="systems also measured at N=1 (default: all; --smoke: raw-llm,ours)")
     p.add_argument("--routings", type=_names(ROUTINGS), help="routing policies for ours with N>1 (default: all)")
     p.add_argument("--workloads", type=_names(WORKLOADS), help="comma list of w1,w2,w3,w4 (default: all)")
-    p.add_argument("--model", help="throughput model folder (default: benchmark_model_path(), Qwen3-8B shape)")
+    p.add_argument("--model", help="throughput model folder (default: bench_models.benchmark_model_path(), Qwen3-8B shape)")
     p.add_argument("--load-format", help="vLLM load_format of the throughput model (default dummy)")
     p.add_argument("--w4-model", help="W4's real model (default: the adapter's default model)")
     p.add_argument("--max-model-len", type=int)

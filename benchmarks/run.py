@@ -73,7 +73,9 @@ def expected_rows(job: dict[str, Any]) -> list[tuple]:
 
 def resolve_models(settings: Settings) -> tuple[str, str | None]:
     """The throughput model and W4's model, prepared here once so children don't race."""
-    from vllm_dspy_adapter.models import benchmark_model_path, resolve_model
+    from vllm_dspy_adapter.models import resolve_model
+
+    from .bench_models import benchmark_model_path
 
     if settings.model:
         model = settings.model
