@@ -112,6 +112,41 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             me = idx.get(("ours-prefix", n, "W3", v))
             add(f"W3 ours-prefix N={n} / ours-round_robin", me, idx.get(("ours-round_robin", n, "W3", v)), 1.3)
             add(f"W3 ours-prefix N={n} / reference static split", me, idx.get(("reference", n, "W3", v)), 1.0)
+    out += w5_targets(rows)
+    return out
+
+
+def w5_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 13: ours with k replicas per GPU against ours with one (same shape, sampler, N):
+    the best k >= 1.5x on batch work; every k loses nothing (>= 1.0x) with 64 calls in flight."""
+    out = []
+    ours = [r for r in rows if r.get("ok") and r["label"] == "ours" and r["workload"].startswith("W5")]
+
+    def group(r):  # the variant without its k: "0.6b torch k=2 threads=64" -> ("0.6b torch", "threads=64")
+        words = r["variant"].split()
+        return r["gpus"], r["workload"], " ".join(w for w in words if not w.startswith(("k=", "threads="))), \
+            " ".join(w for w in words if w.startswith("threads="))
+
+    by_group: dict[tuple, dict[int, dict]] = {}
+    for r in ours:
+        by_group.setdefault(group(r), {})[r.get("replicas_per_gpu", 1)] = r
+    for (n, workload, what, threads), per_k in sorted(by_group.items()):
+        one = per_k.get(1)
+        if one is None or len(per_k) < 2:
+            continue
+        name = f"{workload} {what} {threads}".strip() + f" N={n}"
+        if workload == "W5-batch":
+            k, best = max(((k, r) for k, r in per_k.items() if k > 1), key=lambda kr: _metric(kr[1]) or 0)
+            value = _ratio(_metric(best), _metric(one))
+            if value is not None:
+                out.append({"target": f"{name}: best k={k} / k=1", "ratio": round(value, 3), "threshold": 1.5,
+                            "pass": value >= 1.5, "note": ""})
+        elif threads == "threads=64":
+            for k, r in sorted(per_k.items()):
+                value = _ratio(_metric(r), _metric(one))
+                if k > 1 and value is not None:
+                    out.append({"target": f"{name}: k={k} / k=1", "ratio": round(value, 3), "threshold": 1.0,
+                                "pass": value >= 1.0, "note": "low concurrency loses nothing"})
     return out
 
 
@@ -122,7 +157,7 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """One table: system, workload, GPUs, requests/s, output tokens/s, ratio vs the ceiling."""
     idx = _index(rows)
-    order = {"W1": 0, "W2-threads": 1, "W2-batch": 2, "W3": 3, "W4": 4}
+    order = {"W1": 0, "W2-threads": 1, "W2-batch": 2, "W3": 3, "W4": 4, "W5-batch": 5, "W5-threads": 6}
     system_order = {"raw-llm": 0, "raw-async": 1, "reference": 2, "http": 3, "ours": 4, "ray": 6, "tp": 9}
 
     def sort_key(r):

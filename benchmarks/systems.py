@@ -45,7 +45,26 @@ def render_chat(tokenizer, messages) -> str:
 
 
 def _sampling(r: Request, ignore_eos: bool) -> dict[str, Any]:
-    return {"max_tokens": r.max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+    """The request's own settings; with ``temperature=None`` the model's generation config decides."""
+    out = {"max_tokens": r.max_tokens, "ignore_eos": ignore_eos}
+    if r.temperature is not None:
+        out["temperature"] = r.temperature
+    return out
+
+
+class SubsetRouter:
+    """Routes only to replicas ``< k`` with ``base``'s policy: measures k replicas on engines
+    started once for more (``--subsets``)."""
+
+    def __init__(self, base, k: int):
+        self.base, self.k = base, k
+        self.name = f"{base.name}[<{k}]"
+
+    def choose(self, prompt, loads):
+        return self.base.choose(prompt, [load for load in loads if load.index < self.k])
+
+    def __getattr__(self, name):  # anything else the pool asks of its router (forget, ...)
+        return getattr(self.base, name)
 
 
 class Driver:
@@ -55,7 +74,13 @@ class Driver:
 
     def dspy_call(self, r: Request):
         """One DSPy call, as a DSPy thread makes it."""
-        return self.dspy_lm(messages=r.messages, max_tokens=r.max_tokens, temperature=0.0)
+        extra = {} if r.temperature is None else {"temperature": r.temperature}
+        return self.dspy_lm(messages=r.messages, max_tokens=r.max_tokens, **extra)
+
+    def set_active(self, k: int) -> None:
+        """Serve the next runs with the first ``k`` replicas (engines) only (``--subsets``)."""
+        if k != 1:
+            raise NotImplementedError(f"{type(self).__name__} cannot be restricted to {k} replicas")
 
     def batch(self, requests: list[Request]) -> BatchResult:
         raise NotImplementedError
@@ -101,49 +126,101 @@ class RawLLM(Driver):
 # ------------------------------------------------------------------- raw AsyncLLM
 
 class RawAsync(Driver):
-    """``AsyncLLM`` with ``data_parallel_size=N`` and vLLM's own balancer: the ceiling."""
+    """``AsyncLLM`` with ``data_parallel_size=N`` and vLLM's own balancer: the ceiling.
 
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool):
+    With ``engines_per_gpu=k > 1`` (W5, one GPU): k separate ``AsyncLLM`` engines sharing the
+    GPU, each with ``gpu_memory_utilization`` = total / k, started one after another (each
+    one's memory profiling sees the others); requests go round-robin (every request at once)
+    or to the engine with the fewest in flight (bounded concurrency)."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool,
+                 engines_per_gpu: int = 1):
+        if engines_per_gpu > 1 and dp > 1:
+            raise ValueError("raw-async with several engines per GPU runs on one GPU (N=1)")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="raw-async-loop", daemon=True)
         self.thread.start()
         self.ignore_eos = ignore_eos
+        self.dp = dp
         self._ids = 0
         self._out_tokens = 0
+        kwargs = dict(engine_kwargs)
+        kwargs.setdefault("disable_log_stats", True)
+        if dp > 1:
+            kwargs["data_parallel_size"] = dp
+        if engines_per_gpu > 1 and "kv_cache_memory_bytes" not in kwargs:
+            kwargs["gpu_memory_utilization"] = kwargs.get("gpu_memory_utilization", 0.9) / engines_per_gpu
 
         async def create():
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            kwargs = dict(engine_kwargs)
-            kwargs.setdefault("disable_log_stats", True)
-            if dp > 1:
-                kwargs["data_parallel_size"] = dp
             # LLM_CLASS: the same batch-size defaults as LLM and the adapter's engines.
             return AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kwargs),
                                              usage_context=UsageContext.LLM_CLASS)
 
-        self.engine = self._run(create())
+        self.engines = []
+        try:
+            for _ in range(engines_per_gpu):  # one after another: each profiles memory beside the others
+                self.engines.append(self._run(create()))
+        except BaseException:
+            self.close()
+            raise
+        self.engine = self.engines[0]
+        self.active = len(self.engines) if dp == 1 else dp
+        self._in_flight = [0] * len(self.engines)
+        self._rr = 0
+        try:  # the model's generation-config sampling defaults, as the adapter applies them
+            self.defaults = dict(self.engine.model_config.get_diff_sampling_param() or {})
+        except Exception:
+            self.defaults = {}
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
 
+    def set_active(self, k: int) -> None:
+        limit = self.dp if self.dp > 1 else len(self.engines)
+        if not 1 <= k <= limit:
+            raise ValueError(f"raw-async has {limit} engines/ranks, cannot use {k}")
+        self.active = k
+
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def _one(self, r: Request) -> int:
+    def _pick(self, least_busy: bool) -> int:
+        if least_busy:
+            counts = self._in_flight[:self.active]
+            low = min(counts)
+            tied = [i for i, c in enumerate(counts) if c == low]
+            self._rr += 1
+            return tied[self._rr % len(tied)]
+        self._rr += 1
+        return self._rr % self.active
+
+    async def _one(self, r: Request, least_busy: bool = False) -> int:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         prompt = (TokensPrompt(prompt_token_ids=r.token_ids) if r.token_ids is not None
                   else render_chat(self.tokenizer, r.messages))
-        params = SamplingParams(**_sampling(r, self.ignore_eos), output_kind=RequestOutputKind.FINAL_ONLY)
+        base = self.defaults if r.temperature is None else {}
+        params = SamplingParams(**{**base, **_sampling(r, self.ignore_eos)}, output_kind=RequestOutputKind.FINAL_ONLY)
         self._ids += 1
+        slot = self._pick(least_busy)
+        if self.dp > 1:  # one engine of dp ranks: pin the rank only when measuring a subset
+            engine, extra = self.engine, ({"data_parallel_rank": slot} if self.active < self.dp else {})
+            slot = 0
+        else:
+            engine, extra = self.engines[slot], {}
+        self._in_flight[slot] += 1
         final = None
-        async for out in self.engine.generate(prompt, params, f"bench-{self._ids}"):
-            final = out
+        try:
+            async for out in engine.generate(prompt, params, f"bench-{self._ids}", **extra):
+                final = out
+        finally:
+            self._in_flight[slot] -= 1
         n = len(final.outputs[0].token_ids)
         self._out_tokens += n
         return n
@@ -161,7 +238,7 @@ class RawAsync(Driver):
 
             async def one(r):
                 async with gate:
-                    return await self._one(r)
+                    return await self._one(r, least_busy=True)
 
             return await asyncio.gather(*[one(r) for r in requests])
 
@@ -172,7 +249,8 @@ class RawAsync(Driver):
 
     def close(self) -> None:
         async def stop():
-            self.engine.shutdown()
+            for engine in self.engines:
+                engine.shutdown()
             # The engine's own output tasks: cancel them inside the loop, not at its death.
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
@@ -185,7 +263,8 @@ class RawAsync(Driver):
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
-        del self.engine
+        self.engines = []
+        self.engine = None
         gc.collect()
 
 
@@ -361,10 +440,11 @@ class Http(Driver):
 
 class Ours(Driver):
     """vllm-dspy-adapter: ``vLLMOffline`` (one engine, optionally tensor parallel)
-    or ``vLLMOfflineMultiGPU`` (N replicas under a routing policy)."""
+    or ``vLLMOfflineMultiGPU`` (N replicas, ``replicas_per_gpu`` each, under a routing policy)."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], *, n: int, routing: str | None, tp: bool,
-                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None, backend: str = "local"):
+                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None, backend: str = "local",
+                 replicas_per_gpu: int = 1):
         from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
 
         common = dict(cache=False, sampling_params={"ignore_eos": True} if ignore_eos else None,
@@ -374,19 +454,37 @@ class Ours(Driver):
         elif routing is None:
             self.lm = vLLMOffline(model=model, **common)
         else:
-            place = {"num_gpus": n} if on_gpu else {"num_replicas": n}
+            if not on_gpu:
+                place = {"num_replicas": n * replicas_per_gpu}
+            elif replicas_per_gpu > 1:
+                place = {"num_gpus": n, "replicas_per_gpu": replicas_per_gpu}
+            else:
+                place = {"num_gpus": n}
             self.lm = vLLMOfflineMultiGPU(model=model, **place, routing=routing, backend=backend, **common)
         self.dspy_lm = self.lm
         self.replicas = len(self.lm.stats())
+        self._router = None
+
+    def set_active(self, k: int) -> None:
+        if k == self.replicas:
+            if self._router is not None:
+                _set_router(self.lm, self._router)
+            return
+        if not 1 <= k <= self.replicas:
+            raise ValueError(f"ours has {self.replicas} replicas, cannot use {k}")
+        if self._router is None:
+            self._router = _router_of(self.lm)
+        _set_router(self.lm, SubsetRouter(self._router, k))
 
     def _prompt(self, r: Request):
         return {"prompt_token_ids": r.token_ids} if r.token_ids is not None else r.messages
 
     def batch(self, requests: list[Request]) -> BatchResult:
         poller = _IdlePoller(self.lm) if self.replicas > 1 else None
+        temperature = {"temperature": requests[0].temperature} if requests and requests[0].temperature is not None else {}
         # Each request's own max_tokens (W2's long-tailed lengths), through the public API.
         outs = self.lm.batch_generate([self._prompt(r) for r in requests], progress=False, return_outputs=True,
-                                      per_prompt=[{"max_tokens": r.max_tokens} for r in requests], temperature=0.0)
+                                      per_prompt=[{"max_tokens": r.max_tokens} for r in requests], **temperature)
         end = time.monotonic()
         result = BatchResult(output_tokens=sum(o.num_output_tokens for o in outs))
         if poller is not None:
@@ -399,6 +497,15 @@ class Ours(Driver):
 
     def close(self) -> None:
         self.lm.shutdown()
+
+
+# The one place that reaches into the LM for its router (benchmark-only: --subsets).
+def _router_of(lm):
+    return lm._runtime.pool.router
+
+
+def _set_router(lm, router) -> None:
+    lm._runtime.pool.router = router
 
 
 class _IdlePoller:
