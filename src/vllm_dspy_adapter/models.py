@@ -316,3 +316,29 @@ def _check_folder(out: Path, required: tuple[str, ...]) -> None:
     missing = [name for name in required if not (out / name).exists()]
     if missing:
         raise RuntimeError(f"preparing {out} wrote no {', '.join(missing)}")
+
+
+# --------------------------------------------------------------------------- #
+# Memory of a model folder (for replicas sharing a GPU)
+# --------------------------------------------------------------------------- #
+
+
+def estimate_memory(model: str, dtype_bytes: int = 2) -> tuple[int, int] | None:
+    """``(weight bytes, KV cache bytes per token)`` of a decoder-only model, from its local
+    ``config.json`` (16-bit weights by default); None when the folder or the numbers are
+    not there (a hub id, an unusual architecture). An estimate: embeddings, attention and
+    a gated MLP per layer, the output head unless tied."""
+    try:
+        with open(os.path.join(os.path.expanduser(model), "config.json")) as fh:
+            cfg = json.load(fh)
+        cfg = cfg.get("text_config", cfg)
+        hidden, layers, vocab = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        inter = int(cfg["intermediate_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    params = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2) + layers * (attention + 3 * hidden * inter)
+    return params * dtype_bytes, 2 * layers * kv_heads * head_dim * dtype_bytes
