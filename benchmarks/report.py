@@ -296,20 +296,61 @@ def write(out_dir: str, rows: list[dict[str, Any]], settings: dict[str, Any] | N
     with open(os.path.join(out_dir, "results.json"), "w") as fh:
         json.dump({"devices": devices, "settings": settings, "rows": rows, "targets": goals}, fh, indent=2)
     plot(rows, os.path.join(out_dir, "throughput.png"), title=", ".join(devices))
+    if any(r["workload"].startswith("W5") for r in rows):
+        plot_w5(rows, os.path.join(out_dir, "w5.png"), title=", ".join(devices))
     return (f"device: {', '.join(devices) or '?'}\n" + table(rows) + "\n\n" + targets_text(goals))
 
 
+def plot_w5(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """W5: requests/s against replicas per GPU, one panel per (shape, sampler), one line per
+    system and way of submitting (every request at once, or N calls in flight)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("ok") and r["workload"].startswith("W5") and r.get("req_s")]
+    groups = sorted({" ".join(w for w in r["variant"].split() if not w.startswith(("k=", "threads="))) for r in ok})
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        lines: dict[str, dict[int, float]] = {}
+        for r in ok:
+            words = r["variant"].split()
+            if " ".join(w for w in words if not w.startswith(("k=", "threads="))) != group:
+                continue
+            how = next((w for w in words if w.startswith("threads=")), "all at once")
+            lines.setdefault(f"{r['label']}, {how}", {})[int(r.get("replicas_per_gpu", 1))] = r["req_s"]
+        for name in sorted(lines):
+            xs = sorted(lines[name])
+            ax.plot(xs, [lines[name][x] for x in xs], marker="o",
+                    linestyle="-" if name.startswith("ours") else "--", label=name)
+        ax.set_title(f"W5 {group}")
+        ax.set_xlabel("replicas (engines) per GPU")
+        ax.set_ylabel("requests/s")
+        ax.set_xticks(sorted({int(r.get("replicas_per_gpu", 1)) for r in ok}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def load_rows(paths: list[str]) -> list[dict[str, Any]]:
-    """Rows from results.jsonl files (or folders holding one); later rows replace earlier ones of the same key."""
+    """Rows from results.jsonl or results.json files (or folders holding one); later rows
+    replace earlier ones of the same key."""
     merged: dict[tuple, dict[str, Any]] = {}
     for path in paths:
         if os.path.isdir(path):
-            path = os.path.join(path, "results.jsonl")
+            jsonl = os.path.join(path, "results.jsonl")
+            path = jsonl if os.path.exists(jsonl) else os.path.join(path, "results.json")
         with open(path) as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    merged[key(row)] = row
+            if path.endswith(".json"):
+                rows = json.load(fh)["rows"]
+            else:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        for row in rows:
+            merged[key(row)] = row
     return list(merged.values())
 
 
