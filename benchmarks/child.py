@@ -85,7 +85,9 @@ def start_driver(settings: Settings, job: dict[str, Any], phase: str, model: str
     if system == "reference":
         return systems.Reference(model, kw, n=n, on_gpu=settings.on_gpu, ignore_eos=ignore_eos, lm_kwargs=lm_kwargs)
     if system == "http":
-        return systems.Http(model, kw, dp=n, ignore_eos=ignore_eos, start_timeout=settings.server_start_timeout_s,
+        from .systems_http import Http
+
+        return Http(model, kw, dp=n, ignore_eos=ignore_eos, start_timeout=settings.server_start_timeout_s,
                             lm_kwargs=lm_kwargs)
     if system in ("ours", "tp", "ray"):
         if system == "tp" and not settings.on_gpu:
