@@ -211,3 +211,29 @@ def test_prefix_affinity_holds_with_replicas_sharing_gpus():
         assert sorted(held) == [0, 0, 6, 6] and held[2:] == [0, 0]
     finally:
         pool.close()
+
+
+def test_stats_has_one_row_per_replica_with_its_slot_in_the_device():
+    pool, _ = pool_of(["cuda:0#0", "cuda:1#0", "cuda:0#1", "cuda:1#1"], LeastLoadedRouter(), spill_at=256)
+    try:
+        assert [(row["replica"], row["device"]) for row in pool.stats()] == [
+            (0, "cuda:0#0"), (1, "cuda:1#0"), (2, "cuda:0#1"), (3, "cuda:1#1")]
+    finally:
+        pool.close()
+
+
+def test_the_lm_splits_the_users_total_and_checks_the_model_from_its_config(tmp_path, monkeypatch):
+    import json
+
+    from vllm_dspy_adapter import lm, placement
+    from vllm_dspy_adapter.models import estimate_memory
+
+    qwen3_8b = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(json.dumps(qwen3_8b))
+    weights, kv_per_token = estimate_memory(str(tmp_path))
+    assert round(weights / 2 / 1e9, 2) == 8.19 and kv_per_token == 2 * 36 * 8 * 128 * 2  # Qwen3-8B: 8.19B params
+    monkeypatch.setattr(placement, "gpu_memory_bytes", lambda: 141 * 2**30)
+    assert lm._replica_share(str(tmp_path), 0.8, 2, {"max_model_len": 4096}) == 0.4
+    with pytest.raises(ConfigurationError, match="replicas_per_gpu=8"):
+        lm._replica_share(str(tmp_path), None, 8, {"max_model_len": 4096})
