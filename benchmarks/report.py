@@ -112,6 +112,41 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             me = idx.get(("ours-prefix", n, "W3", v))
             add(f"W3 ours-prefix N={n} / ours-round_robin", me, idx.get(("ours-round_robin", n, "W3", v)), 1.3)
             add(f"W3 ours-prefix N={n} / reference static split", me, idx.get(("reference", n, "W3", v)), 1.0)
+    out += w5_targets(rows)
+    return out
+
+
+def w5_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 13: ours with k replicas per GPU against ours with one (same shape, sampler, N):
+    the best k >= 1.5x on batch work; every k loses nothing (>= 1.0x) with 64 calls in flight."""
+    out = []
+    ours = [r for r in rows if r.get("ok") and r["label"] == "ours" and r["workload"].startswith("W5")]
+
+    def group(r):  # the variant without its k: "0.6b torch k=2 threads=64" -> ("0.6b torch", "threads=64")
+        words = r["variant"].split()
+        return r["gpus"], r["workload"], " ".join(w for w in words if not w.startswith(("k=", "threads="))), \
+            " ".join(w for w in words if w.startswith("threads="))
+
+    by_group: dict[tuple, dict[int, dict]] = {}
+    for r in ours:
+        by_group.setdefault(group(r), {})[r.get("replicas_per_gpu", 1)] = r
+    for (n, workload, what, threads), per_k in sorted(by_group.items()):
+        one = per_k.get(1)
+        if one is None or len(per_k) < 2:
+            continue
+        name = f"{workload} {what} {threads}".strip() + f" N={n}"
+        if workload == "W5-batch":
+            k, best = max(((k, r) for k, r in per_k.items() if k > 1), key=lambda kr: _metric(kr[1]) or 0)
+            value = _ratio(_metric(best), _metric(one))
+            if value is not None:
+                out.append({"target": f"{name}: best k={k} / k=1", "ratio": round(value, 3), "threshold": 1.5,
+                            "pass": value >= 1.5, "note": ""})
+        elif threads == "threads=64":
+            for k, r in sorted(per_k.items()):
+                value = _ratio(_metric(r), _metric(one))
+                if k > 1 and value is not None:
+                    out.append({"target": f"{name}: k={k} / k=1", "ratio": round(value, 3), "threshold": 1.0,
+                                "pass": value >= 1.0, "note": "low concurrency loses nothing"})
     return out
 
 
@@ -122,7 +157,7 @@ def _fmt(x: float | None, digits: int = 1) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """One table: system, workload, GPUs, requests/s, output tokens/s, ratio vs the ceiling."""
     idx = _index(rows)
-    order = {"W1": 0, "W2-threads": 1, "W2-batch": 2, "W3": 3, "W4": 4}
+    order = {"W1": 0, "W2-threads": 1, "W2-batch": 2, "W3": 3, "W4": 4, "W5-batch": 5, "W5-threads": 6}
     system_order = {"raw-llm": 0, "raw-async": 1, "reference": 2, "http": 3, "ours": 4, "ray": 6, "tp": 9}
 
     def sort_key(r):
@@ -261,20 +296,61 @@ def write(out_dir: str, rows: list[dict[str, Any]], settings: dict[str, Any] | N
     with open(os.path.join(out_dir, "results.json"), "w") as fh:
         json.dump({"devices": devices, "settings": settings, "rows": rows, "targets": goals}, fh, indent=2)
     plot(rows, os.path.join(out_dir, "throughput.png"), title=", ".join(devices))
+    if any(r["workload"].startswith("W5") for r in rows):
+        plot_w5(rows, os.path.join(out_dir, "w5.png"), title=", ".join(devices))
     return (f"device: {', '.join(devices) or '?'}\n" + table(rows) + "\n\n" + targets_text(goals))
 
 
+def plot_w5(rows: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """W5: requests/s against replicas per GPU, one panel per (shape, sampler), one line per
+    system and way of submitting (every request at once, or N calls in flight)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("ok") and r["workload"].startswith("W5") and r.get("req_s")]
+    groups = sorted({" ".join(w for w in r["variant"].split() if not w.startswith(("k=", "threads="))) for r in ok})
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 5), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        lines: dict[str, dict[int, float]] = {}
+        for r in ok:
+            words = r["variant"].split()
+            if " ".join(w for w in words if not w.startswith(("k=", "threads="))) != group:
+                continue
+            how = next((w for w in words if w.startswith("threads=")), "all at once")
+            lines.setdefault(f"{r['label']}, {how}", {})[int(r.get("replicas_per_gpu", 1))] = r["req_s"]
+        for name in sorted(lines):
+            xs = sorted(lines[name])
+            ax.plot(xs, [lines[name][x] for x in xs], marker="o",
+                    linestyle="-" if name.startswith("ours") else "--", label=name)
+        ax.set_title(f"W5 {group}")
+        ax.set_xlabel("replicas (engines) per GPU")
+        ax.set_ylabel("requests/s")
+        ax.set_xticks(sorted({int(r.get("replicas_per_gpu", 1)) for r in ok}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def load_rows(paths: list[str]) -> list[dict[str, Any]]:
-    """Rows from results.jsonl files (or folders holding one); later rows replace earlier ones of the same key."""
+    """Rows from results.jsonl or results.json files (or folders holding one); later rows
+    replace earlier ones of the same key."""
     merged: dict[tuple, dict[str, Any]] = {}
     for path in paths:
         if os.path.isdir(path):
-            path = os.path.join(path, "results.jsonl")
+            jsonl = os.path.join(path, "results.jsonl")
+            path = jsonl if os.path.exists(jsonl) else os.path.join(path, "results.json")
         with open(path) as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    merged[key(row)] = row
+            if path.endswith(".json"):
+                rows = json.load(fh)["rows"]
+            else:
+                rows = [json.loads(line) for line in fh if line.strip()]
+        for row in rows:
+            merged[key(row)] = row
     return list(merged.values())
 
 

@@ -23,12 +23,21 @@ from .child import MARK
 from .options import Settings, parse_settings
 
 
-def plan(settings: Settings, model: str, w4_model: str | None) -> list[dict[str, Any]]:
-    """Jobs: system x N (x routing), each with phases of items (one engine start per phase)."""
+def plan(settings: Settings, model: str, w4_model: str | None,
+         w5_models: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Jobs: system x N (x routing), each with phases of items (one engine start per phase).
+
+    With ``--subsets``, ours and raw-async start once at the largest N and every smaller N of
+    ``--gpus`` is an item (``active``) measured on the same engines."""
     jobs = []
     wls = set(settings.workloads)
     for system in settings.systems:
         for n in settings.gpus:
+            subset_sizes = [n]
+            if settings.subsets and system in ("ours", "raw-async"):
+                if n != max(settings.gpus):
+                    continue
+                subset_sizes = sorted(settings.gpus)
             if system == "raw-llm" and n != 1:
                 continue  # LLM.generate is the single-GPU ceiling
             if n == 1 and (system == "tp" or system not in settings.single_gpu_systems):
@@ -41,15 +50,17 @@ def plan(settings: Settings, model: str, w4_model: str | None) -> list[dict[str,
                 variants = [(None, system)]
             for routing, label in variants:
                 main: list[dict[str, Any]] = []
-                if "w1" in wls:
-                    main.append({"workload": "W1"})
-                if "w2" in wls:
-                    if system != "raw-llm":
-                        for t in settings.w2_threads:
-                            main.append({"workload": "W2-threads", "variant": f"threads={t}", "threads": t,
-                                         "percall": system == "reference"})
-                    if system != "http":
-                        main.append({"workload": "W2-batch"})
+                for k in subset_sizes:
+                    active = {"active": k} if len(subset_sizes) > 1 else {}
+                    if "w1" in wls:
+                        main.append({"workload": "W1", **active})
+                    if "w2" in wls:
+                        if system != "raw-llm":
+                            for t in settings.w2_threads:
+                                main.append({"workload": "W2-threads", "variant": f"threads={t}", "threads": t,
+                                             "percall": system == "reference", **active})
+                        if system != "http":
+                            main.append({"workload": "W2-batch", **active})
                 w3 = [{"workload": "W3", "variant": settings.w3_order}] if "w3" in wls else []
                 phases = []
                 if settings.w3_kv_prefixes > 0 and w3:
@@ -63,17 +74,66 @@ def plan(settings: Settings, model: str, w4_model: str | None) -> list[dict[str,
                                    "items": [{"workload": "W4", "variant": f"threads={settings.w4_threads}"}]})
                 if phases:
                     jobs.append({"system": system, "label": label, "gpus": n, "routing": routing, "phases": phases})
+    if "w5" in wls:
+        jobs += plan_w5(settings, w5_models or {})
     return jobs
 
 
+def plan_w5(settings: Settings, models: dict[str, str]) -> list[dict[str, Any]]:
+    """W5 jobs: (ours, raw-async) x N x replicas per GPU; one phase (engine start) per model
+    shape and sampler. With ``--subsets`` one job per system at the largest replicas per GPU,
+    measuring each smaller count on it."""
+    from .options import SAMPLERS, W5_SYSTEMS
+
+    jobs = []
+    counts = sorted(settings.replicas_per_gpu)
+    for system in [s for s in settings.systems if s in W5_SYSTEMS]:
+        for n in settings.gpus:
+            if system == "raw-async" and n != 1 and max(counts) > 1:
+                continue  # several AsyncLLM engines per GPU: one GPU only
+            for k in ([counts[-1]] if settings.subsets else counts):
+                measured = [c for c in counts if c <= k] if settings.subsets else [k]
+                phases = []
+                for shape in settings.w5_shapes:
+                    for sampler in settings.w5_samplers:
+                        items = []
+                        for c in measured:
+                            tag = f"{shape} {sampler} k={c}"
+                            active = {"active": c * n} if len(measured) > 1 else {}
+                            if settings.w5_batch:
+                                items.append({"workload": "W5-batch", "variant": tag, "replicas_per_gpu": c,
+                                              **active})
+                            for t in settings.w5_threads:
+                                items.append({"workload": "W5-threads", "variant": f"{tag} threads={t}",
+                                              "threads": t, "replicas_per_gpu": c, **active})
+                        if settings.profile_s > 0 and not phases and items and items[0]["workload"] == "W5-batch" \
+                                and items[0]["replicas_per_gpu"] == 1:
+                            items[0]["profile"] = True  # where one engine's time goes: the first batch run
+                        phases.append({"name": "w5", "model": models.get(shape), "shape": shape,
+                                       "env": {"VLLM_USE_FLASHINFER_SAMPLER": SAMPLERS[sampler]}, "items": items})
+                routing = None if (n == 1 and k == 1) else settings.routings[0]
+                jobs.append({"system": system, "label": system, "gpus": n, "routing": routing,
+                             "replicas_per_gpu": k, "phases": phases})
+    return jobs
+
+
+def row_gpus(job: dict[str, Any], item: dict[str, Any]) -> int:
+    """A row's N: the job's GPUs, or the subset measured (W5 subsets count replicas, not GPUs)."""
+    if "active" in item and not item["workload"].startswith("W5"):
+        return item["active"]
+    return job["gpus"]
+
+
 def expected_rows(job: dict[str, Any]) -> list[tuple]:
-    return [(job["label"], job["gpus"], it["workload"], it.get("variant", ""))
+    return [(job["label"], row_gpus(job, it), it["workload"], it.get("variant", ""))
             for ph in job["phases"] for it in ph["items"]]
 
 
-def resolve_models(settings: Settings) -> tuple[str, str | None]:
-    """The throughput model and W4's model, prepared here once so children don't race."""
-    from vllm_dspy_adapter.models import benchmark_model_path, resolve_model
+def resolve_models(settings: Settings) -> tuple[str, str | None, dict[str, str]]:
+    """The throughput model, W4's model and W5's (by shape), prepared here once so children don't race."""
+    from vllm_dspy_adapter.models import resolve_model
+
+    from .bench_models import benchmark_model_path
 
     if settings.model:
         model = settings.model
@@ -83,13 +143,18 @@ def resolve_models(settings: Settings) -> tuple[str, str | None]:
         from .smoke_model import tiny_model_path
 
         model = tiny_model_path()
+    w5_models: dict[str, str] = {}
+    if "w5" in settings.workloads:
+        for shape in settings.w5_shapes:
+            # On CPU every shape is the tiny smoke model: the code path, not the speed.
+            w5_models[shape] = benchmark_model_path(shape=shape) if settings.on_gpu and not settings.model else model
     w4_model = None
     if "w4" in settings.workloads:
         try:
             w4_model = resolve_model(settings.w4_model)
         except Exception as exc:  # e.g. the default model's package is absent on the GPU machine
             print(f"W4 skipped: no W4 model ({exc})", file=sys.stderr)
-    return model, w4_model
+    return model, w4_model, w5_models
 
 
 class ChildRun:
@@ -170,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.time() + settings.budget_s
     out = settings.out
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    model, w4_model = resolve_models(settings)
-    jobs = plan(settings, model, w4_model)
+    model, w4_model, w5_models = resolve_models(settings)
+    jobs = plan(settings, model, w4_model, w5_models)
     settings_path = os.path.join(out, "settings.json")
     with open(settings_path, "w") as fh:
         fh.write(settings.to_json())

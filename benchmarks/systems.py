@@ -9,7 +9,8 @@ A driver is started with a model and engine arguments and offers some of:
   concurrency as DSPy's threads (the W2 ceiling);
 - ``output_tokens()``: cumulative output tokens as the engines counted them.
 
-Only vLLM APIs present in both 0.26 and 0.32 are used: ``LLM.generate``,
+The HTTP peer (``vllm serve``) is in systems_http.py. Only vLLM APIs present in
+both 0.26 and 0.32 are used: ``LLM.generate``,
 ``SamplingParams``, ``TokensPrompt``, ``AsyncEngineArgs``,
 ``AsyncLLM.from_engine_args(..., usage_context=)`` and ``AsyncLLM.generate``.
 """
@@ -18,20 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
 from .workloads import Request
-
-SERVED_NAME = "bench"
-
 
 @dataclass
 class BatchResult:
@@ -45,7 +38,26 @@ def render_chat(tokenizer, messages) -> str:
 
 
 def _sampling(r: Request, ignore_eos: bool) -> dict[str, Any]:
-    return {"max_tokens": r.max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+    """The request's own settings; with ``temperature=None`` the model's generation config decides."""
+    out = {"max_tokens": r.max_tokens, "ignore_eos": ignore_eos}
+    if r.temperature is not None:
+        out["temperature"] = r.temperature
+    return out
+
+
+class SubsetRouter:
+    """Routes only to replicas ``< k`` with ``base``'s policy: measures k replicas on engines
+    started once for more (``--subsets``)."""
+
+    def __init__(self, base, k: int):
+        self.base, self.k = base, k
+        self.name = f"{base.name}[<{k}]"
+
+    def choose(self, prompt, loads):
+        return self.base.choose(prompt, [load for load in loads if load.index < self.k])
+
+    def __getattr__(self, name):  # anything else the pool asks of its router (forget, ...)
+        return getattr(self.base, name)
 
 
 class Driver:
@@ -55,7 +67,13 @@ class Driver:
 
     def dspy_call(self, r: Request):
         """One DSPy call, as a DSPy thread makes it."""
-        return self.dspy_lm(messages=r.messages, max_tokens=r.max_tokens, temperature=0.0)
+        extra = {} if r.temperature is None else {"temperature": r.temperature}
+        return self.dspy_lm(messages=r.messages, max_tokens=r.max_tokens, **extra)
+
+    def set_active(self, k: int) -> None:
+        """Serve the next runs with the first ``k`` replicas (engines) only (``--subsets``)."""
+        if k != 1:
+            raise NotImplementedError(f"{type(self).__name__} cannot be restricted to {k} replicas")
 
     def batch(self, requests: list[Request]) -> BatchResult:
         raise NotImplementedError
@@ -101,49 +119,101 @@ class RawLLM(Driver):
 # ------------------------------------------------------------------- raw AsyncLLM
 
 class RawAsync(Driver):
-    """``AsyncLLM`` with ``data_parallel_size=N`` and vLLM's own balancer: the ceiling."""
+    """``AsyncLLM`` with ``data_parallel_size=N`` and vLLM's own balancer: the ceiling.
 
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool):
+    With ``engines_per_gpu=k > 1`` (W5, one GPU): k separate ``AsyncLLM`` engines sharing the
+    GPU, each with ``gpu_memory_utilization`` = total / k, started one after another (each
+    one's memory profiling sees the others); requests go round-robin (every request at once)
+    or to the engine with the fewest in flight (bounded concurrency)."""
+
+    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool,
+                 engines_per_gpu: int = 1):
+        if engines_per_gpu > 1 and dp > 1:
+            raise ValueError("raw-async with several engines per GPU runs on one GPU (N=1)")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="raw-async-loop", daemon=True)
         self.thread.start()
         self.ignore_eos = ignore_eos
+        self.dp = dp
         self._ids = 0
         self._out_tokens = 0
+        kwargs = dict(engine_kwargs)
+        kwargs.setdefault("disable_log_stats", True)
+        if dp > 1:
+            kwargs["data_parallel_size"] = dp
+        if engines_per_gpu > 1 and "kv_cache_memory_bytes" not in kwargs:
+            kwargs["gpu_memory_utilization"] = kwargs.get("gpu_memory_utilization", 0.9) / engines_per_gpu
 
         async def create():
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            kwargs = dict(engine_kwargs)
-            kwargs.setdefault("disable_log_stats", True)
-            if dp > 1:
-                kwargs["data_parallel_size"] = dp
             # LLM_CLASS: the same batch-size defaults as LLM and the adapter's engines.
             return AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **kwargs),
                                              usage_context=UsageContext.LLM_CLASS)
 
-        self.engine = self._run(create())
+        self.engines = []
+        try:
+            for _ in range(engines_per_gpu):  # one after another: each profiles memory beside the others
+                self.engines.append(self._run(create()))
+        except BaseException:
+            self.close()
+            raise
+        self.engine = self.engines[0]
+        self.active = len(self.engines) if dp == 1 else dp
+        self._in_flight = [0] * len(self.engines)
+        self._rr = 0
+        try:  # the model's generation-config sampling defaults, as the adapter applies them
+            self.defaults = dict(self.engine.model_config.get_diff_sampling_param() or {})
+        except Exception:
+            self.defaults = {}
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
 
+    def set_active(self, k: int) -> None:
+        limit = self.dp if self.dp > 1 else len(self.engines)
+        if not 1 <= k <= limit:
+            raise ValueError(f"raw-async has {limit} engines/ranks, cannot use {k}")
+        self.active = k
+
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    async def _one(self, r: Request) -> int:
+    def _pick(self, least_busy: bool) -> int:
+        if least_busy:
+            counts = self._in_flight[:self.active]
+            low = min(counts)
+            tied = [i for i, c in enumerate(counts) if c == low]
+            self._rr += 1
+            return tied[self._rr % len(tied)]
+        self._rr += 1
+        return self._rr % self.active
+
+    async def _one(self, r: Request, least_busy: bool = False) -> int:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         prompt = (TokensPrompt(prompt_token_ids=r.token_ids) if r.token_ids is not None
                   else render_chat(self.tokenizer, r.messages))
-        params = SamplingParams(**_sampling(r, self.ignore_eos), output_kind=RequestOutputKind.FINAL_ONLY)
+        base = self.defaults if r.temperature is None else {}
+        params = SamplingParams(**{**base, **_sampling(r, self.ignore_eos)}, output_kind=RequestOutputKind.FINAL_ONLY)
         self._ids += 1
+        slot = self._pick(least_busy)
+        if self.dp > 1:  # one engine of dp ranks: pin the rank only when measuring a subset
+            engine, extra = self.engine, ({"data_parallel_rank": slot} if self.active < self.dp else {})
+            slot = 0
+        else:
+            engine, extra = self.engines[slot], {}
+        self._in_flight[slot] += 1
         final = None
-        async for out in self.engine.generate(prompt, params, f"bench-{self._ids}"):
-            final = out
+        try:
+            async for out in engine.generate(prompt, params, f"bench-{self._ids}", **extra):
+                final = out
+        finally:
+            self._in_flight[slot] -= 1
         n = len(final.outputs[0].token_ids)
         self._out_tokens += n
         return n
@@ -161,7 +231,7 @@ class RawAsync(Driver):
 
             async def one(r):
                 async with gate:
-                    return await self._one(r)
+                    return await self._one(r, least_busy=True)
 
             return await asyncio.gather(*[one(r) for r in requests])
 
@@ -172,7 +242,8 @@ class RawAsync(Driver):
 
     def close(self) -> None:
         async def stop():
-            self.engine.shutdown()
+            for engine in self.engines:
+                engine.shutdown()
             # The engine's own output tasks: cancel them inside the loop, not at its death.
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
@@ -185,7 +256,8 @@ class RawAsync(Driver):
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
-        del self.engine
+        self.engines = []
+        self.engine = None
         gc.collect()
 
 
@@ -220,151 +292,15 @@ class Reference(Driver):
         self.ref.shutdown()
 
 
-# ------------------------------------------------------------------------ HTTP
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def engine_cli_args(engine_kwargs: dict[str, Any]) -> list[str]:
-    """Engine keyword arguments as `vllm serve` flags."""
-    import json
-
-    out: list[str] = []
-    for key, value in engine_kwargs.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is False:
-            out.append("--no-" + key.replace("_", "-"))
-        elif isinstance(value, (dict, list)):
-            out += [flag, json.dumps(value)]
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
-
-
-class Http(Driver):
-    """``vllm serve MODEL --data-parallel-size N`` on loopback, and
-    ``dspy.LM("hosted_vllm/...")`` (W2/W4) or async /v1/completions (W1/W3)."""
-
-    def __init__(self, model: str, engine_kwargs: dict[str, Any], *, dp: int, ignore_eos: bool,
-                 start_timeout: float, lm_kwargs: dict[str, Any] | None = None):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.ignore_eos = ignore_eos
-        cmd = [sys.executable, "-m", "benchmarks.serve_shim", "serve", model, "--served-model-name", SERVED_NAME,
-               "--host", "127.0.0.1", "--port", str(self.port), "--disable-uvicorn-access-log",
-               *engine_cli_args({**engine_kwargs, **({"data_parallel_size": dp} if dp > 1 else {})})]
-        print("http: " + " ".join(cmd), flush=True)
-        # Its own session, so close() can stop the server and its engine processes together.
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
-        try:
-            self._wait_healthy(start_timeout)
-        except BaseException:
-            self.close()
-            raise
-        import dspy
-
-        self.dspy_lm = dspy.LM(f"hosted_vllm/{SERVED_NAME}", api_base=self.base + "/v1", api_key="EMPTY",
-                               cache=False, **{"temperature": 0.0, **(lm_kwargs or {})})
-        self._out_tokens = 0
-        self._count_lock = threading.Lock()
-
-    def dspy_call(self, r: Request):
-        """DSPy's native OpenAI-compatible path, with vLLM's ``ignore_eos`` in the body.
-
-        ``ignore_eos`` is not an OpenAI field, so ``lm(messages=..., extra_body=...)``
-        would send the call to LiteLLM, which the GPU kit leaves out; a typed lm15
-        Request carries it in ``config.extensions`` through the same native engine
-        that ``lm(messages=...)`` uses. The conversion runs here, inside the
-        measured call, as DSPy's own conversion would.
-        """
-        import dataclasses
-
-        from dspy import lm15
-
-        request = lm15.request_from_openai_chat({"model": self.dspy_lm.model, "messages": r.messages,
-                                                 "max_tokens": r.max_tokens, "temperature": 0.0})
-        if self.ignore_eos:
-            request = dataclasses.replace(request, config=dataclasses.replace(
-                request.config, extensions={**(request.config.extensions or {}), "ignore_eos": True}))
-        response = self.dspy_lm(request)
-        with self._count_lock:
-            self._out_tokens += int(getattr(response.usage, "output_tokens", 0) or 0)
-        return [response.text]
-
-    def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.proc.returncode} during start")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1.0)
-        raise TimeoutError(f"vllm serve not healthy after {timeout:.0f} s")
-
-    def batch(self, requests: list[Request]) -> BatchResult:
-        import aiohttp
-
-        url = self.base + "/v1/completions"
-
-        async def all_at_once():
-            connector = aiohttp.TCPConnector(limit=1024)
-            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
-                async def one(r: Request) -> int:
-                    body = {"model": SERVED_NAME, "prompt": r.token_ids, **_sampling(r, self.ignore_eos)}
-                    async with s.post(url, json=body) as resp:
-                        data = await resp.json()
-                        if resp.status != 200:
-                            raise RuntimeError(f"HTTP {resp.status}: {str(data)[:300]}")
-                        return int(data["usage"]["completion_tokens"])
-
-                return await asyncio.gather(*[one(r) for r in requests])
-
-        return BatchResult(output_tokens=sum(asyncio.run(all_at_once())))
-
-    def output_tokens(self) -> int:
-        """The server's own count (every engine, every path); the client's count if /metrics fails."""
-        try:
-            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return self._out_tokens
-        name = "vllm:generation_tokens_total"
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ")]
-        return int(sum(values)) if values else self._out_tokens
-
-    def close(self) -> None:
-        import signal
-
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGINT)
-                self.proc.wait(timeout=60)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=30)
-
-
 # ------------------------------------------------------------------------ ours
 
 class Ours(Driver):
     """vllm-dspy-adapter: ``vLLMOffline`` (one engine, optionally tensor parallel)
-    or ``vLLMOfflineMultiGPU`` (N replicas under a routing policy)."""
+    or ``vLLMOfflineMultiGPU`` (N replicas, ``replicas_per_gpu`` each, under a routing policy)."""
 
     def __init__(self, model: str, engine_kwargs: dict[str, Any], *, n: int, routing: str | None, tp: bool,
-                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None, backend: str = "local"):
+                 on_gpu: bool, ignore_eos: bool, lm_kwargs: dict[str, Any] | None = None, backend: str = "local",
+                 replicas_per_gpu: int = 1):
         from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
 
         common = dict(cache=False, sampling_params={"ignore_eos": True} if ignore_eos else None,
@@ -374,19 +310,37 @@ class Ours(Driver):
         elif routing is None:
             self.lm = vLLMOffline(model=model, **common)
         else:
-            place = {"num_gpus": n} if on_gpu else {"num_replicas": n}
+            if not on_gpu:
+                place = {"num_replicas": n * replicas_per_gpu}
+            elif replicas_per_gpu > 1:
+                place = {"num_gpus": n, "replicas_per_gpu": replicas_per_gpu}
+            else:
+                place = {"num_gpus": n}
             self.lm = vLLMOfflineMultiGPU(model=model, **place, routing=routing, backend=backend, **common)
         self.dspy_lm = self.lm
         self.replicas = len(self.lm.stats())
+        self._router = None
+
+    def set_active(self, k: int) -> None:
+        if k == self.replicas:
+            if self._router is not None:
+                _set_router(self.lm, self._router)
+            return
+        if not 1 <= k <= self.replicas:
+            raise ValueError(f"ours has {self.replicas} replicas, cannot use {k}")
+        if self._router is None:
+            self._router = _router_of(self.lm)
+        _set_router(self.lm, SubsetRouter(self._router, k))
 
     def _prompt(self, r: Request):
         return {"prompt_token_ids": r.token_ids} if r.token_ids is not None else r.messages
 
     def batch(self, requests: list[Request]) -> BatchResult:
         poller = _IdlePoller(self.lm) if self.replicas > 1 else None
+        temperature = {"temperature": requests[0].temperature} if requests and requests[0].temperature is not None else {}
         # Each request's own max_tokens (W2's long-tailed lengths), through the public API.
         outs = self.lm.batch_generate([self._prompt(r) for r in requests], progress=False, return_outputs=True,
-                                      per_prompt=[{"max_tokens": r.max_tokens} for r in requests], temperature=0.0)
+                                      per_prompt=[{"max_tokens": r.max_tokens} for r in requests], **temperature)
         end = time.monotonic()
         result = BatchResult(output_tokens=sum(o.num_output_tokens for o in outs))
         if poller is not None:
@@ -399,6 +353,15 @@ class Ours(Driver):
 
     def close(self) -> None:
         self.lm.shutdown()
+
+
+# The one place that reaches into the LM for its router (benchmark-only: --subsets).
+def _router_of(lm):
+    return lm._runtime.pool.router
+
+
+def _set_router(lm, router) -> None:
+    lm._runtime.pool.router = router
 
 
 class _IdlePoller:

@@ -1,4 +1,4 @@
-"""Request generators for W1-W4.
+"""Request generators for W1-W5.
 
 Every measured run draws fresh prompts from a seed made of (workload, run key),
 so two runs in one engine never share a prompt (vLLM's prefix cache would
@@ -34,11 +34,13 @@ class Request:
     token_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None
     group: int = -1  # W3: the candidate (shared prefix) index
+    # None: the model's generation config decides (W5 samples as a small-model user would).
+    temperature: float | None = 0.0
 
 
 @dataclass
 class Workload:
-    name: str  # "W1", "W2-threads", "W2-batch", "W3", "W4"
+    name: str  # "W1", "W2-threads", "W2-batch", "W3", "W4", "W5-batch", "W5-threads"
     requests: list[Request]
     variant: str = ""
     threads: int | None = None
@@ -151,6 +153,25 @@ def kv_bytes_per_token(model_path: str) -> int:
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     kv_heads = cfg.get("num_key_value_heads", heads)
     return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 2
+
+
+# --------------------------------------------------------------------------- W5
+
+def w5(tokenizer, settings, name: str, n_requests: int, run_key: str, threads: int | None = None) -> Workload:
+    """Small-model work: ``w5_prompt_len`` prompt tokens, ``w5_output_len`` output tokens, the
+    model's own sampling settings. W5-batch: random token ids, every request at once;
+    W5-threads: one user message of about as many words (a chat call, rendered and tokenized
+    by the system under test), at most ``threads`` in flight."""
+    rng = np.random.default_rng(seed_of("w5", settings.seed, run_key))
+    if name == "W5-batch":
+        ids = _random_ids(rng, tokenizer, (n_requests, settings.w5_prompt_len))
+        reqs = [Request(max_tokens=settings.w5_output_len, token_ids=row.tolist(), temperature=None) for row in ids]
+    else:
+        words = max(settings.w5_prompt_len - 16, 1)  # the chat template's own tokens make up the rest
+        reqs = [Request(max_tokens=settings.w5_output_len, temperature=None, messages=[
+            {"role": "user", "content": " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=words))}])
+            for _ in range(n_requests)]
+    return Workload(name, reqs, variant=f"threads={threads}" if threads else "", threads=threads)
 
 
 # --------------------------------------------------------------------------- W4

@@ -53,3 +53,25 @@ def test_benchmark_smoke(tmp_path):
 
     png = (out / "throughput.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.engine
+def test_benchmark_smoke_w5_replicas_per_gpu(tmp_path):
+    """W5 (small models): ours and raw AsyncLLM with 1 and 2 replicas (engines), measured on one
+    start of two (--subsets); batch and threads paths; the k=2 vs k=1 targets computed."""
+    out = tmp_path / "w5"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--workloads", "w5", "--systems",
+                           "ours,raw-async", "--gpus", "1", "--subsets", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + "\n" + proc.stderr[-6000:]
+    with open(out / "results.json") as fh:
+        results = json.load(fh)
+    rows = results["rows"]
+    assert {(r["label"], r["workload"], r["replicas_per_gpu"]) for r in rows} == {
+        (label, w, k) for label in ("ours", "raw-async") for w in ("W5-batch", "W5-threads") for k in (1, 2)}
+    for r in rows:
+        assert r["ok"], r
+        assert r["engines_started"] == 2
+        assert r["output_tokens"] == r["planned_output_tokens"] > 0, r
+    names = {t["target"] for t in results["targets"]}
+    assert any("W5-batch" in n and "best k=2 / k=1" in n for n in names), names

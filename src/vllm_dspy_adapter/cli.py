@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-gpus", type=int, default=None, help="GPUs to use (default: every visible GPU)")
     multi.add_argument("--num-replicas", type=int, default=None, help="CPU replicas on a machine without GPUs")
     multi.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica")
+    multi.add_argument("--replicas-per-gpu", type=int, default=1,
+                       help="replicas sharing each GPU (small models; --gpu-memory-utilization is the total per GPU)")
     multi.add_argument("--routing", choices=["prefix", "least_loaded", "round_robin"], default="prefix")
     multi.add_argument("--questions", type=int, default=64, help="questions in the evaluation")
     multi.add_argument("--threads", type=int, default=32, help="DSPy threads (in-flight calls)")
@@ -81,7 +83,7 @@ def _multigpu(args) -> int:
     started = time.monotonic()
     with vLLMOfflineMultiGPU(model=args.model, num_gpus=args.num_gpus, num_replicas=args.num_replicas,
                              tensor_parallel_size=args.tensor_parallel_size, routing=args.routing, cache=False,
-                             **_engine_kwargs(args)) as lm:
+                             replicas_per_gpu=args.replicas_per_gpu, **_engine_kwargs(args)) as lm:
         start_s = time.monotonic() - started
         dspy.configure(lm=lm)
         devset = arithmetic_devset(args.questions)

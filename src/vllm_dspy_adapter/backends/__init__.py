@@ -25,7 +25,8 @@ BACKENDS = ("local", "ray")
 
 def make_backend(name: str, *, num_gpus: int | None = None, gpus: Sequence[int] | None = None,
                  tensor_parallel_size: int = 1, num_replicas: int | None = None, ray_address: str | None = None,
-                 start_timeout: float | None = None, placement_timeout: float = 60.0) -> Backend:
+                 start_timeout: float | None = None, placement_timeout: float = 60.0,
+                 replicas_per_gpu: int = 1) -> Backend:
     """The backend by name ("inprocess", "local" or "ray"); placement errors surface here."""
     if name == "inprocess":
         from .inprocess import InProcessBackend
@@ -38,7 +39,7 @@ def make_backend(name: str, *, num_gpus: int | None = None, gpus: Sequence[int] 
 
         placements = plan_placement(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
                                     num_replicas=num_replicas, available_gpus=visible_gpu_count(),
-                                    cpu_count=os.cpu_count() or 1)
+                                    cpu_count=os.cpu_count() or 1, replicas_per_gpu=replicas_per_gpu)
         return ProcessBackend(placements, start_timeout)
     if name == "ray":
         try:
@@ -47,5 +48,5 @@ def make_backend(name: str, *, num_gpus: int | None = None, gpus: Sequence[int] 
             raise ConfigurationError(f"backend='ray' needs Ray: pip install 'vllm-dspy-adapter[ray]' ({exc})") from exc
         return RayBackend(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
                           num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout,
-                          placement_timeout=placement_timeout)
+                          placement_timeout=placement_timeout, replicas_per_gpu=replicas_per_gpu)
     raise ConfigurationError(f"Unknown backend {name!r}; choose one of {', '.join(map(repr, BACKENDS))}")

@@ -186,22 +186,33 @@ class ReplicaHandle:
         return thread
 
 
-def start_all(replicas: Sequence[R], launch: Callable[[R], None], wait: Callable[[R], None]) -> list[R]:
-    """Launch every replica, then wait for each; all ready, or none left running."""
+def start_all(replicas: Sequence[R], launch: Callable[[R], None], wait: Callable[[R], None], *,
+              wave: Callable[[R], int] | None = None) -> list[R]:
+    """Launch every replica, then wait for each; all ready, or none left running.
+
+    ``wave``: replicas of wave 0 start (in parallel) and are ready before those of
+    wave 1 launch, and so on: several replicas sharing a GPU start one after
+    another, so each one's memory profiling sees what the others took."""
     errors: list[str] = []
+    waves: dict[int, list[R]] = {}
+    for replica in replicas:
+        waves.setdefault(wave(replica) if wave else 0, []).append(replica)
     try:
-        for replica in replicas:  # every launch first, so the engines load in parallel
-            try:
-                launch(replica)
-            except Exception as exc:
-                errors.append(f"{replica.name}: {exc}")
-                break
-        if not errors:
-            for replica in replicas:
+        for number in sorted(waves):
+            for replica in waves[number]:  # every launch of a wave first, so its engines load in parallel
                 try:
-                    wait(replica)
+                    launch(replica)
                 except Exception as exc:
-                    errors.append(str(exc))
+                    errors.append(f"{replica.name}: {exc}")
+                    break
+            if not errors:
+                for replica in waves[number]:
+                    try:
+                        wait(replica)
+                    except Exception as exc:
+                        errors.append(str(exc))
+            if errors:
+                break
     except BaseException:  # Ctrl-C while starting: take every replica down with us
         for replica in replicas:
             replica._kill()

@@ -251,7 +251,9 @@ class ProcessBackend:
     def start(self, spec: ModelSpec, on_death: OnDeath) -> list[ProcessReplica]:
         replicas = [ProcessReplica(spec, placement, on_death, launch=self._launch, heartbeat_s=self._heartbeat_s)
                     for placement in self.placements]
-        return start_all(replicas, ProcessReplica.spawn, lambda r: r.wait_ready(self.start_timeout))
+        # Replicas sharing a GPU start slot by slot: each one's memory profiling sees the others.
+        return start_all(replicas, ProcessReplica.spawn, lambda r: r.wait_ready(self.start_timeout),
+                         wave=lambda r: r.placement.slot)
 
     def restart(self, replica: ProcessReplica) -> None:
         replica._kill()

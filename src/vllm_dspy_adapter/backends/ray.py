@@ -40,7 +40,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import ConfigurationError, LMClosedError, ReplicaDeadError, ReplicaStartError
-from ..placement import cluster_text, cores_text, free_core_offset, plan_ray_placement
+from ..placement import cluster_text, cores_text, free_core_offset, number_slots, plan_ray_placement, split_device
 from ..protocol import GenerationRequest, OnDeath
 from .base import ReplicaHandle, start_all
 from .ray_cluster import alive_nodes, ray_connect, ray_if_up, ray_kill, ray_release, register
@@ -270,7 +270,7 @@ class RayBackend:
 
     def __init__(self, *, num_gpus: int | None, gpus: Sequence[int] | None, tensor_parallel_size: int,
                  num_replicas: int | None, ray_address: str | None, start_timeout: float | None,
-                 placement_timeout: float = 60.0):
+                 placement_timeout: float = 60.0, replicas_per_gpu: int = 1):
         try:
             import ray  # noqa: F401
         except ImportError as exc:
@@ -290,7 +290,8 @@ class RayBackend:
         try:
             self.nodes = alive_nodes(self._ray)
             self.plan = plan_ray_placement(num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
-                                           num_replicas=num_replicas, nodes=self.nodes)
+                                           num_replicas=num_replicas, nodes=self.nodes,
+                                           replicas_per_gpu=replicas_per_gpu)
         except BaseException:
             self._release()
             raise
@@ -317,13 +318,26 @@ class RayBackend:
         self.replicas = replicas
         self._open = len(replicas)
         deadline = time.monotonic() + self.placement_timeout
+        # Several replicas per GPU: Ray, not us, picks the GPU a fractional replica lands on, so
+        # they start one after another (each one's memory profiling sees the others).
+        one_by_one = (lambda r: r.index) if self.plan.replicas_per_gpu > 1 else None
         try:
-            return start_all(replicas, lambda r: self._launch(r, self._place(r, deadline, probe=False)),
-                             lambda r: r.wait_ready(self.start_timeout))
+            started = start_all(replicas, lambda r: self._launch(r, self._place(r, deadline, probe=False)),
+                                lambda r: r.wait_ready(self.start_timeout), wave=one_by_one)
+            if self.plan.replicas_per_gpu > 1:
+                self._number_slots()
+            return started
         except BaseException:
             for replica in replicas:
                 replica.shutdown(timeout=5)  # the last one removes the groups and closes Ray
             raise
+
+    def _number_slots(self) -> None:
+        """Replicas on one GPU report the same device: name them ``...#0``, ``...#1``."""
+        names = number_slots([split_device(r.device)[0] for r in self.replicas])
+        for replica, device in zip(self.replicas, names):
+            replica.device = device
+            replica.name = f"replica-{replica.index}[{device}]"
 
     def _place(self, replica: RayReplica, deadline: float, *, probe: bool) -> str:
         """Reserve the replica's resources in a placement group of its own; the node it got.
@@ -418,6 +432,8 @@ class RayBackend:
         except BaseException:
             self.drop_placement(replica)
             raise
+        if self.plan.replicas_per_gpu > 1:
+            self._number_slots()
 
     def drop_placement(self, replica: RayReplica) -> None:
         """Remove a replica's placement group (killing whatever actor still runs in it)."""
