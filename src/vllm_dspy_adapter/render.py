@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import UnsupportedInputError
 from .protocol import Generation
+from .tools import assistant_tool_calls, tool_result_message
 
 __all__ = [
     "request_to_messages",
@@ -57,10 +58,11 @@ def request_to_messages(request) -> tuple[list[dict[str, Any]], list[Any]]:
     Messages are HF chat-template dicts. A message with images gets list content
     (``{"type": "image"}`` placeholders beside ``{"type": "text"}``), which is what
     vision models' templates expect; text-only messages keep string content so
-    every text model's template accepts them.
+    every text model's template accepts them. Earlier tool calls become the
+    assistant message's ``tool_calls`` and tool results ``{"role": "tool"}``
+    messages, as ``vllm serve`` hands them to the template. The request's
+    ``tools`` are not read here (``tools.template_tools`` renders them).
     """
-    if request.tools:
-        raise UnsupportedInputError("Native tool calling is not supported by vLLMOffline; DSPy's ReAct works without it.")
     messages: list[dict[str, Any]] = []
     images: list[Any] = []
     if request.system is not None:
@@ -72,10 +74,13 @@ def request_to_messages(request) -> tuple[list[dict[str, Any]], list[Any]]:
             # Open models have no developer role; their system role is the same authority.
             role = "system"
         if role == "tool":
-            raise UnsupportedInputError("Tool results are not supported by vLLMOffline yet; use ReAct-style text tools.")
+            messages.extend(tool_result_message(p) for p in message.parts if p.type == "tool_result")
+            continue
         content: list[dict[str, Any]] = []
         for part in message.parts:
             kind = part.type
+            if kind == "tool_call":
+                continue  # collected below, as the message's tool_calls
             if kind == "text":
                 content.append({"type": "text", "text": part.text})
             elif kind == "image":
@@ -89,22 +94,31 @@ def request_to_messages(request) -> tuple[list[dict[str, Any]], list[Any]]:
                     "(supported: text and images)."
                 )
         if any(c["type"] != "text" for c in content):
-            messages.append({"role": role, "content": content})
+            entry: dict[str, Any] = {"role": role, "content": content}
         else:
-            messages.append({"role": role, "content": "".join(c["text"] for c in content)})
+            entry = {"role": role, "content": "".join(c["text"] for c in content)}
+        calls = assistant_tool_calls(message.parts)
+        if calls:
+            entry["tool_calls"] = calls
+        messages.append(entry)
     return messages, images
 
 
-def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any] | None = None) -> str:
-    """Chat messages to prompt text with the model's own template, ready for generation."""
+def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any] | None = None,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """Chat messages to prompt text with the model's own template, ready for generation.
+
+    ``tools``: OpenAI-format function dicts (``tools.template_tools``), passed to the
+    template as its ``tools`` variable, as ``vllm serve`` does."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise UnsupportedInputError(
             "This model's tokenizer has no chat template, so DSPy's chat messages cannot be rendered. "
             "Use an instruct/chat model, or pass chat_template_kwargs / a tokenizer with a template."
         )
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {})
-    )
+    extra = dict(chat_template_kwargs or {})
+    if tools:
+        extra["tools"] = tools
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
 
 
 def config_to_sampling(config, *, allowed: frozenset[str] | set[str] | None = None) -> dict[str, Any]:
@@ -132,8 +146,7 @@ def config_to_sampling(config, *, allowed: frozenset[str] | set[str] | None = No
             out["structured_outputs"] = {"json_object": True}
         else:
             out["structured_outputs"] = {"json": fmt["schema"]}
-    if config.tool_choice is not None:
-        raise UnsupportedInputError("Native tool calling is not supported by vLLMOffline; DSPy's ReAct works without it.")
+    # config.tool_choice is read with the request's tools (tools.ToolCalling.plan).
     for name, value in (config.extensions or {}).items():
         if allowed is not None and name not in allowed:
             raise UnsupportedInputError(
