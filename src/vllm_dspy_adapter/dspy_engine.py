@@ -11,6 +11,7 @@ functions of ``render.py``). ``Runtime`` is what an LM and all its copies share.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from typing import Any
 
@@ -24,7 +25,9 @@ from .errors import (
     ReplicaDeadError,
     ReplicaStartError,
     UnsupportedInputError,
+    UnsupportedModalityError,
 )
+from .modalities import check_modalities, supported_from_info
 from .pool import ReplicaPool
 from .protocol import Backend, Generation, GenerationRequest, Replica, ReplicaInfo
 from .render import config_to_sampling, generation_to_response, render_chat, request_to_messages
@@ -41,6 +44,7 @@ SUPPORTED_PARAMS = frozenset({
 # LM must fail fast.
 _LM15_ERRORS = {
     PromptTooLongError: "ContextLengthError",  # -> dspy.ContextWindowExceededError
+    UnsupportedModalityError: "UnsupportedFeatureError",  # -> dspy.LMUnsupportedFeatureError
     UnsupportedInputError: "InvalidRequestError",
     ConfigurationError: "InvalidRequestError",
     ReplicaDeadError: "ProviderError",
@@ -70,6 +74,8 @@ class Runtime:
         self.info: ReplicaInfo = replicas[0].info
         self.tokenizer = spec.load_tokenizer()
         self.label = spec.label()
+        self.model_name = spec.model_name or os.path.basename(os.path.normpath(spec.model)) or spec.model
+        self.modalities = supported_from_info(self.info)
         self.sampling_fields = frozenset(SamplingParams.__struct_fields__)
         self._close_lock = threading.Lock()
 
@@ -79,6 +85,7 @@ class Runtime:
 
     def build(self, request) -> GenerationRequest:
         """A DSPy Request to an engine request: chat template, sampling options, images."""
+        check_modalities(request, self.modalities, model=self.model_name)  # before anything is rendered
         messages, images = request_to_messages(request)
         chat_kwargs = dict(self.spec.chat_template_kwargs)
         reasoning = request.config.reasoning

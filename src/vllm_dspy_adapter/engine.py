@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedInputError,
     is_context_length_message,
 )
+from .modalities import engine_modalities  # a leaf: it imports only errors
 from .protocol import Generation, GenerationRequest, ReplicaInfo, TokenLogprobData
 
 __all__ = ["Engine", "engine_defaults"]
@@ -144,7 +145,8 @@ class Engine:
         """What the driver needs to know about this engine (crosses processes)."""
         return ReplicaInfo(max_model_len=self.max_model_len, is_multimodal=self.is_multimodal,
                            model_defaults=self.model_defaults, start_seconds=self.start_seconds,
-                           engine_pids=[p.pid for p in self._engine_process_tree()])
+                           engine_pids=[p.pid for p in self._engine_process_tree()],
+                           modalities=engine_modalities(self.model_config))
 
     @property
     def death(self) -> BaseException | None:

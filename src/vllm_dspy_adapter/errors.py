@@ -5,6 +5,7 @@
 | ``ConfigurationError`` | a bad argument or input, before anything runs | - | the error itself |
 | ``PromptTooLongError`` | one prompt does not fit ``max_model_len`` | fails that request | ``ContextWindowExceededError`` |
 | ``UnsupportedInputError`` | a request the model or engine cannot serve | fails that request | an invalid-request error |
+| ``UnsupportedModalityError`` | an image/audio/video part for a model without it, before submission | - | ``LMUnsupportedFeatureError`` |
 | ``ReplicaDeadError`` | a replica died or stalled holding the request | resubmits it elsewhere | only if no replica is left |
 | ``ReplicaStartError`` | a replica failed to start; nothing is left running | continues without it | the error itself |
 | ``NoHealthyReplicaError`` | every replica is dead and none could be restarted | fails fast | a provider error (no retry) |
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigurationError",
     "PromptTooLongError",
     "UnsupportedInputError",
+    "UnsupportedModalityError",
     "ReplicaDeadError",
     "ReplicaStartError",
     "NoHealthyReplicaError",
@@ -46,6 +48,17 @@ class PromptTooLongError(AdapterError, ValueError):
 class UnsupportedInputError(AdapterError, ValueError):
     """The request asks for something this model or engine cannot do (an image
     for a text-only model, an unknown sampling option). Only that request fails."""
+
+
+class UnsupportedModalityError(UnsupportedInputError):
+    """An image, audio or video part sent to a model that does not take that
+    modality. Raised before anything is submitted; DSPy sees it as
+    ``dspy.LMUnsupportedFeatureError`` naming the modality and the model."""
+
+    def __init__(self, message: str, *, modality: str | None = None, model: str | None = None,
+                 where: str | None = None):
+        super().__init__(message)
+        self.modality, self.model, self.where = modality, model, where
 
 
 class ReplicaDeadError(AdapterError):

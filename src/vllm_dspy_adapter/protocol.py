@@ -85,6 +85,7 @@ class ReplicaInfo:
     start_seconds: float = 0.0
     engine_pids: list[int] = field(default_factory=list)
     node: str | None = None  # where it runs, for replicas of a cluster
+    modalities: tuple[str, ...] | None = None  # input modalities besides text ("image", ...); None: unknown
 
 
 OnDeath = Callable[["Replica", str], None]

@@ -1,0 +1,100 @@
+"""Which kinds of input a model takes, and the check every DSPy request passes
+before anything is submitted.
+
+An image sent to a text-only model used to fail deep inside the chat template
+(``can only concatenate str (not "list") to str``). Here it fails first, with an
+error that names the modality and the model; the LM keeps serving.
+
+- ``engine_modalities``: what vLLM says the loaded model takes (engine side);
+- ``request_modalities``: the media parts a request holds (driver side, pure);
+- ``check_modalities``: refuse a request the model cannot take.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Any
+
+from .errors import UnsupportedModalityError
+
+__all__ = ["HANDLED", "check_modalities", "engine_modalities", "request_modalities", "supported_from_info"]
+
+logger = logging.getLogger(__name__)
+
+# lm15 part types that are an input modality of some vLLM model.
+_MEDIA = ("image", "audio", "video")
+
+# Modalities this adapter passes to vLLM today (render.request_to_messages).
+HANDLED = frozenset({"image"})
+
+
+def engine_modalities(model_config) -> tuple[str, ...]:
+    """The input modalities of a loaded model, from vLLM's multimodal registry
+    (what its processor accepts); empty for a text-only model."""
+    if not getattr(model_config, "is_multimodal_model", False):
+        return ()
+    try:
+        from vllm.multimodal import MULTIMODAL_REGISTRY
+
+        limits = MULTIMODAL_REGISTRY.get_processing_info(model_config).supported_mm_limits
+        return tuple(sorted(limits))
+    except Exception:  # a model whose processor cannot be built here: assume the common case
+        logger.debug("could not read the model's modalities; assuming images", exc_info=True)
+        return ("image",)
+
+
+def supported_from_info(info: Any) -> tuple[str, ...]:
+    """The modalities a replica's ``ReplicaInfo`` reports (or a dict of the same
+    fields); without a list, a multimodal model is taken to take images."""
+    get = info.get if isinstance(info, dict) else (lambda name, default=None: getattr(info, name, default))
+    modalities = get("modalities")
+    if modalities is not None:
+        return tuple(modalities)
+    return ("image",) if get("is_multimodal") else ()
+
+
+def request_modalities(request) -> list[tuple[str, str]]:
+    """(modality, where) for every media part of a request, in order; ``where``
+    is the lm15 path of the part (``messages[2].parts[1]``)."""
+    found: list[tuple[str, str]] = []
+    system = request.system if isinstance(request.system, tuple) else ()
+    for j, part in enumerate(system):
+        if part.type in _MEDIA:
+            found.append((part.type, f"system[{j}]"))
+    for i, message in enumerate(request.messages):
+        for j, part in enumerate(message.parts):
+            if part.type in _MEDIA:
+                found.append((part.type, f"messages[{i}].parts[{j}]"))
+            elif part.type == "tool_result":
+                for k, item in enumerate(part.content):
+                    if item.type in _MEDIA:
+                        found.append((item.type, f"messages[{i}].parts[{j}].content[{k}]"))
+    return found
+
+
+def check_modalities(request, supported: Collection[str], *, model: str) -> None:
+    """Raise ``UnsupportedModalityError`` for the first media part the model, or
+    this adapter, cannot take. Nothing has been submitted when it raises."""
+    for modality, where in request_modalities(request):
+        if modality not in supported:
+            takes = ", ".join(["text", *sorted(supported)])
+            raise UnsupportedModalityError(
+                f"{model} takes no {modality} input (it takes: {takes}), but the request holds a {modality} "
+                f"part at {where}. Use a model with {modality} support (for example "
+                f"{_EXAMPLES.get(modality, 'a multimodal model')}), or remove the {modality} field from the signature.",
+                modality=modality, model=model, where=where,
+            )
+        if modality not in HANDLED:
+            raise UnsupportedModalityError(
+                f"{model} takes {modality} input, but vllm-dspy-adapter does not pass {modality} parts to vLLM "
+                f"yet ({where}); only images are passed today.",
+                modality=modality, model=model, where=where,
+            )
+
+
+_EXAMPLES = {
+    "image": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "audio": "Qwen/Qwen2-Audio-7B-Instruct",
+    "video": "Qwen/Qwen2.5-VL-3B-Instruct",
+}
