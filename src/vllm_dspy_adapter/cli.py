@@ -43,7 +43,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-dspy-adapter", description="DSPy programs on in-process vLLM, one GPU or many.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show vLLM's own logs (engine start and stop) and log at INFO level; "
+                             "without it only warnings of this program and vLLM's errors are shown "
+                             "(VLLM_LOGGING_LEVEL, when set, keeps its value)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     multi = sub.add_parser("multigpu", help="run a DSPy evaluation over every replica and print a throughput table")
@@ -85,6 +88,8 @@ def _multigpu(args) -> int:
                              tensor_parallel_size=args.tensor_parallel_size, routing=args.routing, cache=False,
                              replicas_per_gpu=args.replicas_per_gpu, **_engine_kwargs(args)) as lm:
         start_s = time.monotonic() - started
+        print(f"engine ready in {start_s:.0f} s: {lm.model} ({lm.num_replicas} replica(s): "
+              f"{', '.join(str(s['device']) for s in lm.stats())})", flush=True)
         dspy.configure(lm=lm)
         devset = arithmetic_devset(args.questions)
         program = dspy.ChainOfThought("question -> answer")
@@ -114,7 +119,9 @@ def _ask(args) -> int:
 
     from .lm import vLLMOffline
 
+    started = time.monotonic()
     with vLLMOffline(model=args.model, **_engine_kwargs(args)) as lm:
+        print(f"engine ready in {time.monotonic() - started:.0f} s: {lm.model}", flush=True)
         dspy.configure(lm=lm)
         prediction = dspy.ChainOfThought("question -> answer")(question=args.question)
         print(f"reasoning: {prediction.reasoning}\nanswer: {prediction.answer}")
@@ -130,6 +137,9 @@ def _prepare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .logs import quiet_engine_logs
+
+    quiet_engine_logs(verbose=args.verbose)  # before vLLM is imported: engine processes inherit it
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler = {"multigpu": _multigpu, "ask": _ask, "prepare-model": _prepare}[args.command]

@@ -29,6 +29,7 @@ PERFORMANCE_ONLY_ARGS = frozenset({
     "disable_log_stats", "kv_cache_memory_bytes", "cpu_offload_gb", "block_size",
     "compilation_config", "enable_chunked_prefill", "max_parallel_loading_workers",
     "disable_custom_all_reduce", "distributed_executor_backend", "kv_cache_dtype_skip_layers",
+    "use_tqdm_on_load",
 })
 
 # SamplingParams fields the adapter owns: they are set from DSPy's request or
