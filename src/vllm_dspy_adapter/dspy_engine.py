@@ -11,8 +11,10 @@ functions of ``render.py``). ``Runtime`` is what an LM and all its copies share.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelSpec
@@ -27,12 +29,14 @@ from .errors import (
     UnsupportedInputError,
     UnsupportedModalityError,
 )
+from .dspy_stream import astream_events, stream_events
 from .modalities import check_modalities, supported_from_info
 from .pool import ReplicaPool
 from .protocol import Backend, Generation, GenerationRequest, Replica, ReplicaInfo
 from .render import config_to_sampling, generation_to_response, render_chat, request_to_messages
+from .tools import ToolCalling, ToolPlan, choose_parser, with_tool_calls
 
-__all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "SUPPORTED_PARAMS"]
+__all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "Prepared", "SUPPORTED_PARAMS"]
 
 SUPPORTED_PARAMS = frozenset({
     "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -61,10 +65,21 @@ def to_lm15_error(exc: AdapterError) -> BaseException:
     return getattr(lm15, name)(str(exc), provider="vllm")
 
 
+@dataclass
+class Prepared:
+    """A DSPy Request made ready: the engine request, its tool plan (None without
+    tools) and whether the prompt opened a ``<think>`` block."""
+
+    request: GenerationRequest
+    plan: ToolPlan | None = None
+    starts_in_thinking: bool = False
+
+
 class Runtime:
     """What an LM and all its copies share: the pool, its replicas, the prompt renderer."""
 
-    def __init__(self, spec: ModelSpec, pool: ReplicaPool, backend: Backend, replicas: list[Replica]):
+    def __init__(self, spec: ModelSpec, pool: ReplicaPool, backend: Backend, replicas: list[Replica],
+                 tool_call_parser: str | None = None):
         from vllm import SamplingParams
 
         self.spec = spec
@@ -78,22 +93,45 @@ class Runtime:
         self.modalities = supported_from_info(self.info)
         self.sampling_fields = frozenset(SamplingParams.__struct_fields__)
         self._close_lock = threading.Lock()
+        # The vLLM tool parser (None: native tool calls off), built on first use:
+        # importing vLLM's serving layer takes seconds that a run without tools should not pay.
+        self.tool_parser = choose_parser(tool_call_parser, self.tokenizer, model=self.model_name)
+        self._tool_calling: ToolCalling | None = None
 
     @property
     def closed(self) -> bool:
         return self.pool.closed
 
-    def build(self, request) -> GenerationRequest:
-        """A DSPy Request to an engine request: chat template, sampling options, images."""
+    def tool_calling(self) -> ToolCalling:
+        with self._close_lock:
+            if self._tool_calling is None:
+                self._tool_calling = ToolCalling(self.tool_parser, self.tokenizer)
+            return self._tool_calling
+
+    def build(self, request) -> Prepared:
+        """A DSPy Request to an engine request: chat template (with the request's
+        tools), sampling options, images; refused before anything runs when the
+        model cannot take it."""
         check_modalities(request, self.modalities, model=self.model_name)  # before anything is rendered
+        plan = None
+        if request.tools:
+            if self.tool_parser is None:
+                raise UnsupportedInputError(
+                    f"Native tool calls are off for {self.model_name}: its chat template does not render tools, or "
+                    "no vLLM tool parser reads its format. Pass tool_call_parser=NAME (as for `vllm serve "
+                    "--tool-call-parser`) for a model whose template takes tools, or use dspy.ReAct / "
+                    "ChatAdapter without use_native_function_calling (tools described in text).")
+            plan = self.tool_calling().plan(request.tools, request.config.tool_choice)
         messages, images = request_to_messages(request)
         chat_kwargs = dict(self.spec.chat_template_kwargs)
         reasoning = request.config.reasoning
         if reasoning is not None and reasoning.is_off:
             chat_kwargs.setdefault("enable_thinking", False)  # Qwen3's switch; ignored by other templates
-        prompt = render_chat(self.tokenizer, messages, chat_kwargs)
-        sampling = {**self.spec.sampling, **config_to_sampling(request.config, allowed=self.sampling_fields)}
-        return GenerationRequest(prompt=prompt, sampling=sampling, chat=True, images=images)
+        prompt = render_chat(self.tokenizer, messages, chat_kwargs, tools=plan.tools if plan else None)
+        sampling = {**self.spec.sampling, **config_to_sampling(request.config, allowed=self.sampling_fields),
+                    **(plan.sampling if plan else {})}
+        engine_request = GenerationRequest(prompt=prompt, sampling=sampling, chat=True, images=images)
+        return Prepared(engine_request, plan, starts_in_thinking=prompt.rstrip().endswith("<think>"))
 
     def prompt_request(self, prompt, sampling: dict[str, Any]) -> GenerationRequest:
         """A batch_generate prompt: raw text, token ids, or chat messages."""
@@ -109,8 +147,13 @@ class Runtime:
             f"or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}: {str(prompt)[:80]!r}"
         )
 
-    def to_response(self, generation: Generation):
-        return generation_to_response(generation, model=self.label)
+    def to_response(self, generation: Generation, plan: ToolPlan | None = None):
+        response = generation_to_response(generation, model=self.label)
+        return with_tool_calls(response, self.tool_calling(), plan) if plan is not None else response
+
+    def parse_tools(self, plan: ToolPlan):
+        """For a stream: the whole answer text to (content, tool calls), as ``to_response`` reads it."""
+        return lambda text: self.tool_calling().parse(text, plan)
 
     def shutdown(self) -> None:
         """Stop every replica (in parallel); idempotent. Calls from now on fail with ``LMClosedError``."""
@@ -137,30 +180,31 @@ class DSPyEngine:
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+        # DSPy reads this to choose native tool calls over tools described in text.
+        self.supports_function_calling = runtime.tool_parser is not None
 
-    def _submit(self, request):
+    def _submit(self, request, stream=None) -> tuple[concurrent.futures.Future, Prepared]:
         from dspy.clients.engines.base import validate_request
 
         validate_request(request)
         try:
-            return self.runtime.pool.submit(self.runtime.build(request))
+            prepared = self.runtime.build(request)
+            return self.runtime.pool.submit(prepared.request, stream=stream), prepared
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
 
     def complete(self, request):
-        future = self._submit(request)
+        future, prepared = self._submit(request)
         try:
             generation = future.result()
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation)
+        return self.runtime.to_response(generation, prepared.plan)
 
     def stream(self, request):
-        from dspy.lm15 import response_to_events
-
-        # vLLM streams, but DSPy's ChatAdapter needs whole answers; one final event
-        # keeps the engine-side batch (FINAL_ONLY outputs) free of per-token traffic.
-        return response_to_events(self.complete(request))
+        """Real token streaming: vLLM's DELTA outputs for this request only
+        (``dspy_stream.py``); every other request keeps FINAL_ONLY."""
+        return stream_events(self, request, to_lm15_error)
 
     def close(self) -> None:
         """Borrowed by DSPy: the LM's shutdown() owns the replicas' lifetime."""
@@ -170,18 +214,16 @@ class AsyncDSPyEngine(DSPyEngine):
     """DSPy's async engine: the same requests, awaited without blocking the loop."""
 
     async def complete(self, request):
-        future = await asyncio.to_thread(self._submit, request)  # rendering off the event loop
+        future, prepared = await asyncio.to_thread(self._submit, request)  # rendering off the event loop
         try:
             generation = await asyncio.wrap_future(future)
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation)
+        return self.runtime.to_response(generation, prepared.plan)
 
-    async def stream(self, request):
-        from dspy.lm15 import response_to_events
-
-        for event in response_to_events(await self.complete(request)):
-            yield event
+    def stream(self, request):
+        """See ``DSPyEngine.stream``; waits on the caller's event loop, no thread per stream."""
+        return astream_events(self, request, to_lm15_error)
 
     async def aclose(self) -> None:
         """See ``DSPyEngine.close``."""

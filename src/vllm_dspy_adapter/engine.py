@@ -30,6 +30,7 @@ from .errors import (
 )
 from .modalities import engine_modalities  # a leaf: it imports only errors
 from .protocol import Generation, GenerationRequest, ReplicaInfo, TokenLogprobData
+from .streams import DeltaCollector
 
 __all__ = ["Engine", "engine_defaults"]
 
@@ -165,16 +166,21 @@ class Engine:
             return self.tokenizer.encode(request.prompt, add_special_tokens=not request.chat)
         return list(request.prompt)
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None, stream=None) -> concurrent.futures.Future:
         """Queue one request; thread-safe. Tokenising happens here, in the caller's
         thread, so the event loop only moves requests and results. The future
-        fails with ``ReplicaDeadError`` if the engine dies or stops first."""
+        fails with ``ReplicaDeadError`` if the engine dies or stops first.
+
+        ``stream``: an object with ``put(StreamPiece)`` (``streams.StreamChannel``,
+        or a worker's pipe batcher); the request then runs with vLLM's DELTA
+        outputs and each new piece of text goes to it as it is decoded. Requests
+        without one keep FINAL_ONLY: no per-token traffic on the hot path."""
         request_id = request_id or f"{self.name}-{next(_ids)}"
         engine = self.engine
         try:
             if engine is None or not self.alive:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
-            prompt, params = self._prepare(request)
+            prompt, params = self._prepare(request, streamed=stream is not None)
         except BaseException as exc:
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_exception(exc)
@@ -185,7 +191,7 @@ class Engine:
             # vLLM's own count of requests it holds (this one not yet added):
             # the proof that calls from many threads share one batch.
             self._peak_unfinished = max(self._peak_unfinished, engine.get_num_unfinished_requests() + 1)
-        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, stream), self._loop)
 
     def _watch(self, processes) -> None:
         """Fail every request in flight the moment an engine process dies.
@@ -248,7 +254,7 @@ class Engine:
         except Exception:  # the engine died: the watchdog reports it
             logger.debug("%s: probe stopped", self.name, exc_info=True)
 
-    def _prepare(self, request: GenerationRequest):
+    def _prepare(self, request: GenerationRequest, streamed: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -277,23 +283,29 @@ class Engine:
         if structured is not None:
             sampling["structured_outputs"] = _structured_params(structured)
         try:
-            params = SamplingParams(**sampling, output_kind=RequestOutputKind.FINAL_ONLY)
+            kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
+            params = SamplingParams(**sampling, output_kind=kind)
         except (TypeError, ValueError) as exc:
             raise UnsupportedInputError(f"Invalid sampling options {request.sampling!r}: {exc}") from exc
         return prompt, params
 
-    async def _generate(self, prompt, params, request_id: str) -> Generation:
+    async def _generate(self, prompt, params, request_id: str, stream=None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         task = asyncio.current_task()
         self._tasks.add(task)
         final = None
         engine = self.engine
+        deltas = DeltaCollector(stream) if stream is not None else None
         try:
             if self._dead is not None or engine is None:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'shut down'}")
             async for output in engine.generate(prompt, params, request_id):
                 final = output
+                if deltas is not None:
+                    deltas.add(output)
+            if deltas is not None and deltas.count:
+                final = deltas.final()
         except VllmEngineDead as exc:
             self._dead = self._dead or exc
             raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None

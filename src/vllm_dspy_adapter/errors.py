@@ -7,6 +7,7 @@
 | ``UnsupportedInputError`` | a request the model or engine cannot serve | fails that request | an invalid-request error |
 | ``UnsupportedModalityError`` | an image/audio/video part for a model without it, before submission | - | ``LMUnsupportedFeatureError`` |
 | ``ReplicaDeadError`` | a replica died or stalled holding the request | resubmits it elsewhere | only if no replica is left |
+| ``StreamInterruptedError`` | a streamed request's replica died after its first token | fails it (no replay) | a provider error |
 | ``ReplicaStartError`` | a replica failed to start; nothing is left running | continues without it | the error itself |
 | ``NoHealthyReplicaError`` | every replica is dead and none could be restarted | fails fast | a provider error (no retry) |
 | ``LMClosedError`` | the LM was shut down | fails fast | a provider error (no retry) |
@@ -27,6 +28,7 @@ __all__ = [
     "UnsupportedModalityError",
     "ReplicaDeadError",
     "ReplicaStartError",
+    "StreamInterruptedError",
     "NoHealthyReplicaError",
     "LMClosedError",
     "is_context_length_message",
@@ -65,6 +67,12 @@ class ReplicaDeadError(AdapterError):
     """A replica died (or was declared stalled) while it held this request. The
     pool resubmits the request to a healthy replica; users see it only when no
     replica is left."""
+
+
+class StreamInterruptedError(AdapterError):
+    """A streamed request's replica died after the stream's first tokens were
+    delivered. Unlike a whole answer, a stream cannot be replayed elsewhere, so
+    the request fails; a stream cut before its first token is resubmitted."""
 
 
 class ReplicaStartError(AdapterError):

@@ -26,6 +26,7 @@ from .errors import ConfigurationError, LMClosedError
 from .pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
 from .protocol import Generation
 from .router import SPILL_AT, Router
+from .tools import AUTO, check_parser_name
 
 __all__ = ["vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"]
 
@@ -85,7 +86,13 @@ class vLLMOffline(dspy.LM):
     - ``health_timeout``: seconds a busy engine may go without progress (no tick
       of its engine core, no finished request) before it is declared stalled
       (default 120, None: never). A stalled engine is killed and every waiting
-      call fails with ``NoHealthyReplicaError`` naming the stall.
+      call fails with ``NoHealthyReplicaError`` naming the stall;
+    - ``tool_call_parser``: native tool calls, as ``vllm serve --enable-auto-tool-choice
+      --tool-call-parser NAME``: ``"auto"`` (default) picks vLLM's parser from the
+      model's chat template (``hermes`` for Qwen2.5/Qwen3, ``mistral``, ``llama3_json``,
+      ...) and leaves them off for a template without tools; a name chooses one of
+      vLLM's parsers; ``None`` turns them off. With a parser, DSPy's adapters send
+      tools natively (``supports_function_calling`` is true).
 
     Use it as a context manager or call ``shutdown()``; engines also stop at exit.
     After a shutdown every call fails with ``LMClosedError``.
@@ -93,14 +100,19 @@ class vLLMOffline(dspy.LM):
 
     def __init__(self, model: str | None = None, *, sampling_params: dict[str, Any] | None = None,
                  chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
-                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, **kwargs: Any):
+                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, tool_call_parser: str | None = AUTO,
+                 **kwargs: Any):
         from .models import resolve_model
 
         dspy_kwargs, engine_kwargs = _split_kwargs(dict(kwargs))
         self._init_args = {"model": model, "sampling_params": sampling_params,
                            "chat_template_kwargs": chat_template_kwargs, "start_timeout": start_timeout,
-                           "health_timeout": health_timeout, **engine_kwargs}
+                           "health_timeout": health_timeout,
+                           # False, not None: dump_state drops None values, and None (off) is not the default
+                           "tool_call_parser": False if tool_call_parser is None else tool_call_parser,
+                           **engine_kwargs}
         _check_health_timeout(health_timeout)
+        self._tool_call_parser = check_parser_name(tool_call_parser)  # an unknown name fails before any start
         path = resolve_model(model)
         check_engine_kwargs(engine_kwargs)
         check_sampling_kwargs(sampling_params or {})
@@ -137,7 +149,7 @@ class vLLMOffline(dspy.LM):
                         ", ".join(f"{r.name} in {r.info.start_seconds:.0f} s" for r in replicas))
             pools.append(ReplicaPool(replicas, router, restart=backend.restart if max_restarts else None,
                                      max_restarts=max_restarts, health_timeout=health_timeout))
-            return Runtime(spec, pools[0], backend, replicas)
+            return Runtime(spec, pools[0], backend, replicas, tool_call_parser=self._tool_call_parser)
         except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
             if pools:
                 pools[0].close()

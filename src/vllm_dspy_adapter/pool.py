@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError
+from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
 from .placement import split_device
 from .protocol import Generation, GenerationRequest, Replica
 from .router import SPILL_AT, ReplicaLoad, Router, open_replicas
@@ -46,6 +46,7 @@ class _Job:
     future: concurrent.futures.Future
     cost: int
     attempts: int = 0
+    stream: Any = None  # a streams.StreamChannel for a streamed request
 
 
 class ReplicaPool:
@@ -84,9 +85,14 @@ class ReplicaPool:
             return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i], split_device(r.device)[1])
                     for i, r in enumerate(self.replicas)]
 
-    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, stream=None) -> concurrent.futures.Future:
+        """Route one request; the future resolves to its ``Generation``. With
+        ``stream`` (a ``streams.StreamChannel``) the replica also puts each new
+        piece of text on it. A streamed request whose replica dies before its
+        first piece is resubmitted like any other; after it, it fails with
+        ``StreamInterruptedError`` (what was shown cannot be taken back)."""
         cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
-        job = _Job(request, concurrent.futures.Future(), cost)
+        job = _Job(request, concurrent.futures.Future(), cost, stream=stream)
         self._dispatch(job)
         return job.future
 
@@ -106,7 +112,8 @@ class ReplicaPool:
                 self._busy_since[index] = time.monotonic()
             self._in_flight[index] += 1
             self._routed[index] += 1
-        inner = self.replicas[index].submit(job.request)
+        replica = self.replicas[index]
+        inner = replica.submit(job.request) if job.stream is None else replica.submit(job.request, stream=job.stream)
         inner.add_done_callback(lambda f, i=index: self._finished(job, i, f))
 
     def _no_replica_text(self) -> str:
@@ -131,6 +138,10 @@ class ReplicaPool:
             job.future.set_exception(exc)  # the request's own fault: no other replica would do better
         elif self._closed.is_set():
             job.future.set_exception(LMClosedError("This LM was shut down with the request in flight."))
+        elif job.stream is not None and job.stream.first_piece_sent:
+            job.future.set_exception(StreamInterruptedError(
+                f"The stream was cut: {exc}. Its first tokens were already delivered and a stream cannot be "
+                "replayed, so it was not resubmitted; call again for a new answer."))
         elif job.attempts < self.max_attempts:
             with self._lock:
                 self._resubmitted[index] += 1

@@ -24,7 +24,7 @@ from typing import Any
 from .protocol import Generation
 from .render import to_finish_reason
 
-__all__ = ["StreamPiece", "StreamChannel", "StreamTimeout", "EventAssembler"]
+__all__ = ["StreamPiece", "StreamChannel", "StreamTimeout", "EventAssembler", "DeltaCollector"]
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
@@ -165,8 +165,13 @@ class EventAssembler:
     """
 
     def __init__(self, *, model: str, request_id: str | None = None, reasoning: bool = True,
-                 starts_in_thinking: bool = False):
+                 starts_in_thinking: bool = False, hold_text: bool = False):
+        """``hold_text``: keep the answer text until ``end`` (a request with tools:
+        the answer may hold tool calls, which are parsed from the whole text),
+        while the thinking still streams."""
         self.model, self.request_id, self.reasoning = model, request_id, reasoning
+        self.hold_text = hold_text
+        self._text_held: list[str] = []
         self._mode = "thinking" if (reasoning and starts_in_thinking) else ("undecided" if reasoning else "text")
         self._held = ""
         self._lstrip = self._mode == "thinking"
@@ -222,9 +227,15 @@ class EventAssembler:
             self._held = ""
         return out
 
-    def end(self, generation: Generation, extra_events: list[Any] | None = None) -> list[Any]:
-        """The held text, then ``extra_events`` (for instance tool-call deltas), then the end event."""
-        from dspy.lm15 import StreamEndEvent, Usage
+    def end(self, generation: Generation, parse_tools=None) -> list[Any]:
+        """The rest of the answer, then the end event (finish reason, usage).
+
+        ``parse_tools(text) -> (content, [ToolCallPart])`` reads tool calls out of
+        the whole answer text (held back with ``hold_text``); each call becomes a
+        ``ToolCallDelta`` after the text, and the finish reason ``tool_call``."""
+        import json
+
+        from dspy.lm15 import StreamDeltaEvent, StreamEndEvent, ToolCallDelta, Usage
 
         out: list[Any] = []
         if self._held:
@@ -234,12 +245,23 @@ class EventAssembler:
                 held = held.lstrip()
             out += self._emit(mode, held)
             self._held = ""
-        if self._text_index is None and not extra_events:
+        calls: list[Any] = []
+        if self.hold_text:
+            content = "".join(self._text_held)
+            if parse_tools is not None:
+                content, calls = parse_tools(content)
+            self.hold_text = False
+            out += self._emit("text", content, force=True)
+        if self._text_index is None:
             out += self._emit("text", "", force=True)  # every answer has a text part, even an empty one
-        out += list(extra_events or ())
+        for call in calls:
+            out.append(StreamDeltaEvent(delta=ToolCallDelta(input=json.dumps(call.input), id=call.id, name=call.name,
+                                                            part_index=self.next_part_index())))
         usage = Usage(input_tokens=generation.num_prompt_tokens, output_tokens=generation.num_output_tokens,
                       cache_read_tokens=generation.num_cached_tokens or None)
-        finish = "tool_call" if extra_events else to_finish_reason(generation.finish_reason)
+        finish = to_finish_reason(generation.finish_reason)
+        if calls and finish == "stop":
+            finish = "tool_call"
         out.append(StreamEndEvent(finish_reason=finish, usage=usage,
                                   provider_data={"replica": generation.replica}))
         return out
@@ -258,6 +280,9 @@ class EventAssembler:
             if self._thinking_index is None:
                 self._thinking_index = self.next_part_index()
             return [StreamDeltaEvent(delta=ThinkingDelta(text=text, part_index=self._thinking_index))]
+        if self.hold_text:
+            self._text_held.append(text)
+            return []
         if not text and not force:
             return []
         if self._text_index is None:
@@ -271,3 +296,42 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:size]):
             return size
     return 0
+
+
+class DeltaCollector:
+    """A streamed request's vLLM outputs (``RequestOutputKind.DELTA``: each holds
+    only what is new) gathered into the one final output the non-streamed path
+    gets, so both paths build the same ``Generation``. Each new piece of text is
+    also handed to ``sink.put`` as a ``StreamPiece``."""
+
+    def __init__(self, sink) -> None:
+        self.sink = sink
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list | None = None
+        self.finish_reason: str | None = None
+        self.prompt_token_ids = None
+        self.num_cached_tokens = 0
+        self.count = 0
+
+    def add(self, output) -> None:
+        self.count += 1
+        completion = output.outputs[0]
+        if output.prompt_token_ids:
+            self.prompt_token_ids = output.prompt_token_ids
+        self.num_cached_tokens = max(self.num_cached_tokens, int(getattr(output, "num_cached_tokens", 0) or 0))
+        self.text.append(completion.text)
+        self.token_ids.extend(completion.token_ids)
+        if completion.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(completion.logprobs)
+        self.finish_reason = completion.finish_reason
+        self.sink.put(StreamPiece(completion.text, len(completion.token_ids)))
+
+    def final(self):
+        """The gathered output, shaped like the ``RequestOutput`` of a FINAL_ONLY request."""
+        from types import SimpleNamespace
+
+        completion = SimpleNamespace(text="".join(self.text), token_ids=self.token_ids, logprobs=self.logprobs,
+                                     finish_reason=self.finish_reason)
+        return SimpleNamespace(outputs=[completion], prompt_token_ids=self.prompt_token_ids,
+                               num_cached_tokens=self.num_cached_tokens)

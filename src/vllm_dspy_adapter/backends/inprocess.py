@@ -58,11 +58,12 @@ class InProcessReplica(ReplicaHandle):
             self._touch()
         return self._progress
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None,
+               stream=None) -> concurrent.futures.Future:
         request_id, future, incarnation = self._admit(request_id)
         if incarnation is None:
             return future
-        inner = self.engine.submit(request, request_id)
+        inner = self.engine.submit(request, request_id, stream=stream)  # pieces go straight to the channel
         inner.add_done_callback(lambda done: self._deliver(incarnation, request_id, done))
         return future
 

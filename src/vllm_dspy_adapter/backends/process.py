@@ -26,6 +26,7 @@ from ..config import ModelSpec
 from ..errors import ReplicaStartError
 from ..placement import Placement
 from ..protocol import GenerationRequest, OnDeath
+from ..streams import StreamPiece
 from .base import ReplicaHandle, start_all
 from .worker import serve
 
@@ -92,6 +93,7 @@ class ProcessReplica(ReplicaHandle):
         self._heartbeat_s = heartbeat_s
         self._send_lock = threading.Lock()
         self._stats_waiting: dict[int, concurrent.futures.Future] = {}
+        self._streams: dict[str, Any] = {}  # request id -> StreamChannel of a streamed request
         self._stats_ids = itertools.count()
         self._ticks = -1
         self._process = None
@@ -127,11 +129,19 @@ class ProcessReplica(ReplicaHandle):
 
     # -------------------------------------------------------------- serving
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None,
+               stream=None) -> concurrent.futures.Future:
+        """``stream``: a ``streams.StreamChannel`` that receives the request's pieces
+        as the worker reports them (worker.py batches them per engine step)."""
         request_id, future, incarnation = self._admit(request_id)
         if incarnation is None:
             return future
-        self._send(("submit", request_id, request))  # a broken pipe: the reader sees the death
+        if stream is None:
+            self._send(("submit", request_id, request))  # a broken pipe: the reader sees the death
+        else:
+            self._streams[request_id] = stream
+            future.add_done_callback(lambda _f, rid=request_id: self._streams.pop(rid, None))
+            self._send(("submit", request_id, request, True))
         return future
 
     def _send(self, message) -> bool:
@@ -151,7 +161,13 @@ class ProcessReplica(ReplicaHandle):
             except (EOFError, OSError):
                 break
             kind = message[0]
-            if kind == "done":
+            if kind == "pieces":
+                self._touch()  # decoded tokens: progress
+                for request_id, text, num_tokens in message[1]:
+                    channel = self._streams.get(request_id)
+                    if channel is not None:  # a late piece of a request already ended is dropped
+                        channel.put(StreamPiece(text, num_tokens))
+            elif kind == "done":
                 self._complete(incarnation, message[1], result=message[2])
             elif kind == "error":
                 self._complete(incarnation, message[1], error=message[2])

@@ -4,10 +4,16 @@ Each replica runs in its own process with its own GPUs (its environment is set
 when it is spawned) and hosts one ``Engine``. The driver talks to it over one
 duplex pipe; every reply names what it answers:
 
-driver -> worker: ("submit", id, GenerationRequest) | ("stats", stats_id) | ("shutdown",)
+driver -> worker: ("submit", id, GenerationRequest[, streamed]) | ("stats", stats_id) | ("shutdown",)
 worker -> driver: ("ready", ReplicaInfo) | ("failed", message)
                 | ("done", id, Generation) | ("error", id, exception)
+                | ("pieces", [(id, text, n_tokens), ...])
                 | ("stats", stats_id, dict) | ("beat", engine_ticks) | ("dead", message)
+
+A streamed request's new text goes back as "pieces": one message carries the
+pieces of every streamed request ready at that moment (an engine step decodes
+one token for all of them at once), so a thousand concurrent streams cost one
+message per step, not a thousand. A request's pieces always precede its "done".
 
 A heartbeat ("beat", ticks) goes out every ``heartbeat_s`` seconds with the
 engine's pulse (``Engine.ticks``): a frozen worker stops beating, a frozen engine
@@ -19,8 +25,72 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
-__all__ = ["serve"]
+__all__ = ["serve", "PieceBatcher"]
+
+# How long the sender waits for the rest of an engine step's pieces after the first.
+_COALESCE_S = 0.002
+
+
+class PieceBatcher:
+    """Streamed pieces of every request, sent over the pipe in batches.
+
+    ``sink(request_id)`` is what the engine's ``submit(stream=...)`` takes. A
+    sender thread sends whatever is ready as one "pieces" message;
+    ``send_after_pieces`` sends a request's last pieces before its result, under
+    the same lock, so the order on the pipe is always pieces, then "done".
+    """
+
+    def __init__(self, send, name: str = "worker"):
+        self._send = send
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(threading.Lock())
+        self._pending: list[tuple[str, str, int]] = []
+        self._stopped = False
+        self.messages = 0  # "pieces" messages sent (the batching shows as pieces per message)
+        threading.Thread(target=self._run, name=f"{name}-pieces", daemon=True).start()
+
+    class _Sink:
+        def __init__(self, batcher: PieceBatcher, request_id: str):
+            self.batcher, self.request_id = batcher, request_id
+
+        def put(self, piece) -> None:
+            self.batcher.add(self.request_id, piece.text, piece.num_tokens)
+
+    def sink(self, request_id: str) -> PieceBatcher._Sink:
+        return PieceBatcher._Sink(self, request_id)
+
+    def add(self, request_id: str, text: str, num_tokens: int) -> None:
+        with self._ready:
+            self._pending.append((request_id, text, num_tokens))
+            self._ready.notify()
+
+    def _flush(self) -> None:  # under self._lock
+        with self._ready:
+            batch, self._pending = self._pending, []
+        if batch:
+            self.messages += 1
+            self._send(("pieces", batch))
+
+    def send_after_pieces(self, message) -> None:
+        with self._lock:
+            self._flush()
+            self._send(message)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            with self._ready:
+                while not self._pending and not self._stopped:
+                    self._ready.wait(1.0)
+            time.sleep(_COALESCE_S)  # the rest of this engine step's pieces
+            with self._lock:
+                self._flush()
+
+    def stop(self) -> None:
+        with self._ready:
+            self._stopped = True
+            self._ready.notify()
 
 
 def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> None:
@@ -57,12 +127,14 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
         send(("failed", str(exc)))
         return
 
+    pieces = PieceBatcher(send, name)
+
     def finished(request_id: str, future) -> None:
         exc = future.exception()
         if exc is None:
-            send(("done", request_id, future.result()))
+            pieces.send_after_pieces(("done", request_id, future.result()))
             return
-        send(("error", request_id, exc))
+        pieces.send_after_pieces(("error", request_id, exc))
         if isinstance(exc, ReplicaDeadError):
             die(str(exc))  # every request in flight fails the same way
 
@@ -82,8 +154,10 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
             break
         kind = message[0]
         if kind == "submit":
-            _, request_id, request = message
-            engine.submit(request, request_id).add_done_callback(lambda f, rid=request_id: finished(rid, f))
+            request_id, request, streamed = message[1], message[2], len(message) > 3 and message[3]
+            stream = pieces.sink(request_id) if streamed else None
+            engine.submit(request, request_id, stream=stream).add_done_callback(
+                lambda f, rid=request_id: finished(rid, f))
         elif kind == "stats":
             send(("stats", message[1], engine.stats()))
         elif kind == "shutdown":
@@ -92,3 +166,4 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
     # them as errors, but do not exit as for a death (the shutdown runs in order).
     dying.set()
     engine.shutdown()
+    pieces.stop()

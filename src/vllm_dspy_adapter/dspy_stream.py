@@ -1,0 +1,99 @@
+"""DSPy 3.4's ``Engine.stream`` / ``AsyncEngine.stream`` over the pool: real token streaming.
+
+A streamed request carries a ``streams.StreamChannel`` to its replica, which runs
+it with vLLM's DELTA outputs and puts each new piece of text on the channel (an
+in-process engine directly; a worker process in per-step batches over its pipe).
+Here the pieces become lm15 stream events (``streams.EventAssembler``): one start
+event at once, thinking and text deltas as they are decoded, one end event with
+finish reason and usage. DSPy's stream guard, ``dspy.streamify`` and its
+``StreamListener``s read them as they would a hosted provider's stream.
+
+Every wait on the channel has a deadline (``POLL_S``); between waits the stream
+checks the request itself, which the pool always ends: with its result, an error,
+or, for a replica that stalls, the pool's stall check.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any
+
+from .errors import AdapterError, LMClosedError
+from .streams import EventAssembler, StreamChannel, StreamTimeout
+
+__all__ = ["stream_events", "astream_events", "POLL_S"]
+
+POLL_S = 1.0  # the longest one wait for a piece lasts before the stream looks at its request again
+
+
+def _settle(channel: StreamChannel, future: concurrent.futures.Future) -> None:
+    """The pool's verdict on the request ends the channel (after its last piece)."""
+    if future.cancelled():
+        channel.fail(LMClosedError("the streamed request was cancelled"))
+    elif future.exception() is not None:
+        channel.fail(future.exception())
+    else:
+        channel.finish(future.result())
+
+
+def _open(engine, request, future_prepared) -> tuple[StreamChannel, Any, EventAssembler]:
+    channel, (future, prepared) = future_prepared
+    future.add_done_callback(lambda f: _settle(channel, f))
+    runtime = engine.runtime
+    assembler = EventAssembler(model=runtime.label, starts_in_thinking=prepared.starts_in_thinking,
+                               hold_text=prepared.plan is not None)
+    return channel, prepared, assembler
+
+
+def _consume(items: list[Any], channel: StreamChannel, prepared, assembler: EventAssembler, runtime,
+             as_lm15: Callable[[AdapterError], BaseException]) -> tuple[list[Any], bool]:
+    """Events for a batch of channel items; True once the stream has ended."""
+    events: list[Any] = []
+    for item in items:
+        if StreamChannel.is_end(item):
+            try:
+                generation = channel.outcome()
+            except AdapterError as exc:
+                raise as_lm15(exc) from exc
+            parse = runtime.parse_tools(prepared.plan) if prepared.plan is not None else None
+            events += assembler.end(generation, parse_tools=parse)
+            return events, True
+        events += assembler.feed(item.text)
+    return events, False
+
+
+def stream_events(engine, request, as_lm15: Callable[[AdapterError], BaseException]):
+    """The synchronous stream of one DSPy request (a generator of lm15 events)."""
+    channel = StreamChannel()
+    channel, prepared, assembler = _open(engine, request, (channel, engine._submit(request, stream=channel)))
+    yield assembler.start()
+    while True:
+        try:
+            items = channel.get(timeout=POLL_S)
+        except StreamTimeout:
+            continue  # nothing decoded for a while (a long prefill, a queue): the pool still owns the request
+        events, done = _consume(items, channel, prepared, assembler, engine.runtime, as_lm15)
+        yield from events
+        if done:
+            return
+
+
+async def astream_events(engine, request, as_lm15: Callable[[AdapterError], BaseException]):
+    """The async stream of one DSPy request: waits on the caller's loop, no thread per stream."""
+    import asyncio
+
+    channel = StreamChannel()
+    submitted = await asyncio.to_thread(engine._submit, request, channel)  # rendering off the event loop
+    channel, prepared, assembler = _open(engine, request, (channel, submitted))
+    yield assembler.start()
+    while True:
+        try:
+            items = await channel.aget(timeout=POLL_S)
+        except StreamTimeout:
+            continue
+        events, done = _consume(items, channel, prepared, assembler, engine.runtime, as_lm15)
+        for event in events:
+            yield event
+        if done:
+            return
