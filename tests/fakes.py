@@ -66,6 +66,7 @@ class FakeWorker:
         self.ticks = 0
         self.held: list[tuple[str, GenerationRequest]] = []
         self.received: list[str] = []
+        self.streamed: list[str] = []  # ids of the requests submitted as streams
         self.killed = False
         self.exit_code = 0
         self._stop = threading.Event()
@@ -97,7 +98,9 @@ class FakeWorker:
                 break
             kind = message[0]
             if kind == "submit":
-                _, request_id, request = message
+                request_id, request = message[1], message[2]
+                if len(message) > 3 and message[3]:
+                    self.streamed.append(request_id)
                 self.received.append(request_id)
                 if self.mode == "hold":
                     self.held.append((request_id, request))
@@ -130,6 +133,10 @@ class FakeWorker:
         held, self.held = self.held, []
         for request_id, request in held:
             self.send(("done", request_id, generation(request, request_id)))
+
+    def send_pieces(self, *pieces: tuple[str, str]) -> None:
+        """One "pieces" message, as worker.PieceBatcher sends a step's worth: (request id, text) pairs."""
+        self.send(("pieces", [(request_id, text, 1) for request_id, text in pieces]))
 
     def freeze(self) -> None:
         """Like SIGSTOP of the worker: no beat, no reply, pipe still open."""
