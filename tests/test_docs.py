@@ -37,6 +37,7 @@ SCRIPTS = {
     "evaluate_multi_gpu.py": "evaluate_multi_gpu: done",
     "batch_generate.py": "batch_generate: done",
     "gepa_small.py": "gepa_small: done",
+    "streaming_chat.py": "streaming_chat: done",
 }
 SCRIPT_TIMEOUT = 600
 

@@ -1,8 +1,10 @@
 """Issue 14's features on real vLLM (CPU build) with the default text-only model and real
-DSPy programs: clear multimodal errors (and, as they land, token streaming and tools).
-One engine for the whole module."""
+DSPy programs: clear multimodal errors, token streaming (sync, async, dspy.streamify),
+native tools refused clearly where the template has none, ReAct. One engine for the whole module."""
 
+import asyncio
 import io
+import time
 import uuid
 
 import dspy
@@ -44,3 +46,113 @@ def test_image_to_text_only_model_is_a_clear_error_and_the_lm_keeps_serving(lm):
         answer = dspy.Predict("question -> answer")(question=f"What is 2 + 3? ({uuid.uuid4().hex[:6]})").answer
     assert isinstance(answer, str) and answer.strip()
     assert lm.stats()[0]["requests"] > after["requests"]
+
+
+# --------------------------------------------------------------------------- token streaming
+
+
+def _request(text: str, max_tokens: int = 48):
+    from dspy.lm15 import Config, Message, Request
+
+    return Request(model="m", messages=(Message.user(text),), config=Config(max_tokens=max_tokens, temperature=0.0))
+
+
+def test_stream_yields_pieces_as_they_are_decoded_and_equals_the_whole_answer(lm):
+    from vllm_dspy_adapter.dspy_engine import DSPyEngine
+
+    engine = DSPyEngine(lm._runtime)
+    request = _request(f"Count from one to twenty in words. ({uuid.uuid4().hex[:6]})", max_tokens=48)
+    started = time.monotonic()
+    arrivals, text, kinds = [], "", []
+    for event in engine.stream(request):
+        kinds.append(event.type)
+        if event.type == "delta" and event.delta.type == "text":
+            arrivals.append(time.monotonic() - started)
+            text += event.delta.text
+    ended = time.monotonic() - started
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("end") == 1
+    assert len(arrivals) >= 10, arrivals  # token by token, not one final event
+    assert arrivals[0] < ended * 0.75, (arrivals[0], ended)  # the first piece long before the end
+    assert text == engine.complete(request).text  # the same answer as the non-streamed path (temperature 0)
+
+
+def test_non_streamed_requests_keep_final_only_outputs(lm):
+    from vllm.sampling_params import RequestOutputKind
+
+    from vllm_dspy_adapter.protocol import GenerationRequest
+
+    engine = lm._runtime.replicas[0].engine
+    plain = GenerationRequest(prompt="hi", sampling={"max_tokens": 4})
+    assert engine._prepare(plain)[1].output_kind == RequestOutputKind.FINAL_ONLY
+    assert engine._prepare(plain, streamed=True)[1].output_kind == RequestOutputKind.DELTA
+
+
+def test_streamify_shows_the_reasoning_field_in_pieces(lm):
+    program = dspy.ChainOfThought("question -> answer")
+    listener = dspy.streaming.StreamListener(signature_field_name="reasoning")
+    streaming = dspy.streamify(program, stream_listeners=[listener], async_streaming=False)
+    started = time.monotonic()
+    chunks, prediction, done_at = [], None, None
+    # JSONAdapter: its structured outputs make the 135M model write the field (it ignores ChatAdapter's markers).
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        for item in streaming(question=f"Why is the sky blue? Explain briefly. ({uuid.uuid4().hex[:6]})"):
+            if isinstance(item, dspy.streaming.StreamResponse) and item.signature_field_name == "reasoning":
+                chunks.append((time.monotonic() - started, item.chunk))
+            elif isinstance(item, dspy.Prediction):
+                prediction, done_at = item, time.monotonic() - started
+    assert prediction is not None and prediction.reasoning
+    assert len(chunks) >= 2, chunks  # the field arrives in pieces
+    assert chunks[0][0] < done_at and chunks[-1][0] - chunks[0][0] > 0.05, (chunks, done_at)
+    # DSPy's JSON listener can end a field's last chunk with the JSON around it (`",\n  "answer":`).
+    assert prediction.reasoning.strip() in "".join(c for _, c in chunks)
+
+
+def test_32_concurrent_async_streams(lm):
+    from vllm_dspy_adapter.dspy_engine import AsyncDSPyEngine, DSPyEngine
+
+    engine = AsyncDSPyEngine(lm._runtime)
+    salt = uuid.uuid4().hex[:6]
+    requests = [_request(f"Say a word about the number {i}. ({salt})", max_tokens=12) for i in range(32)]
+
+    async def one(request):
+        pieces = []
+        async for event in engine.stream(request):
+            if event.type == "delta" and event.delta.type == "text":
+                pieces.append(event.delta.text)
+        return pieces
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    before = lm.stats()[0]["requests"]
+    streamed = asyncio.run(main())
+    assert len(streamed) == 32 and all(len(p) >= 2 for p in streamed), [len(p) for p in streamed]
+    assert lm.stats()[0]["requests"] - before == 32
+    assert lm.stats()[0]["peak_unfinished"] >= 16  # they ran as one batch, not one after another
+    sync = DSPyEngine(lm._runtime)
+    assert "".join(streamed[5]) == sync.complete(requests[5]).text
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def test_a_model_without_tool_template_refuses_native_tools_and_react_works(lm):
+    assert lm.supports_function_calling is False  # SmolLM2's template never reads `tools`: auto leaves them off
+    with pytest.raises(dspy.LMInvalidRequestError, match="tool_call_parser"):
+        lm(messages=[{"role": "user", "content": "weather?"}],
+           tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return f"sunny in {city}"
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    react = dspy.ReAct("question -> answer", tools=[get_weather, add], max_iters=2)
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        prediction = react(question=f"What is 2 + 3? ({uuid.uuid4().hex[:6]})")
+    names = [v for k, v in prediction.trajectory.items() if k.startswith("tool_name_")]
+    assert names and set(names) <= {"get_weather", "add", "finish"}
+    assert isinstance(prediction.answer, str)

@@ -80,8 +80,8 @@ def check_modalities(request, supported: Collection[str], *, model: str) -> None
         if modality not in supported:
             takes = ", ".join(["text", *sorted(supported)])
             raise UnsupportedModalityError(
-                f"{model} takes no {modality} input (it takes: {takes}), but the request holds a {modality} "
-                f"part at {where}. Use a model with {modality} support (for example "
+                f"{model} takes no {modality} input (it takes: {takes}), but the request holds {modality} input "
+                f"at {where}. Use a model with {modality} support (for example "
                 f"{_EXAMPLES.get(modality, 'a multimodal model')}), or remove the {modality} field from the signature.",
                 modality=modality, model=model, where=where,
             )

@@ -42,6 +42,7 @@ from ..config import ModelSpec
 from ..errors import ConfigurationError, LMClosedError, ReplicaDeadError, ReplicaStartError
 from ..placement import cluster_text, cores_text, free_core_offset, number_slots, plan_ray_placement, split_device
 from ..protocol import GenerationRequest, OnDeath
+from ..streams import StreamPiece
 from .base import ReplicaHandle, start_all
 from .ray_cluster import alive_nodes, ray_connect, ray_if_up, ray_kill, ray_release, register
 from .ray_cluster import node_id as current_node_id
@@ -61,6 +62,7 @@ FORWARDED_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_DSPY_MODEL", "VLLM_DSPY_CACHE",
 _MAX_CONCURRENCY = 100_000
 
 HEARTBEAT_S = 1.0
+PIECE_POLL_S = 0.02  # how often the driver fetches streamed pieces from an actor while streams run
 
 
 def _classify(exc: BaseException) -> tuple[BaseException, str | None]:
@@ -104,6 +106,9 @@ class RayReplica(ReplicaHandle):
         # Ray completes ObjectRef futures on its own threads, where no blocking
         # call belongs; every completion is handled on this replica's thread.
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, Any] = {}  # request id -> StreamChannel of a streamed request
+        self._stream_lock = threading.Lock()
+        self._polling = False
         threading.Thread(target=self._handle_events, name=f"{self.name}-ray-events", daemon=True).start()
 
     # ---------------------------------------------------------------- start
@@ -167,7 +172,10 @@ class RayReplica(ReplicaHandle):
 
     # -------------------------------------------------------------- serving
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None,
+               stream=None) -> concurrent.futures.Future:
+        """``stream``: a ``streams.StreamChannel``; the actor keeps the request's pieces
+        and a poller thread here fetches those of every stream in one call."""
         request_id, future, incarnation = self._admit(request_id)
         if incarnation is None:
             return future
@@ -175,7 +183,14 @@ class RayReplica(ReplicaHandle):
         try:
             if ray_if_up() is None:
                 raise RuntimeError("this process is no longer connected to Ray")
-            ref = actor.generate.remote(request, request_id)
+            if stream is not None:
+                with self._stream_lock:
+                    self._streams[request_id] = stream
+                    if not self._polling:
+                        self._polling = True
+                        threading.Thread(target=self._poll_pieces, args=(actor, incarnation), daemon=True,
+                                         name=f"{self.name}-pieces").start()
+            ref = actor.generate.remote(request, request_id, stream is not None)
         except Exception as exc:  # Ray itself is gone
             self._events.put(("lost", incarnation, request_id, f"submitting to the actor failed: {exc}"))
             return future
@@ -202,7 +217,35 @@ class RayReplica(ReplicaHandle):
                 logger.exception("%s: error handling a Ray completion", self.name)
                 self._declare(incarnation, f"handling a Ray completion failed: {type(exc).__name__}: {exc}")
 
+    def _poll_pieces(self, actor, incarnation: int) -> None:
+        """Fetch streamed pieces while streams run; ends with the last stream."""
+        while True:
+            with self._stream_lock:
+                if not self._streams or not self._alive or self._incarnation != incarnation:
+                    self._polling = False
+                    return
+                self._fetch_pieces(actor)
+            time.sleep(PIECE_POLL_S)
+
+    def _fetch_pieces(self, actor) -> None:  # under self._stream_lock
+        import ray
+
+        try:
+            pieces = ray.get(actor.take_pieces.remote(), timeout=HEARTBEAT_S * 5)
+        except Exception:  # no answer now: the next poll asks again; a lost actor is reported by its watch
+            return
+        self._touch()  # decoded tokens: progress
+        for request_id, text, num_tokens in pieces:
+            channel = self._streams.get(request_id)
+            if channel is not None:
+                channel.put(StreamPiece(text, num_tokens))
+
     def _finish(self, incarnation: int, request_id: str, done: concurrent.futures.Future) -> None:
+        with self._stream_lock:
+            if request_id in self._streams:
+                if not done.cancelled() and done.exception() is None:
+                    self._fetch_pieces(self._actor)  # its last pieces reach its channel before its result
+                self._streams.pop(request_id, None)
         if done.cancelled():
             self._complete(incarnation, request_id, error=concurrent.futures.CancelledError())
             return

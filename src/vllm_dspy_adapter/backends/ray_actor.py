@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ class VLLMReplica:
         self.node_id = context.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.engine = None
+        self._pieces = _PieceBuffer()
         self.error: str | None = None
         self.engine_processes: list = []  # psutil.Process objects: killing one never hits a reused pid
         try:
@@ -63,8 +65,15 @@ class VLLMReplica:
         info = dataclasses.replace(self.engine.info(), node=self.node_ip)
         return {**where, "info": info, "device": self.device}
 
-    async def generate(self, request: GenerationRequest, request_id: str) -> Generation:
-        return await asyncio.wrap_future(self.engine.submit(request, request_id))
+    async def generate(self, request: GenerationRequest, request_id: str, streamed: bool = False) -> Generation:
+        """One request; a streamed one leaves its pieces for ``take_pieces`` as they are decoded."""
+        stream = _PieceBuffer.Sink(self._pieces, request_id) if streamed else None
+        return await asyncio.wrap_future(self.engine.submit(request, request_id, stream=stream))
+
+    async def take_pieces(self) -> list[tuple[str, str, int]]:
+        """Every streamed piece decoded since the last call, of every request: the
+        driver polls this while streams run (one call carries all of them)."""
+        return self._pieces.take()
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -93,6 +102,27 @@ class VLLMReplica:
                 process.kill()
             except Exception:  # already gone
                 pass
+
+
+class _PieceBuffer:
+    """Streamed pieces waiting for the driver's next ``take_pieces`` (filled from the engine's thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pieces: list[tuple[str, str, int]] = []
+
+    class Sink:
+        def __init__(self, buffer: _PieceBuffer, request_id: str):
+            self.buffer, self.request_id = buffer, request_id
+
+        def put(self, piece) -> None:
+            with self.buffer._lock:
+                self.buffer._pieces.append((self.request_id, piece.text, piece.num_tokens))
+
+    def take(self) -> list[tuple[str, str, int]]:
+        with self._lock:
+            pieces, self._pieces = self._pieces, []
+        return pieces
 
 
 def _check_binding(cpu_slot: tuple[int, int] | None) -> str:
