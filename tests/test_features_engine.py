@@ -114,11 +114,15 @@ def test_32_concurrent_async_streams(lm):
     salt = uuid.uuid4().hex[:6]
     requests = [_request(f"Say a word about the number {i}. ({salt})", max_tokens=12) for i in range(32)]
 
+    spans = []
+
     async def one(request):
-        pieces = []
+        pieces, first = [], None
         async for event in engine.stream(request):
             if event.type == "delta" and event.delta.type == "text":
+                first = time.monotonic() if first is None else first
                 pieces.append(event.delta.text)
+        spans.append((first, time.monotonic()))
         return pieces
 
     async def main():
@@ -128,7 +132,9 @@ def test_32_concurrent_async_streams(lm):
     streamed = asyncio.run(main())
     assert len(streamed) == 32 and all(len(p) >= 2 for p in streamed), [len(p) for p in streamed]
     assert lm.stats()[0]["requests"] - before == 32
-    assert lm.stats()[0]["peak_unfinished"] >= 16  # they ran as one batch, not one after another
+    # They streamed at the same time (one engine batch), not one after another.
+    overlap = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+    assert overlap >= 16, spans
     sync = DSPyEngine(lm._runtime)
     assert "".join(streamed[5]) == sync.complete(requests[5]).text
 
@@ -136,23 +142,10 @@ def test_32_concurrent_async_streams(lm):
 # --------------------------------------------------------------------------- tools
 
 
-def test_a_model_without_tool_template_refuses_native_tools_and_react_works(lm):
+def test_a_model_without_tool_template_refuses_native_tools_clearly(lm):
     assert lm.supports_function_calling is False  # SmolLM2's template never reads `tools`: auto leaves them off
+    before = lm.stats()[0]["requests"]
     with pytest.raises(dspy.LMInvalidRequestError, match="tool_call_parser"):
-        lm(messages=[{"role": "user", "content": "weather?"}],
+        lm(messages=[{"role": "user", "content": f"weather? {uuid.uuid4().hex[:6]}"}],
            tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
-
-    def get_weather(city: str) -> str:
-        """Current weather in a city."""
-        return f"sunny in {city}"
-
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
-    react = dspy.ReAct("question -> answer", tools=[get_weather, add], max_iters=2)
-    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-        prediction = react(question=f"What is 2 + 3? ({uuid.uuid4().hex[:6]})")
-    names = [v for k, v in prediction.trajectory.items() if k.startswith("tool_name_")]
-    assert names and set(names) <= {"get_weather", "add", "finish"}
-    assert isinstance(prediction.answer, str)
+    assert lm.stats()[0]["requests"] == before  # refused before anything was submitted

@@ -130,6 +130,23 @@ def test_idle_replica_whose_engine_dies_comes_back_without_a_request(lm):
     assert {o.replica for o in outs} == {0, 1}
 
 
+def test_streams_arrive_in_pieces_from_a_worker_process(lm):
+    """A streamed request on a replica in a worker process: pieces over the pipe,
+    the same answer as the whole-answer path."""
+    from dspy.lm15 import Config, Message, Request
+
+    from vllm_dspy_adapter.dspy_engine import DSPyEngine
+
+    engine = DSPyEngine(lm._runtime)
+    request = Request(model="m", messages=(Message.user("Count from one to twenty in words."),),
+                      config=Config(max_tokens=32, temperature=0.0))
+    events = list(engine.stream(request))
+    pieces = [e.delta.text for e in events if e.type == "delta" and e.delta.type == "text"]
+    assert events[0].type == "start" and events[-1].type == "end"
+    assert len(pieces) >= 3, pieces
+    assert "".join(pieces) == engine.complete(request).text
+
+
 def test_stats_show_every_replica(lm):
     stats = lm.stats()
     assert [s["replica"] for s in stats] == [0, 1]

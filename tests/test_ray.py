@@ -162,6 +162,24 @@ def test_one_replica_per_node_and_evaluate_uses_both(lm, cluster):
 
 
 @pytest.mark.engine
+def test_streams_arrive_in_pieces_from_a_ray_actor(lm):
+    """A streamed request on a Ray replica: pieces polled from the actor,
+    the same answer as the whole-answer path."""
+    from dspy.lm15 import Config, Message, Request
+
+    from vllm_dspy_adapter.dspy_engine import DSPyEngine
+
+    engine = DSPyEngine(lm._runtime)
+    request = Request(model="m", messages=(Message.user("Count from one to twenty in words."),),
+                      config=Config(max_tokens=32, temperature=0.0))
+    events = list(engine.stream(request))
+    pieces = [e.delta.text for e in events if e.type == "delta" and e.delta.type == "text"]
+    assert events[0].type == "start" and events[-1].type == "end"
+    assert len(pieces) >= 3, pieces
+    assert "".join(pieces) == engine.complete(request).text
+
+
+@pytest.mark.engine
 def test_a_request_error_crosses_ray_as_the_adapters_own(lm):
     from vllm_dspy_adapter import PromptTooLongError
 

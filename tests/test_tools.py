@@ -244,3 +244,16 @@ def test_request_config_keeps_tool_choice_for_the_planner():
     from vllm_dspy_adapter.render import config_to_sampling
 
     assert config_to_sampling(Config(tool_choice=ToolChoice(mode="auto"))) == {}
+
+
+def test_an_unknown_parser_fails_before_any_engine_starts():
+    import time
+
+    from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
+
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match="Unknown tool_call_parser 'hermez'"):
+        vLLMOffline(tool_call_parser="hermez")
+    with pytest.raises(ConfigurationError, match="Unknown tool_call_parser 'qwen'"):
+        vLLMOfflineMultiGPU(num_replicas=1, tool_call_parser="qwen")
+    assert time.monotonic() - started < 60  # refused by name: no engine was started
