@@ -1,0 +1,104 @@
+"""Native tool calls end to end on real vLLM (CPU build) and real DSPy: the Qwen3 chat
+template path (tools rendered by the template, answers read by vLLM's hermes parser).
+
+The default model's weights with its own (ChatML) vocabulary, and Qwen3's tool-calling
+chat template in place of its plain one: the same tokens frame both. A 135M model does
+not decide to call tools on its own, so the calls here are requested with
+``tool_choice="required"``: vLLM's structural tag then constrains decoding to the
+parser's ``<tool_call>`` format, exactly as ``vllm serve`` does for that choice.
+"""
+
+import json
+import shutil
+import uuid
+
+import dspy
+import pytest
+
+from conftest import ENGINE_KWARGS
+from vllm_dspy_adapter import vLLMOffline
+
+pytestmark = pytest.mark.engine
+
+
+def _qwen3_template() -> str:
+    try:
+        from benchmarks.models import QWEN3_CHAT_TEMPLATE  # where the re-layout puts benchmark material
+    except ImportError:
+        from vllm_dspy_adapter.models import QWEN3_CHAT_TEMPLATE
+    return QWEN3_CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def tokenizer_with_tools(default_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smollm2-qwen3-template")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{default_model}/{name}", folder / name)
+    (folder / "chat_template.jinja").write_text(_qwen3_template())
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def lm(tokenizer_with_tools):
+    lm = vLLMOffline(tokenizer=tokenizer_with_tools, temperature=0.0, max_tokens=64, cache=False, **ENGINE_KWARGS)
+    yield lm
+    lm.shutdown()
+
+
+def get_weather(city: str) -> str:
+    """Current weather in a city."""
+    return f"sunny in {city}"
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+class Ask(dspy.Signature):
+    question: str = dspy.InputField()
+    tools: list[dspy.Tool] = dspy.InputField()
+    answer: str = dspy.OutputField()
+    tool_calls: dspy.ToolCalls = dspy.OutputField()
+
+
+def test_auto_picks_hermes_from_the_template(lm):
+    assert lm._runtime.tool_parser == "hermes"
+    assert lm.supports_function_calling is True
+
+
+def test_a_required_call_comes_back_as_a_native_tool_call(lm):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    [out] = lm(messages=[{"role": "user", "content": f"Weather in Paris? ({uuid.uuid4().hex[:6]})"}],
+               tools=tools, tool_choice="required")
+    [call] = out["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_dspy_native_function_calling_with_two_tools(lm):
+    adapter = dspy.ChatAdapter(use_native_function_calling=True)
+    with dspy.context(lm=lm, adapter=adapter):
+        prediction = dspy.Predict(Ask)(question=f"What is 2 + 3? ({uuid.uuid4().hex[:6]})",
+                                       tools=[dspy.Tool(get_weather), dspy.Tool(add)],
+                                       config={"tool_choice": "required"})
+    calls = prediction.tool_calls.tool_calls
+    assert calls and all(c.name in {"get_weather", "add"} for c in calls)
+    # vLLM's default strictness constrains the call's frame and name, not its arguments' schema.
+    assert all(isinstance(c.args, dict) for c in calls)
+
+
+def test_the_engine_prompt_holds_both_tools_through_the_template(lm):
+    from dspy.lm15 import Config, FunctionTool, Message, Request, ToolChoice
+
+    request = Request(model="m", messages=(Message.user("What is 2 + 3?"),), config=Config(
+        tool_choice=ToolChoice(mode="required")), tools=(
+        FunctionTool(name="get_weather", parameters={"type": "object", "properties": {"city": {"type": "string"}}}),
+        FunctionTool(name="add", parameters={"type": "object", "properties": {"a": {"type": "integer"}}})))
+    prepared = lm._runtime.build(request)
+    prompt = prepared.request.prompt
+    assert "# Tools" in prompt and '"name": "add"' in prompt and '"name": "get_weather"' in prompt
+    assert "structural_tag" in prepared.request.sampling["structured_outputs"]
+    assert prepared.request.sampling["skip_special_tokens"] is False
