@@ -184,6 +184,10 @@ def test_required_and_named_choices_constrain_decoding(hermes):
     begins = [t["begin"] for t in tag["format"]["tags"]]
     assert any('"get_weather"' in b for b in begins) and any('"add"' in b for b in begins)
     assert tag["format"]["at_least_one"] is True
+    # A forced call's arguments are held to the tool's schema, not any JSON.
+    schemas = [t["content"]["json_schema"] for t in tag["format"]["tags"]]
+    assert {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"]} in schemas
 
     named = hermes.plan((WEATHER, ADD), ToolChoice(mode="required", allowed=("add",)))
     assert [t["function"]["name"] for t in named.tools] == ["add"]

@@ -230,8 +230,13 @@ class ToolCalling:
         tools = template_tools(request_tools)
         choice, offered = _openai_tool_choice(tool_choice, tools)
         parallel = tool_choice.parallel if tool_choice is not None else None
+        server_tools = offered
+        if choice not in ("auto", "none"):
+            # A forced call is only useful if its arguments fit the tool: its schema
+            # constrains them too (the per-tool `strict` of the OpenAI format).
+            server_tools = [{**t, "function": {**t["function"], "strict": True}} for t in offered]
         server = ChatCompletionRequest(
-            messages=[{"role": "user", "content": ""}], model=self.name, tools=offered, tool_choice=choice,
+            messages=[{"role": "user", "content": ""}], model=self.name, tools=server_tools, tool_choice=choice,
             **({} if parallel is None else {"parallel_tool_calls": parallel}),
         )
         parser = self._parser_cls(self._tokenizer, server.tools)
