@@ -5,8 +5,10 @@
 
 `dspy.streamify` with a `StreamListener` on ChainOfThought's `reasoning` field:
 each piece is printed the moment vLLM decodes it (the request runs with vLLM's
-DELTA outputs; every non-streamed request keeps whole-answer outputs). Runs on a
-GPU or on CPU with the embedded default model (executed by the test suite).
+DELTA outputs; every non-streamed request keeps whole-answer outputs). The LM is
+`vLLMOfflineMultiGPU`, so the pieces come from replicas in worker processes (one
+per GPU; two CPU replicas on a machine without GPU); `vLLMOffline` streams the
+same way. Executed by the test suite on CPU with the embedded default model.
 """
 
 import asyncio
@@ -19,7 +21,7 @@ QUIET = quiet_engine_logs(verbose="-v" in sys.argv[1:] or "--verbose" in sys.arg
 
 import dspy  # noqa: E402
 
-from vllm_dspy_adapter import vLLMOffline  # noqa: E402
+from vllm_dspy_adapter import vLLMOfflineMultiGPU, visible_gpu_count  # noqa: E402
 
 QUESTIONS = ["Why is the sky blue?", "What is 12 + 30?"]
 
@@ -43,14 +45,18 @@ async def show(program, question: str) -> None:
 
 def main() -> None:
     started = time.monotonic()
-    with vLLMOffline(temperature=0.0, max_tokens=128, max_model_len=2048, enforce_eager=True,
-                     use_tqdm_on_load=not QUIET, cache=False) as lm:
-        print(f"engine ready in {time.monotonic() - started:.0f} s: {lm.model}", flush=True)
+    # round_robin: each question goes to the next replica, so every replica streams one.
+    replicas = None if visible_gpu_count() else 2
+    with vLLMOfflineMultiGPU(num_replicas=replicas, routing="round_robin", temperature=0.0, max_tokens=128,
+                             max_model_len=2048, enforce_eager=True, use_tqdm_on_load=not QUIET, cache=False) as lm:
+        print(f"engine ready in {time.monotonic() - started:.0f} s: {lm.model} ({lm.num_replicas} replicas)",
+              flush=True)
         # JSONAdapter: structured outputs make even the 135M default model write each field.
         dspy.configure(lm=lm, adapter=dspy.JSONAdapter())
         program = dspy.ChainOfThought("question -> answer")
         for question in QUESTIONS:
             asyncio.run(show(program, question))
+        print(f"requests per replica: {[entry.get('requests', 0) for entry in lm.stats()]}")
     print("streaming_chat: done")
 
 

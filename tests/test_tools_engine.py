@@ -104,3 +104,25 @@ def test_the_engine_prompt_holds_both_tools_through_the_template(lm):
     assert "# Tools" in prompt and '"name": "add"' in prompt and '"name": "get_weather"' in prompt
     assert "structural_tag" in prepared.request.sampling["structured_outputs"]
     assert prepared.request.sampling["skip_special_tokens"] is False
+
+
+def test_a_streamed_request_with_tools_ends_with_its_tool_calls(lm):
+    from dspy._vendor.lm15.result import StreamAccumulator
+    from dspy.clients.engines.stream_guard import checked_stream
+    from dspy.lm15 import Config, FunctionTool, Message, Request, ToolChoice
+
+    from vllm_dspy_adapter.dspy_engine import DSPyEngine
+
+    request = Request(model="m", messages=(Message.user(f"Weather in Oslo? ({uuid.uuid4().hex[:6]})"),),
+                      tools=(FunctionTool(name="get_weather", parameters={
+                          "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),),
+                      config=Config(tool_choice=ToolChoice(mode="required"), max_tokens=64, temperature=0.0))
+    events = list(checked_stream(iter(DSPyEngine(lm._runtime).stream(request)), provider="vllm"))
+    calls = [e.delta for e in events if e.type == "delta" and e.delta.type == "tool_call"]
+    assert [c.name for c in calls] == ["get_weather"] and "city" in json.loads(calls[0].input)
+    assert events[-1].type == "end" and events[-1].finish_reason == "tool_call"
+    accumulator = StreamAccumulator(request)
+    for event in events:
+        accumulator.push(event)
+    [part] = [p for p in accumulator.response().message.parts if p.type == "tool_call"]
+    assert part.name == "get_weather" and "city" in part.input
