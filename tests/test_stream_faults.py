@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from fakes import FakeLauncher, wait_until
-from test_faults import _shutdown_pools, request, start  # noqa: F401  (the fixture shuts the pools down)
+from fakes import FakeLauncher
+from test_faults import _shutdown_pools, request, start, wait_until  # noqa: F401  (the fixture shuts the pools down)
 from vllm_dspy_adapter.backends.worker import PieceBatcher
 from vllm_dspy_adapter.errors import StreamInterruptedError
 from vllm_dspy_adapter.streams import StreamChannel, StreamPiece
