@@ -1,0 +1,55 @@
+"""Adapter checks and registry (lora.py): pure, no engine, no PEFT."""
+
+import json
+
+import pytest
+
+from vllm_dspy_adapter.errors import ConfigurationError
+from vllm_dspy_adapter.lora import AdapterRegistry, read_adapter
+
+
+def adapter_folder(path, r=8, weights=b"w" * 64, peft_type="LORA"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": r, "peft_type": peft_type, "lora_alpha": 16}))
+    if weights is not None:
+        (path / "adapter_model.safetensors").write_bytes(weights)
+    return path
+
+
+def test_a_good_adapter_is_read_with_rank_and_digest(tmp_path):
+    spec = read_adapter("tone", str(adapter_folder(tmp_path / "a")), max_lora_rank=16, lora_id=3)
+    assert (spec.name, spec.rank, spec.lora_id) == ("tone", 8, 3)
+    assert spec.label("vllm/base@1").startswith("vllm/base@1+lora:tone@")
+    other = read_adapter("tone", str(adapter_folder(tmp_path / "b", weights=b"v" * 64)), max_lora_rank=16)
+    assert other.digest != spec.digest  # retrained weights: a new cache label
+    assert other.label("x") != spec.label("x")
+
+
+@pytest.mark.parametrize("make, kwargs, message", [
+    (lambda p: p / "missing", {}, "no folder"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", {}, "no adapter_config.json"),
+    (lambda p: adapter_folder(p / "big", r=64), {}, "rank 64, above this LM's max_lora_rank=16"),
+    (lambda p: adapter_folder(p / "nw", weights=None), {}, "no adapter_model.safetensors"),
+    (lambda p: adapter_folder(p / "ia3", peft_type="IA3"), {}, "vLLM serves LoRA only"),
+    (lambda p: adapter_folder(p / "ok"), {"max_lora_rank": None}, "enable_lora=True"),
+    (lambda p: adapter_folder(p / "ok2"), {"name": "bad name/.."}, "is not valid"),
+])
+def test_bad_adapters_are_refused_with_the_fix(tmp_path, make, kwargs, message):
+    path = make(tmp_path)
+    args = {"name": "a", "max_lora_rank": 16, **kwargs}
+    with pytest.raises(ConfigurationError, match=message):
+        read_adapter(args["name"], str(path), max_lora_rank=args["max_lora_rank"])
+
+
+def test_registry_names_what_is_loaded_when_asked_for_an_unknown_adapter(tmp_path):
+    registry = AdapterRegistry()
+    spec = read_adapter("a", str(adapter_folder(tmp_path / "a")), max_lora_rank=8, lora_id=registry.next_id())
+    assert registry.put(spec) is None
+    assert "a" in registry and registry.get("a") is spec
+    with pytest.raises(ConfigurationError, match=r"No adapter named 'b' is loaded \(loaded: \['a'\]\)"):
+        registry.get("b")
+    again = read_adapter("a", str(adapter_folder(tmp_path / "a2", weights=b"z" * 8)), max_lora_rank=8,
+                         lora_id=registry.next_id())
+    assert again.lora_id != spec.lora_id  # ids are never reused
+    assert registry.put(again) is spec
+    assert registry.pop("a") is again and registry.all() == []
