@@ -118,9 +118,7 @@ class AdapterRouter(Router):
 
     def forget(self, replica: int) -> None:
         self._slots.pop(replica, None)
-        forget = getattr(self.base, "forget", None)
-        if forget is not None:
-            forget(replica)
+        self.base.forget(replica)
 
     def drop(self, adapter: str) -> None:
         self._known.discard(adapter)

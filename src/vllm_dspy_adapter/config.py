@@ -30,6 +30,9 @@ PERFORMANCE_ONLY_ARGS = frozenset({
     "compilation_config", "enable_chunked_prefill", "max_parallel_loading_workers",
     "disable_custom_all_reduce", "distributed_executor_backend", "kv_cache_dtype_skip_layers",
     "use_tqdm_on_load",
+    # LoRA capacity: the base model answers the same with or without it (an adapter's
+    # answers are cached under the adapter's own label, see lora.AdapterSpec.label).
+    "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "fully_sharded_loras",
 })
 
 # SamplingParams fields the adapter owns: they are set from DSPy's request or
@@ -60,6 +63,13 @@ class ModelSpec:
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:10]
         return f"vllm/{name}@{digest}"
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        """The largest adapter rank the engines accept; None when LoRA is off."""
+        if not self.engine_kwargs.get("enable_lora"):
+            return None
+        return int(self.engine_kwargs.get("max_lora_rank") or 16)  # vLLM's default
 
     def with_engine_kwargs(self, **updates: Any) -> ModelSpec:
         return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, **updates})

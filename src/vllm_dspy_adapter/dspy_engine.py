@@ -147,13 +147,44 @@ class Runtime:
             f"or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}: {str(prompt)[:80]!r}"
         )
 
-    def to_response(self, generation: Generation, plan: ToolPlan | None = None):
-        response = generation_to_response(generation, model=self.label)
+    def to_response(self, generation: Generation, plan: ToolPlan | None = None, label: str | None = None):
+        response = generation_to_response(generation, model=label or self.label)
         return with_tool_calls(response, self.tool_calling(), plan) if plan is not None else response
 
     def parse_tools(self, plan: ToolPlan):
         """For a stream: the whole answer text to (content, tool calls), as ``to_response`` reads it."""
         return lambda text: self.tool_calling().parse(text, plan)
+
+    # ------------------------------------------------ LoRA (the provider's LoRAHost)
+
+    @property
+    def base_model_path(self) -> str:
+        return self.spec.model
+
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        return dict(self.spec.chat_template_kwargs)
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        return self.spec.max_lora_rank
+
+    def load_adapter(self, name: str, path: str, timeout: float = 300.0):
+        """Check the adapter folder, then load it on every live replica (or none)."""
+        from .lora import read_adapter
+
+        if self.closed:
+            raise LMClosedError("This LM was shut down; create a new one.")
+        adapter = read_adapter(name, path, max_lora_rank=self.max_lora_rank, lora_id=self.pool.adapters.next_id())
+        self.pool.load_adapter(adapter, timeout=timeout)
+        return adapter
+
+    def adapter_model(self, name: str) -> str:
+        """The model label of an LM serving adapter ``name`` (what ``lm.copy(model=...)`` takes)."""
+        return self.pool.adapters.get(name).label(self.label)
+
+    def adapter_of_label(self, label: str) -> str | None:
+        return next((a.name for a in self.pool.adapters.all() if a.label(self.label) == label), None)
 
     def shutdown(self) -> None:
         """Stop every replica (in parallel); idempotent. Calls from now on fail with ``LMClosedError``."""
@@ -178,10 +209,12 @@ class DSPyEngine:
     supports_function_calling = False
     supported_params = SUPPORTED_PARAMS
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, adapter: str | None = None):
         self.runtime = runtime
         # DSPy reads this to choose native tool calls over tools described in text.
         self.supports_function_calling = runtime.tool_parser is not None
+        self.adapter = adapter  # a LoRA adapter every request carries (lm.with_adapter), or None
+        self.label = runtime.adapter_model(adapter) if adapter is not None else runtime.label
 
     def _submit(self, request, stream=None) -> tuple[concurrent.futures.Future, Prepared]:
         from dspy.clients.engines.base import validate_request
@@ -189,6 +222,7 @@ class DSPyEngine:
         validate_request(request)
         try:
             prepared = self.runtime.build(request)
+            prepared.request.adapter = self.adapter
             return self.runtime.pool.submit(prepared.request, stream=stream), prepared
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
@@ -199,7 +233,7 @@ class DSPyEngine:
             generation = future.result()
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation, prepared.plan)
+        return self.runtime.to_response(generation, prepared.plan, self.label)
 
     def stream(self, request):
         """Real token streaming: vLLM's DELTA outputs for this request only
@@ -219,7 +253,7 @@ class AsyncDSPyEngine(DSPyEngine):
             generation = await asyncio.wrap_future(future)
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation, prepared.plan)
+        return self.runtime.to_response(generation, prepared.plan, self.label)
 
     def stream(self, request):
         """See ``DSPyEngine.stream``; waits on the caller's event loop, no thread per stream."""

@@ -41,7 +41,7 @@ def _open(engine, request, future_prepared) -> tuple[StreamChannel, Any, EventAs
     channel, (future, prepared) = future_prepared
     future.add_done_callback(lambda f: _settle(channel, f))
     runtime = engine.runtime
-    assembler = EventAssembler(model=runtime.label, starts_in_thinking=prepared.starts_in_thinking,
+    assembler = EventAssembler(model=engine.label, starts_in_thinking=prepared.starts_in_thinking,
                                hold_text=prepared.plan is not None)
     return channel, prepared, assembler
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import ModelSpec
 from .errors import (
+    ConfigurationError,
     PromptTooLongError,
     ReplicaDeadError,
     ReplicaStartError,
@@ -84,6 +85,7 @@ class Engine:
         self.ticks = 0  # the engine's pulse (see PROBE_S)
         self.on_cpu = False
         self.engine = None
+        self._loras: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest, loaded in this engine
         self.engine_processes: list = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
@@ -181,6 +183,7 @@ class Engine:
             if engine is None or not self.alive:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
             prompt, params = self._prepare(request, streamed=stream is not None)
+            lora = self._lora_for(request)
         except BaseException as exc:
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_exception(exc)
@@ -191,7 +194,7 @@ class Engine:
             # vLLM's own count of requests it holds (this one not yet added):
             # the proof that calls from many threads share one batch.
             self._peak_unfinished = max(self._peak_unfinished, engine.get_num_unfinished_requests() + 1)
-        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, stream), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, stream, lora), self._loop)
 
     def _watch(self, processes) -> None:
         """Fail every request in flight the moment an engine process dies.
@@ -289,7 +292,7 @@ class Engine:
             raise UnsupportedInputError(f"Invalid sampling options {request.sampling!r}: {exc}") from exc
         return prompt, params
 
-    async def _generate(self, prompt, params, request_id: str, stream=None) -> Generation:
+    async def _generate(self, prompt, params, request_id: str, stream=None, lora=None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         task = asyncio.current_task()
@@ -300,7 +303,7 @@ class Engine:
         try:
             if self._dead is not None or engine is None:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'shut down'}")
-            async for output in engine.generate(prompt, params, request_id):
+            async for output in engine.generate(prompt, params, request_id, lora_request=lora):
                 final = output
                 if deltas is not None:
                     deltas.add(output)
@@ -343,6 +346,44 @@ class Engine:
             self._totals["output_tokens"] += generation.num_output_tokens
             self._totals["cached_tokens"] += generation.num_cached_tokens
 
+    # ------------------------------------------------------------ LoRA adapters
+
+    def _lora_for(self, request: GenerationRequest):
+        if request.adapter is None:
+            return None
+        lora = self._loras.get(request.adapter)
+        if lora is None:  # never send vLLM an adapter it did not accept: a bad one kills its engine core
+            raise UnsupportedInputError(f"{self.name}: adapter {request.adapter!r} is not loaded here "
+                                        f"(loaded: {sorted(self._loras) or 'none'}); use lm.load_adapter first.")
+        return lora
+
+    async def _add_lora(self, adapter) -> None:
+        from .lora import to_lora_request
+
+        lora = to_lora_request(adapter)
+        try:
+            await self.engine.add_lora(lora)
+        except Exception as exc:  # vLLM refuses cleanly here (bad rank, bad modules, bad files)
+            raise ConfigurationError(f"{self.name}: vLLM refused adapter {adapter.name!r} ({adapter.path}): "
+                                     f"{exc}") from None
+        old = self._loras.get(adapter.name)
+        self._loras[adapter.name] = lora
+        if old is not None and old.lora_int_id != lora.lora_int_id:
+            await self.engine.remove_lora(old.lora_int_id)
+
+    def add_adapter(self, adapter, timeout: float = 120.0) -> None:
+        """Load a checked ``lora.AdapterSpec`` into this engine (replacing one of the
+        same name); raises ``ConfigurationError`` if vLLM refuses it."""
+        asyncio.run_coroutine_threadsafe(self._add_lora(adapter), self._loop).result(timeout=timeout)
+
+    def remove_adapter(self, name: str, timeout: float = 60.0) -> None:
+        lora = self._loras.pop(name, None)
+        if lora is not None:
+            asyncio.run_coroutine_threadsafe(self.engine.remove_lora(lora.lora_int_id), self._loop).result(timeout)
+
+    def adapter_names(self) -> list[str]:
+        return sorted(self._loras)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             totals = dict(self._totals)
@@ -350,7 +391,7 @@ class Engine:
         hit_rate = totals["cached_tokens"] / totals["prompt_tokens"] if totals["prompt_tokens"] else None
         return {**totals, "in_flight": in_flight, "peak_in_flight": self._peak_in_flight,
                 "peak_unfinished": self._peak_unfinished, "engine_ticks": self.ticks,
-                "prefix_cache_hit_rate": hit_rate, "alive": self.alive}
+                "prefix_cache_hit_rate": hit_rate, "alive": self.alive, "adapters": self.adapter_names()}
 
     # ---------------------------------------------------------------- lifetime
 

@@ -23,8 +23,10 @@ import dspy
 from .config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from .errors import ConfigurationError, LMClosedError
+from .lm_lora import LoRAMixin
 from .pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
 from .protocol import Generation
+from .adapter_routing import AdapterRouter
 from .router import SPILL_AT, Router
 from .tools import AUTO, check_parser_name
 
@@ -65,7 +67,7 @@ def _check_health_timeout(value: float | None) -> None:
                                  f"check off; got {value!r}")
 
 
-class vLLMOffline(dspy.LM):
+class vLLMOffline(LoRAMixin, dspy.LM):
     """A DSPy LM over one in-process vLLM engine.
 
     ``vLLMOffline(model=None, **engine_kwargs)``: ``model`` is a local folder or a
@@ -93,6 +95,10 @@ class vLLMOffline(dspy.LM):
       ...) and leaves them off for a template without tools; a name chooses one of
       vLLM's parsers; ``None`` turns them off. With a parser, DSPy's adapters send
       tools natively (``supports_function_calling`` is true).
+    - ``enable_lora=True`` (with vLLM's ``max_loras``, ``max_lora_rank``): serve LoRA
+      adapters, loaded at run time with ``load_adapter`` and used through
+      ``with_adapter``; ``lm.finetune`` / ``dspy.BootstrapFinetune`` train one
+      (docs/LORA_GUIDE.md).
 
     Use it as a context manager or call ``shutdown()``; engines also stop at exit.
     After a shutdown every call fails with ``LMClosedError``.
@@ -123,8 +129,10 @@ class vLLMOffline(dspy.LM):
         _LIVE.add(runtime)
         self._runtime = runtime
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
+        from .finetune import LoRAProvider
+
         super().__init__(model=runtime.label, engine=DSPyEngine(runtime), async_engine=AsyncDSPyEngine(runtime),
-                         **dspy_kwargs)
+                         provider=LoRAProvider(runtime), **dspy_kwargs)
 
     def _layout(self, start_timeout: float | None):
         """(backend, router, max_restarts): one engine here, never restarted."""
@@ -137,6 +145,8 @@ class vLLMOffline(dspy.LM):
         """The one start path of both classes: the backend starts every replica
         (all ready, or none left running), the pool takes them."""
         backend, router, max_restarts = self._layout(start_timeout)
+        if spec.max_lora_rank is not None and not isinstance(router, AdapterRouter):
+            router = AdapterRouter(router, max_loras=int(spec.engine_kwargs.get("max_loras") or 1))
         pools: list[ReplicaPool] = []
 
         def on_death(replica, cause):
@@ -162,7 +172,7 @@ class vLLMOffline(dspy.LM):
 
     def batch_generate(self, prompts: Sequence[Any], *, progress: bool = True, return_outputs: bool = False,
                        raise_on_error: bool = True, per_prompt: Sequence[dict[str, Any]] | None = None,
-                       **sampling: Any) -> list[Any]:
+                       adapter: str | None = None, **sampling: Any) -> list[Any]:
         """Generate for every prompt at once; results come back in input order.
 
         ``prompts``: strings (sent as they are, like ``LLM.generate``), chat message
@@ -175,6 +185,8 @@ class vLLMOffline(dspy.LM):
         static share. Returns strings, or ``GenerationOutput`` objects with
         ``return_outputs=True``. A failed prompt raises after every other prompt
         has finished (with ``raise_on_error=False`` its slot holds the exception).
+        ``adapter``: a loaded LoRA adapter for every prompt (default: this LM's own,
+        see ``with_adapter``).
         """
         runtime = self._runtime
         if runtime.closed:
@@ -192,6 +204,11 @@ class vLLMOffline(dspy.LM):
             per_request = _per_prompt_sampling(per_prompt, merged, len(prompts))
         # Refuse bad input before submitting any: nothing runs half-done.
         requests = [runtime.prompt_request(p, s) for p, s in zip(prompts, per_request)]
+        adapter = adapter if adapter is not None else self.adapter
+        if adapter is not None:
+            runtime.pool.adapters.get(adapter)  # not loaded: ConfigurationError before any request
+            for request in requests:
+                request.adapter = adapter
         futures = [runtime.pool.submit(r) for r in requests]
         results: list[Any] = [None] * len(futures)
         bar = _progress_bar(len(futures), progress)

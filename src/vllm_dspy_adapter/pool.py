@@ -16,11 +16,16 @@ replica deaths and stalls.
   router chooses among ``open_replicas`` (router.py) only, so a GPU's next replica
   takes requests once its first holds ``spill_at`` in flight.
 - After ``close()`` every call fails with ``LMClosedError``.
+- LoRA adapters (``load_adapter``): loaded on every live replica or on none; a
+  restarted replica gets them again before it serves them; a request for an
+  adapter goes only to replicas that hold it (``AdapterRouter`` then prefers
+  those where it is resident), and one for an adapter not loaded fails at once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .adapter_routing import AdapterRouter
 from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
+from .lora import AdapterRegistry, AdapterSpec
 from .placement import split_device
 from .protocol import Generation, GenerationRequest, Replica
 from .router import SPILL_AT, ReplicaLoad, Router, open_replicas
@@ -75,6 +82,8 @@ class ReplicaPool:
         self._resubmitted = [0] * n  # requests taken from each replica by its deaths and sent again
         self._last_death = ""
         self._closed = threading.Event()
+        self.adapters = AdapterRegistry()
+        self._adapter_lock = threading.Lock()  # one load or unload at a time
         if health_timeout is not None:
             threading.Thread(target=self._watch_stalls, name="pool-stall-check", daemon=True).start()
 
@@ -105,8 +114,19 @@ class ReplicaPool:
         if not any(load.alive for load in loads):
             job.future.set_exception(NoHealthyReplicaError(self._no_replica_text()))
             return
+        adapter = job.request.adapter
+        if adapter is not None:
+            try:
+                loads = self._holders(adapter, loads)
+            except Exception as exc:
+                job.future.set_exception(exc)
+                return
         with self._lock:  # routing decisions update the router's tables: one at a time
-            index = self.router.choose(job.request.prompt, open_replicas(loads, self.spill_at))
+            candidates = open_replicas(loads, self.spill_at)
+            if adapter is not None and isinstance(self.router, AdapterRouter):
+                index = self.router.choose(job.request.prompt, candidates, adapter=adapter)
+            else:
+                index = self.router.choose(job.request.prompt, candidates)
             self._outstanding[index] += job.cost
             if self._in_flight[index] == 0:
                 self._busy_since[index] = time.monotonic()
@@ -115,6 +135,94 @@ class ReplicaPool:
         replica = self.replicas[index]
         inner = replica.submit(job.request) if job.stream is None else replica.submit(job.request, stream=job.stream)
         inner.add_done_callback(lambda f, i=index: self._finished(job, i, f))
+
+    def _holders(self, adapter: str, loads: list[ReplicaLoad]) -> list[ReplicaLoad]:
+        """The loads with every replica that does not hold ``adapter`` marked not alive."""
+        self.adapters.get(adapter)  # an adapter never loaded: ConfigurationError naming the loaded ones
+        held = [dataclasses.replace(load, alive=load.alive and adapter in self.replicas[load.index].adapters)
+                for load in loads]
+        if not any(load.alive for load in held):
+            raise NoHealthyReplicaError(f"No live replica holds adapter {adapter!r} now (a restarted replica "
+                                        "loads it again before serving it); retry shortly.")
+        return held
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, adapter: AdapterSpec, timeout: float = 300.0) -> None:
+        """Load ``adapter`` on every live replica (in parallel), or on none: if one
+        refuses it, it is unloaded from the others and the error raised."""
+        with self._adapter_lock:
+            old = self.adapters.put(adapter)  # first, so a replica restarting now loads it too
+            targets = [r for r in self.replicas if r.alive]
+            if not targets:
+                self._restore(adapter, old)
+                raise NoHealthyReplicaError("No live replica to load the adapter on.")
+            errors = self._on_each(targets, lambda r: r.add_adapter(adapter, timeout=timeout), timeout)
+            if errors:
+                for replica in targets:
+                    if replica.index not in errors and old is None:
+                        self._quietly(replica.remove_adapter, adapter.name)
+                self._restore(adapter, old)
+                first = next(iter(errors.values()))
+                raise type(first)(f"Adapter {adapter.name!r} was not loaded (on no replica): " + "; ".join(
+                    f"{self.replicas[i].name}: {e}" for i, e in errors.items())) from first
+
+    def unload_adapter(self, name: str, timeout: float = 60.0) -> None:
+        with self._adapter_lock:
+            self.adapters.get(name)  # unknown: ConfigurationError
+            self.adapters.pop(name)
+            self._on_each([r for r in self.replicas if r.alive], lambda r: r.remove_adapter(name, timeout=timeout),
+                          timeout, log_only=True)
+            if isinstance(self.router, AdapterRouter):
+                with self._lock:
+                    self.router.drop(name)
+
+    def _restore(self, adapter: AdapterSpec, old: AdapterSpec | None) -> None:
+        if old is None:
+            self.adapters.pop(adapter.name)
+        else:
+            self.adapters.put(old)
+
+    @staticmethod
+    def _quietly(call, *args) -> None:
+        try:
+            call(*args)
+        except Exception:  # best effort: the replica may have died meanwhile
+            logger.debug("adapter cleanup failed", exc_info=True)
+
+    def _on_each(self, replicas, call, timeout: float, *, log_only: bool = False) -> dict[int, BaseException]:
+        """``call(replica)`` on every replica at once; the errors by replica index."""
+        errors: dict[int, BaseException] = {}
+
+        def run(replica) -> None:
+            try:
+                call(replica)
+            except Exception as exc:  # noqa: BLE001 - collected and raised by the caller
+                errors[replica.index] = exc
+
+        threads = [threading.Thread(target=run, args=(r,), daemon=True) for r in replicas]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + timeout + 5
+        for thread, replica in zip(threads, replicas):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                errors.setdefault(replica.index, ReplicaDeadError(f"{replica.name}: no answer within {timeout:g} s"))
+        if log_only:
+            for index, exc in errors.items():
+                logger.warning("%s: %s", self.replicas[index].name, exc)
+        return errors
+
+    def _sync_adapters(self, replica: Replica) -> None:
+        """Load every registered adapter on a replica that just restarted."""
+        for adapter in self.adapters.all():
+            if adapter.name in replica.adapters or not replica.alive:
+                continue
+            try:
+                replica.add_adapter(adapter)
+            except Exception as exc:  # it keeps serving the base model and the other adapters
+                logger.error("%s: could not load adapter %r again after its restart: %s", replica.name,
+                             adapter.name, exc)
 
     def _no_replica_text(self) -> str:
         if len(self.replicas) == 1 and self._restart is None:
@@ -173,6 +281,7 @@ class ReplicaPool:
         replica.restarts += 1
         try:
             self._restart(replica)
+            self._sync_adapters(replica)
             logger.warning("%s restarted (restart %d of at most %d).", replica.name, replica.restarts,
                            self.max_restarts)
         except Exception as exc:  # the replica stays dead; the pool goes on without it

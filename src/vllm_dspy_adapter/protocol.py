@@ -36,6 +36,7 @@ class GenerationRequest:
     sampling: dict[str, Any] = field(default_factory=dict)
     chat: bool = False
     images: list[Any] = field(default_factory=list)
+    adapter: str | None = None  # the name of a LoRA adapter loaded with lm.load_adapter, or the base model
 
     def estimated_prompt_tokens(self) -> int:
         # Routing needs a load estimate before any tokeniser runs; four
@@ -124,6 +125,19 @@ class Replica(Protocol):
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """Counters of its engine; never waits longer than ``timeout``."""
+
+    @property
+    def adapters(self) -> frozenset[str]:
+        """Names of the LoRA adapters its current engine has loaded (none after a restart
+        until the pool loads them again)."""
+
+    def add_adapter(self, adapter: Any, timeout: float = 120.0) -> None:
+        """Load a checked ``lora.AdapterSpec`` into its engine, or raise (``ConfigurationError``
+        when vLLM refuses it, ``ReplicaDeadError`` when the replica is not running); never
+        waits longer than ``timeout``."""
+
+    def remove_adapter(self, name: str, timeout: float = 60.0) -> None:
+        """Unload an adapter from its engine (nothing if it was not loaded)."""
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop in order; requests still held fail with ``ReplicaDeadError``. Idempotent."""

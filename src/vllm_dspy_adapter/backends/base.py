@@ -57,6 +57,7 @@ class ReplicaHandle:
         self._ids = itertools.count()
         self._progress = time.monotonic()
         self._stalls: list[str] = []  # when each stall was declared (UTC, ISO 8601)
+        self._adapters: frozenset[str] = frozenset()  # LoRA adapters of the current incarnation's engine
         self._last_cause: str | None = None
 
     # ------------------------------------------------------------- contract
@@ -82,6 +83,33 @@ class ReplicaHandle:
         logger.error("%s: %s; killing it", self.name, cause)
         self._died(incarnation, cause, kill=True)
 
+    @property
+    def adapters(self) -> frozenset[str]:
+        return self._adapters
+
+    def add_adapter(self, adapter, timeout: float = 120.0) -> None:
+        incarnation = self._running()
+        self._adapter_call("add", adapter, timeout)
+        with self._lock:
+            if incarnation == self._incarnation:
+                self._adapters = self._adapters | {adapter.name}
+
+    def remove_adapter(self, name: str, timeout: float = 60.0) -> None:
+        with self._lock:
+            self._adapters = self._adapters - {name}
+        if self._alive:
+            self._adapter_call("remove", name, timeout)
+
+    def _running(self) -> int:
+        with self._lock:
+            if not self._alive:
+                raise ReplicaDeadError(f"{self.name} is not running")
+            return self._incarnation
+
+    def _adapter_call(self, op: str, payload, timeout: float) -> None:
+        """Run ``Engine.add_adapter(payload)`` or ``Engine.remove_adapter(payload)`` on the replica."""
+        raise NotImplementedError
+
     def base_stats(self) -> dict[str, Any]:
         return {"replica": self.index, "device": self.device, "alive": self._alive, "restarts": self.restarts,
                 "stalls": len(self._stalls), "last_stall": self._stalls[-1] if self._stalls else None,
@@ -101,6 +129,7 @@ class ReplicaHandle:
         with self._lock:
             self.info = info
             self._incarnation += 1
+            self._adapters = frozenset()  # a new engine: the pool loads the adapters again
             self._alive = not self._closed
             self._touch()
             return self._incarnation

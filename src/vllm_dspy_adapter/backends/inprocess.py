@@ -78,6 +78,12 @@ class InProcessReplica(ReplicaHandle):
         base = self.base_stats()
         return {**base, **self.engine.stats(), "alive": self._alive} if self.engine is not None else base
 
+    def _adapter_call(self, op: str, payload, timeout: float) -> None:
+        if op == "add":
+            self.engine.add_adapter(payload, timeout=timeout)
+        else:
+            self.engine.remove_adapter(payload, timeout=timeout)
+
     def _kill(self) -> None:
         if self.engine is not None:
             self.engine.kill()

@@ -179,6 +179,10 @@ class ProcessReplica(ReplicaHandle):
                 waiter = self._stats_waiting.pop(message[1], None)
                 if waiter is not None and not waiter.done():  # a late reply finds no waiter: dropped
                     waiter.set_result(message[2])
+            elif kind == "adapter":
+                waiter = self._stats_waiting.pop(message[1], None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message[2])
             elif kind == "dead":
                 cause = message[1]
             else:
@@ -214,6 +218,25 @@ class ProcessReplica(ReplicaHandle):
             return {**self.base_stats(), "pid": self.pid}
         finally:
             self._stats_waiting.pop(stats_id, None)
+
+    def _adapter_call(self, op: str, payload, timeout: float) -> None:
+        from ..errors import ReplicaDeadError
+
+        call_id = next(self._stats_ids)  # stats and adapter calls share one id space and waiter table
+        waiter: concurrent.futures.Future = concurrent.futures.Future()
+        self._stats_waiting[call_id] = waiter
+        try:
+            if not self._send(("adapter", call_id, op, payload)):
+                raise ReplicaDeadError(f"{self.name}: its worker is gone")
+            error = waiter.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            raise ReplicaDeadError(f"{self.name}: no reply to the adapter {op} within {timeout:g} s") from None
+        except concurrent.futures.CancelledError:
+            raise ReplicaDeadError(f"{self.name} died during the adapter {op}") from None
+        finally:
+            self._stats_waiting.pop(call_id, None)
+        if error is not None:
+            raise error
 
     # -------------------------------------------------------------- lifetime
 

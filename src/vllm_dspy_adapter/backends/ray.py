@@ -275,6 +275,19 @@ class RayReplica(ReplicaHandle):
         except Exception:  # the actor is gone; its watch reports it
             return base
 
+    def _adapter_call(self, op: str, payload, timeout: float) -> None:
+        import ray
+
+        from ..errors import AdapterError
+
+        try:
+            ray.get(self._actor.adapter.remote(op, payload), timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise ReplicaDeadError(f"{self.name}: no reply to the adapter {op} within {timeout:g} s") from None
+        except ray.exceptions.RayTaskError as exc:  # the engine's own error, raised on the actor
+            cause = exc.as_instanceof_cause()
+            raise (cause if isinstance(cause, AdapterError) else ReplicaDeadError(f"{self.name}: {cause}")) from None
+
     # -------------------------------------------------------------- lifetime
 
     def shutdown(self, timeout: float = 30.0) -> None:

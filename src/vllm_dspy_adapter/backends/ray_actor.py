@@ -78,6 +78,11 @@ class VLLMReplica:
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    async def adapter(self, op: str, payload) -> None:
+        """``Engine.add_adapter`` / ``remove_adapter`` off the actor's event loop."""
+        method = self.engine.add_adapter if op == "add" else self.engine.remove_adapter
+        await asyncio.to_thread(method, payload)
+
     async def ticks(self) -> int:
         """The engine's pulse (``Engine.ticks``), read by the driver's heartbeat."""
         return self.engine.ticks

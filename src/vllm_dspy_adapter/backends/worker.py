@@ -5,10 +5,12 @@ when it is spawned) and hosts one ``Engine``. The driver talks to it over one
 duplex pipe; every reply names what it answers:
 
 driver -> worker: ("submit", id, GenerationRequest[, streamed]) | ("stats", stats_id) | ("shutdown",)
+                | ("adapter", call_id, "add" | "remove", AdapterSpec | name)
 worker -> driver: ("ready", ReplicaInfo) | ("failed", message)
                 | ("done", id, Generation) | ("error", id, exception)
                 | ("pieces", [(id, text, n_tokens), ...])
                 | ("stats", stats_id, dict) | ("beat", engine_ticks) | ("dead", message)
+                | ("adapter", call_id, None | exception)
 
 A streamed request's new text goes back as "pieces": one message carries the
 pieces of every streamed request ready at that moment (an engine step decodes
@@ -138,6 +140,13 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
         if isinstance(exc, ReplicaDeadError):
             die(str(exc))  # every request in flight fails the same way
 
+    def adapter_call(call_id: int, op: str, payload) -> None:
+        try:
+            (engine.add_adapter if op == "add" else engine.remove_adapter)(payload)
+            send(("adapter", call_id, None))
+        except Exception as exc:  # noqa: BLE001 - the driver raises it to the caller
+            send(("adapter", call_id, exc))
+
     def beat() -> None:
         try:
             while not dying.wait(heartbeat_s):
@@ -160,6 +169,8 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
                 lambda f, rid=request_id: finished(rid, f))
         elif kind == "stats":
             send(("stats", message[1], engine.stats()))
+        elif kind == "adapter":  # in a thread: loading an adapter must not hold up the requests
+            threading.Thread(target=adapter_call, args=message[1:], daemon=True).start()
         elif kind == "shutdown":
             break
     # From here on, requests failing because the engine stops are expected: report
