@@ -1,0 +1,93 @@
+"""The pool's adapter logic on fake replicas (no vLLM): all-or-none loading,
+requests only to holders, fail fast for unknown adapters, reload after restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import FakeReplica, wait_until
+from vllm_dspy_adapter.adapter_routing import AdapterRouter
+from vllm_dspy_adapter.errors import ConfigurationError, NoHealthyReplicaError
+from vllm_dspy_adapter.lora import AdapterSpec
+from vllm_dspy_adapter.pool import ReplicaPool
+from vllm_dspy_adapter.protocol import GenerationRequest
+
+ADAPTER = AdapterSpec(name="tone", path="/adapters/tone", lora_id=1, rank=8, digest="ab" * 32)
+
+
+class LoRAFakeReplica(FakeReplica):
+    def __init__(self, index, on_death, refuse: bool = False):
+        super().__init__(index, on_death)
+        self.refuse = refuse
+        self.calls: list[tuple[str, str]] = []
+
+    def _adapter_call(self, op, payload, timeout):
+        name = payload.name if op == "add" else payload
+        self.calls.append((op, name))
+        if op == "add" and self.refuse:
+            raise ConfigurationError(f"vLLM refused adapter {name!r}")
+
+
+def make_pool(n=3, refuse=(), restart=False):
+    pools: list[ReplicaPool] = []
+    replicas = [LoRAFakeReplica(i, lambda r, c: pools[0].replica_died(r, c), refuse=i in refuse) for i in range(n)]
+    pool = ReplicaPool(replicas, AdapterRouter("least_loaded", max_loras=1),
+                       restart=(lambda r: r.come_back()) if restart else None, health_timeout=None)
+    pools.append(pool)
+    return pool, replicas
+
+
+def submit(pool, adapter=None, n=1):
+    return [pool.submit(GenerationRequest(prompt=f"p{i}", adapter=adapter)) for i in range(n)]
+
+
+def test_an_adapter_is_loaded_on_every_replica_or_on_none():
+    pool, replicas = make_pool(refuse={1})
+    with pytest.raises(ConfigurationError, match=r"'tone' was not loaded \(on no replica\).*fake:1"):
+        pool.load_adapter(ADAPTER, timeout=5)
+    assert all(not r.adapters for r in replicas)
+    assert ("remove", "tone") in replicas[0].calls and ("remove", "tone") in replicas[2].calls  # rolled back
+    assert "tone" not in pool.adapters
+    [future] = submit(pool, "tone")
+    with pytest.raises(ConfigurationError, match="No adapter named 'tone' is loaded"):
+        future.result(timeout=1)
+
+
+def test_adapter_requests_go_only_to_replicas_that_hold_it():
+    pool, replicas = make_pool()
+    pool.load_adapter(ADAPTER, timeout=5)
+    assert all(r.adapters == {"tone"} for r in replicas)
+    replicas[2].crash()
+    replicas[2].come_back()  # a new engine, no adapters yet (no restart hook here)
+    assert replicas[2].adapters == frozenset()
+    submit(pool, "tone", n=8)
+    assert not replicas[2].requests and len(replicas[0].requests) + len(replicas[1].requests) == 8
+    submit(pool, None, n=6)  # the base model goes anywhere, replica 2 included
+    assert replicas[2].requests
+    for replica in replicas[:2]:
+        replica.crash()
+    [future] = submit(pool, "tone")
+    with pytest.raises(NoHealthyReplicaError, match="No live replica holds adapter 'tone'"):
+        future.result(timeout=1)
+
+
+def test_a_restarted_replica_gets_every_adapter_again():
+    pool, replicas = make_pool(n=2, restart=True)
+    pool.load_adapter(ADAPTER, timeout=5)
+    replicas[1].crash("engine died")
+    assert wait_until(lambda: replicas[1].alive and replicas[1].adapters == {"tone"}, 5)
+    assert replicas[1].calls.count(("add", "tone")) == 2
+
+
+def test_unload_removes_it_everywhere_and_later_requests_fail_fast():
+    pool, replicas = make_pool()
+    pool.load_adapter(ADAPTER, timeout=5)
+    submit(pool, "tone", n=3)
+    assert any(pool.router.resident(i) == ["tone"] for i in range(3))
+    pool.unload_adapter("tone")
+    assert all(not r.adapters and ("remove", "tone") in r.calls for r in replicas)
+    assert all(pool.router.resident(i) == [] for i in range(3))
+    with pytest.raises(ConfigurationError):
+        pool.unload_adapter("tone")
+    [future] = submit(pool, "tone")
+    assert isinstance(future.exception(timeout=1), ConfigurationError)
