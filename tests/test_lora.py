@@ -33,7 +33,7 @@ def adapter_dir(tmp_path_factory, default_model):
     from vllm_dspy_adapter.lora_train import LoRATrainConfig, train_lora
 
     path = str(tmp_path_factory.mktemp("lora") / "papaya")
-    result = train_lora(default_model, TRAIN, path, LoRATrainConfig(max_steps=6, batch_size=4, learning_rate=1e-2))
+    result = train_lora(default_model, TRAIN, path, LoRATrainConfig(max_steps=5, batch_size=4, learning_rate=5e-3))
     assert result.losses[-1] < 0.3, result.losses
     return path
 

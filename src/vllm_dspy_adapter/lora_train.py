@@ -52,6 +52,7 @@ class LoRATrainConfig:
     gradient_accumulation_steps: int = 1
     max_seq_length: int = 2048
     weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # gradient clipping, as Hugging Face's Trainer does by default
     seed: int = 0
     device: str | None = None  # None: "cuda" when a GPU is visible, else "cpu"
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
@@ -215,6 +216,8 @@ def train_lora(base_model: str, data: Sequence[dict[str, Any]], output_dir: str,
             loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
             (loss / config.gradient_accumulation_steps).backward()
             step_loss += float(loss.detach()) / config.gradient_accumulation_steps
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         step += 1
         losses.append(step_loss)
