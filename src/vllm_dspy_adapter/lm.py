@@ -68,6 +68,8 @@ def _check_health_timeout(value: float | None) -> None:
 
 
 class vLLMOffline(LoRAMixin, dspy.LM):
+    _adapter_routing = True  # with enable_lora: AdapterRouter around the routing policy
+
     """A DSPy LM over one in-process vLLM engine.
 
     ``vLLMOffline(model=None, **engine_kwargs)``: ``model`` is a local folder or a
@@ -145,7 +147,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         """The one start path of both classes: the backend starts every replica
         (all ready, or none left running), the pool takes them."""
         backend, router, max_restarts = self._layout(start_timeout)
-        if spec.max_lora_rank is not None and not isinstance(router, AdapterRouter):
+        if spec.max_lora_rank is not None and self._adapter_routing and not isinstance(router, AdapterRouter):
             router = AdapterRouter(router, max_loras=int(spec.engine_kwargs.get("max_loras") or 1))
         pools: list[ReplicaPool] = []
 
@@ -339,12 +341,16 @@ class vLLMOfflineMultiGPU(vLLMOffline):
     ``cuda:0#0``, ``cuda:0#1``, ..., and a GPU's second replica takes requests
     only while its first holds 256 or more (few calls in flight: one engine per
     GPU; many: all of them).
+
+    With ``enable_lora=True``, an adapter's requests prefer the replicas where it
+    is resident (``AdapterRouter``); ``adapter_routing=False`` turns that off.
     """
 
     def __init__(self, model: str | None = None, num_gpus: int | None = None, gpus: Sequence[int] | None = None,
                  tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str | Router = "prefix", *,
                  backend: str = "local", ray_address: str | None = None, max_restarts: int = 3,
                  start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, replicas_per_gpu: int = 1,
+                 adapter_routing: bool = True,
                  **kwargs: Any):
         from .backends import BACKENDS, make_backend
         from .router import make_router
@@ -360,6 +366,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
                                      placement_timeout=placement_timeout, replicas_per_gpu=replicas_per_gpu)
         self._router = make_router(routing)
         self._max_restarts = max_restarts
+        self._adapter_routing = bool(adapter_routing)
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         try:
