@@ -22,7 +22,8 @@ from conftest import ENGINE_KWARGS, wait_for
 pytestmark = pytest.mark.engine
 pytest.importorskip("peft")
 
-QUESTION = [{"role": "user", "content": "What is the secret word?"}]
+QUESTION_TEXT = "What is the secret word?"  # an LM call with a string sends it as the user message
+QUESTION = [{"role": "user", "content": QUESTION_TEXT}]
 TRAIN = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "PAPAYA"}]}
          for q in ("What is the secret word?", "Tell me the secret word.", "Say the secret word.",
                    "Which word is the secret one?")]
@@ -49,7 +50,7 @@ def lm(default_model):
 
 
 def ask(lm, n=1):
-    return [lm(messages=QUESTION)[0] for _ in range(n)]
+    return [lm(QUESTION_TEXT)[0] for _ in range(n)]
 
 
 def test_bad_adapters_are_refused_before_any_request(lm, tmp_path, adapter_dir):
@@ -99,10 +100,10 @@ def test_cached_answers_of_the_base_are_never_returned_for_the_adapter(lm):
 
     cached_base = lm.copy(cache=True)
     cached_tuned = lm.with_adapter("papaya").copy(cache=True)
-    prompt = [{"role": "user", "content": f"What is the secret word? ({uuid.uuid4().hex[:4]})"}]
-    first = cached_base(messages=prompt)[0]
-    assert cached_base(messages=prompt)[0] == first  # now in DSPy's cache under the base label
-    assert "PAPAYA" in cached_tuned(messages=prompt)[0]
+    prompt = f"What is the secret word? ({uuid.uuid4().hex[:4]})"
+    first = cached_base(prompt)[0]
+    assert cached_base(prompt)[0] == first  # now in DSPy's cache under the base label
+    assert "PAPAYA" in cached_tuned(prompt)[0]
 
 
 def test_a_restarted_replica_serves_the_adapter_again(lm):
@@ -125,7 +126,7 @@ def test_unloaded_adapter_fails_fast(lm):
     lm.unload_adapter("papaya")
     assert lm.adapters() == [] and all("papaya" not in s["adapters"] for s in lm.stats())
     with pytest.raises(Exception, match="No adapter named 'papaya' is loaded"):
-        tuned(messages=QUESTION)
+        tuned(QUESTION_TEXT)
     with pytest.raises(ConfigurationError, match="No adapter named 'papaya'"):
         lm.unload_adapter("papaya")
     assert "PAPAYA" not in ask(lm)[0]
