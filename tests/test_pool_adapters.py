@@ -24,6 +24,8 @@ class LoRAFakeReplica(FakeReplica):
     def _adapter_call(self, op, payload, timeout):
         name = payload.name if op == "add" else payload
         self.calls.append((op, name))
+        if op == "add":
+            self.last_added = payload
         if op == "add" and self.refuse:
             raise ConfigurationError(f"vLLM refused adapter {name!r}")
 
@@ -91,3 +93,17 @@ def test_unload_removes_it_everywhere_and_later_requests_fail_fast():
         pool.unload_adapter("tone")
     [future] = submit(pool, "tone")
     assert isinstance(future.exception(timeout=1), ConfigurationError)
+
+
+def test_a_failed_replacement_leaves_the_old_version_everywhere():
+    import dataclasses
+
+    pool, replicas = make_pool()
+    pool.load_adapter(ADAPTER, timeout=5)
+    replicas[2].refuse = True
+    newer = dataclasses.replace(ADAPTER, lora_id=2, digest="cd" * 32)
+    with pytest.raises(ConfigurationError, match="fake:2"):
+        pool.load_adapter(newer, timeout=5)
+    assert pool.adapters.get("tone") is ADAPTER
+    assert replicas[0].calls.count(("add", "tone")) == 3 and replicas[0].last_added is ADAPTER  # put back
+    assert all(r.adapters == {"tone"} for r in replicas)

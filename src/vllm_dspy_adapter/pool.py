@@ -159,9 +159,12 @@ class ReplicaPool:
                 raise NoHealthyReplicaError("No live replica to load the adapter on.")
             errors = self._on_each(targets, lambda r: r.add_adapter(adapter, timeout=timeout), timeout)
             if errors:
-                for replica in targets:
-                    if replica.index not in errors and old is None:
-                        self._quietly(replica.remove_adapter, adapter.name)
+                for replica in targets:  # back to what the others held before: nothing, or the old version
+                    if replica.index not in errors:
+                        if old is None:
+                            self._quietly(replica.remove_adapter, adapter.name)
+                        else:
+                            self._quietly(replica.add_adapter, old)
                 self._restore(adapter, old)
                 first = next(iter(errors.values()))
                 raise type(first)(f"Adapter {adapter.name!r} was not loaded (on no replica): " + "; ".join(
