@@ -67,6 +67,8 @@ class FakeWorker:
         self.held: list[tuple[str, GenerationRequest]] = []
         self.received: list[str] = []
         self.streamed: list[str] = []  # ids of the requests submitted as streams
+        self.adapter_calls: list[tuple] = []  # (op, payload) of each ("adapter", ...) message
+        self.adapter_error: BaseException | None = None  # what an adapter call answers
         self.killed = False
         self.exit_code = 0
         self._stop = threading.Event()
@@ -115,6 +117,10 @@ class FakeWorker:
                                     args=(("stats", stats_id, {"requests": len(self.received)}),)).start()
                 else:
                     self.send(("stats", stats_id, {"requests": len(self.received)}))
+            elif kind == "adapter":
+                self.adapter_calls.append(tuple(message[2:]))
+                if self.mode != "hold":
+                    self.send(("adapter", message[1], self.adapter_error))
             elif kind == "shutdown":
                 break
         self.stop("exited")

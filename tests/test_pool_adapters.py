@@ -107,3 +107,67 @@ def test_a_failed_replacement_leaves_the_old_version_everywhere():
     assert pool.adapters.get("tone") is ADAPTER
     assert replicas[0].calls.count(("add", "tone")) == 3 and replicas[0].last_added is ADAPTER  # put back
     assert all(r.adapters == {"tone"} for r in replicas)
+
+
+# ------------------------------------- the process backend's adapter call, on FakeWorkers
+
+
+def process_pool(n=2):
+    from fakes import SPEC, FakeLauncher, placements
+    from vllm_dspy_adapter.backends.process import ProcessBackend
+
+    launcher = FakeLauncher()
+    backend = ProcessBackend(placements(n), start_timeout=5, launch=launcher, heartbeat_s=0.05)
+    pools: list[ReplicaPool] = []
+    replicas = backend.start(SPEC, lambda r, c: pools[0].replica_died(r, c))
+    pools.append(ReplicaPool(replicas, AdapterRouter("least_loaded", max_loras=1), restart=backend.restart,
+                             health_timeout=None))
+    return pools[0], launcher
+
+
+def test_process_replicas_load_over_the_pipe_and_a_refusal_comes_back_as_the_error():
+    pool, launcher = process_pool()
+    try:
+        pool.load_adapter(ADAPTER, timeout=5)
+        assert all(r.adapters == {"tone"} for r in pool.replicas)
+        assert launcher.current(1).adapter_calls == [("add", ADAPTER)]  # the spec crossed the pipe intact
+        launcher.current(1).adapter_error = ConfigurationError("vLLM refused adapter 'b'")
+        with pytest.raises(ConfigurationError, match="replica-1.*vLLM refused adapter 'b'"):
+            pool.load_adapter(AdapterSpec("b", "/b", 2, 8, "00"), timeout=5)
+        assert launcher.current(0).adapter_calls[-1] == ("remove", "b")  # rolled back on replica 0
+        stats = [r.stats(timeout=2) for r in pool.replicas]  # stats still matched by id after adapter calls
+        assert all("requests" in s for s in stats)
+    finally:
+        for replica in pool.replicas:
+            replica.shutdown(timeout=2)
+
+
+def test_a_worker_that_does_not_answer_an_adapter_call_fails_it_within_the_timeout():
+    import time
+
+    from vllm_dspy_adapter.errors import ReplicaDeadError
+
+    pool, launcher = process_pool(n=1)
+    try:
+        launcher.current(0).mode = "hold"
+        started = time.monotonic()
+        with pytest.raises(ReplicaDeadError, match="no reply to the adapter add within 0.5 s"):
+            pool.replicas[0].add_adapter(ADAPTER, timeout=0.5)
+        assert time.monotonic() - started < 3
+        assert pool.replicas[0].adapters == frozenset()
+    finally:
+        pool.replicas[0].shutdown(timeout=2)
+
+
+def test_a_restarted_process_replica_gets_the_adapter_again():
+    pool, launcher = process_pool(n=2)
+    try:
+        pool.load_adapter(ADAPTER, timeout=5)
+        first = launcher.current(1)
+        first.stop("killed")  # the worker exits: death path, background restart
+        assert wait_until(lambda: launcher.current(1) is not first and pool.replicas[1].alive, 10)
+        assert wait_until(lambda: pool.replicas[1].adapters == {"tone"}, 5)
+        assert launcher.current(1).adapter_calls == [("add", ADAPTER)]
+    finally:
+        for replica in pool.replicas:
+            replica.shutdown(timeout=2)
