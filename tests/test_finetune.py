@@ -119,6 +119,35 @@ def test_provider_refuses_before_training(monkeypatch, tmp_path, host_rank, kwar
     assert host.loaded == []
 
 
+def test_a_cancelled_job_stops_between_steps_and_says_so(monkeypatch, tmp_path):
+    import threading
+
+    import vllm_dspy_adapter.finetune as finetune
+    from dspy.clients.utils_finetune import TrainDataFormat
+
+    started = threading.Event()
+
+    def slow_train(base, data, path, config, *, chat_template_kwargs, should_stop, on_step):
+        for step in range(1, 1000):
+            if should_stop():
+                raise InterruptedError(f"LoRA training cancelled after {step - 1} of 999 steps")
+            on_step(step, 999, 1.0)
+            started.set()
+            time.sleep(0.01)
+        raise AssertionError("never cancelled")
+
+    monkeypatch.setattr(finetune, "train_lora", slow_train)
+    host = FakeHost(str(tmp_path))
+    job = dspy.LM("openai/stand-in", provider=LoRAProvider(host)).finetune(chat_data(1), TrainDataFormat.CHAT,
+                                                                          {"adapter_name": "x"})
+    assert started.wait(10) and job.status().value == "running"
+    assert job.cancel() is True
+    result = job.result(timeout=10)
+    assert isinstance(result, InterruptedError) and "cancelled after" in str(result)
+    assert job.status().value == "cancelled" and 0 < job.progress[0] < 999
+    assert host.loaded == []  # nothing served
+
+
 @pytest.mark.engine  # no vLLM engine, but a real model trained on the CPU: with the slow tests
 def test_dspy_lm_finetune_trains_a_real_adapter_and_returns_the_serving_lm(tmp_path, default_model, monkeypatch):
     """DSPy's own LM.finetune thread -> our provider -> PEFT on the default model (CPU, a few steps)."""

@@ -64,21 +64,24 @@ class LoRATrainingJob(TrainingJob):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._stop = threading.Event()
-        self._state = TrainingStatus.pending
+        self._training_status = TrainingStatus.pending
         self.progress: tuple[int, int, float | None] = (0, 0, None)
         self.adapter_path: str | None = None
 
     def cancel(self) -> bool:
+        """Stop the training between two steps. The future is not cancelled: DSPy's
+        thread sets its result (the ``InterruptedError``) when the loop stops."""
         self._stop.set()
-        if self._state in (TrainingStatus.pending, TrainingStatus.running):
-            self._state = TrainingStatus.cancelled
-        return super().cancel()
+        if self._training_status in (TrainingStatus.pending, TrainingStatus.running):
+            self._training_status = TrainingStatus.cancelled
+            return True
+        return False
 
     def status(self) -> TrainingStatus:
-        if self.done() and self._state == TrainingStatus.running:
+        if self.done() and self._training_status == TrainingStatus.running:
             result = self.result()
             return TrainingStatus.failed if isinstance(result, BaseException) else TrainingStatus.succeeded
-        return self._state
+        return self._training_status
 
     def _on_step(self, step: int, total: int, loss: float) -> None:
         self.progress = (step, total, loss)
@@ -139,7 +142,7 @@ class LoRAProvider(Provider):
         path = adapter_kwargs.get("output_dir") or default_adapter_dir(name)
         stop = getattr(job, "_stop", None)
         if isinstance(job, LoRATrainingJob):
-            job._state = TrainingStatus.running
+            job._training_status = TrainingStatus.running
         logger.info("LoRA fine-tuning %r on %d examples into %s", name, len(train_data), path)
         try:
             result = train_lora(host.base_model_path, train_data, path, config,
@@ -147,13 +150,13 @@ class LoRAProvider(Provider):
                                 should_stop=stop.is_set if stop is not None else None,
                                 on_step=getattr(job, "_on_step", None))
         except BaseException:
-            if isinstance(job, LoRATrainingJob) and job._state == TrainingStatus.running:
-                job._state = TrainingStatus.failed
+            if isinstance(job, LoRATrainingJob) and job._training_status == TrainingStatus.running:
+                job._training_status = TrainingStatus.failed  # a cancel keeps "cancelled"
             raise
         logger.info("LoRA %r trained: %d steps in %.1f s, last loss %.4f", name, result.steps, result.seconds,
                     result.losses[-1])
         host.load_adapter(name, path)
         if isinstance(job, LoRATrainingJob):
             job.adapter_path = path
-            job._state = TrainingStatus.succeeded
+            job._training_status = TrainingStatus.succeeded
         return host.adapter_model(name)
