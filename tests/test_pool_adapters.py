@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fakes import FakeReplica, wait_until
+from conftest import wait_for
+from fakes import FakeReplica
 from vllm_dspy_adapter.adapter_routing import AdapterRouter
 from vllm_dspy_adapter.errors import ConfigurationError, NoHealthyReplicaError
 from vllm_dspy_adapter.lora import AdapterSpec
@@ -77,7 +78,7 @@ def test_a_restarted_replica_gets_every_adapter_again():
     pool, replicas = make_pool(n=2, restart=True)
     pool.load_adapter(ADAPTER, timeout=5)
     replicas[1].crash("engine died")
-    assert wait_until(lambda: replicas[1].alive and replicas[1].adapters == {"tone"}, 5)
+    assert wait_for(lambda: replicas[1].alive and replicas[1].adapters == {"tone"}, 5, interval=0.01)
     assert replicas[1].calls.count(("add", "tone")) == 2
 
 
@@ -165,8 +166,8 @@ def test_a_restarted_process_replica_gets_the_adapter_again():
         pool.load_adapter(ADAPTER, timeout=5)
         first = launcher.current(1)
         first.stop("killed")  # the worker exits: death path, background restart
-        assert wait_until(lambda: launcher.current(1) is not first and pool.replicas[1].alive, 10)
-        assert wait_until(lambda: pool.replicas[1].adapters == {"tone"}, 5)
+        assert wait_for(lambda: launcher.current(1) is not first and pool.replicas[1].alive, 10, interval=0.01)
+        assert wait_for(lambda: pool.replicas[1].adapters == {"tone"}, 5, interval=0.01)
         assert launcher.current(1).adapter_calls == [("add", ADAPTER)]
     finally:
         for replica in pool.replicas:
