@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=512, help="requests per replica")
     parser.add_argument("--threads", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--load-format", default="dummy", help="vLLM load_format (dummy: random weights)")
     parser.add_argument("--out", help="folder for lora.jsonl and the adapters")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         from .smoke_model import tiny_model_path
 
-        model, args.requests, args.threads, args.rank = tiny_model_path(), 4, 4, 8
+        model, args.requests, args.threads, args.rank, args.gpus = tiny_model_path(), 4, 4, 8, 2
         args.adapters, args.max_loras, args.max_model_len = "0,3", 2, 1024
         settings.w2_max_output, settings.w2_mean_output = 16, 8
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -108,9 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [write_random_adapter(model, os.path.join(out, "adapters", f"a{i}"), args.rank, seed=i)
              for i in range(max(counts))]
     routings = args.routing.split(",") if args.gpus > 1 else ["adapter"]
-    engine = dict(max_model_len=args.max_model_len, enforce_eager=args.smoke)
-    if not args.smoke:
-        engine["load_format"] = "dummy"
+    engine = dict(max_model_len=args.max_model_len, enforce_eager=args.smoke, load_format=args.load_format)
     placement = {"num_gpus": args.gpus} if on_gpu else {"num_replicas": args.gpus}
     for routing in routings:
         with vLLMOfflineMultiGPU(model, **placement, routing="least_loaded", enable_lora=True, max_loras=args.max_loras,
