@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.w2_max_output, settings.w2_mean_output = 16, 8
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     else:
-        from vllm_dspy_adapter.models import benchmark_model_path
+        from .bench_models import benchmark_model_path
 
         model = args.model or benchmark_model_path()
     out = args.out or os.path.join("/tmp", "lora-bench")

@@ -54,10 +54,8 @@ RECORDED = {
 
 
 def _qwen3_tokenizer():
-    try:
-        from benchmarks.models import build_qwen_tokenizer  # where the re-layout puts benchmark material
-    except ImportError:
-        from vllm_dspy_adapter.models import build_qwen_tokenizer
+    from benchmarks.bench_models import build_qwen_tokenizer
+
     return build_qwen_tokenizer()
 
 

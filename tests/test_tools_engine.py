@@ -22,10 +22,8 @@ pytestmark = pytest.mark.engine
 
 
 def _qwen3_template() -> str:
-    try:
-        from benchmarks.models import QWEN3_CHAT_TEMPLATE  # where the re-layout puts benchmark material
-    except ImportError:
-        from vllm_dspy_adapter.models import QWEN3_CHAT_TEMPLATE
+    from benchmarks.bench_models import QWEN3_CHAT_TEMPLATE
+
     return QWEN3_CHAT_TEMPLATE
 
 
