@@ -52,7 +52,8 @@ class FakeProcess:
 class FakeWorker:
     """One incarnation of a worker. ``mode`` decides what it does with requests:
     "answer" (at once), "hold" (keep them; ``release()`` answers), "duplicate"
-    (answer twice). ``beating`` / ``ticking`` drive the heartbeat."""
+    (answer twice), "lose" (receive them, never answer: a worker whose engine
+    idles while its requests are stuck). ``beating`` / ``ticking`` drive the heartbeat."""
 
     def __init__(self, conn, heartbeat_s: float, *, mode: str = "answer", fail_start: str | None = None,
                  stats_delay: float = 0.0):
@@ -106,6 +107,8 @@ class FakeWorker:
                 self.received.append(request_id)
                 if self.mode == "hold":
                     self.held.append((request_id, request))
+                elif self.mode == "lose":  # received, never handed to the engine
+                    pass
                 else:
                     self.send(("done", request_id, generation(request, request_id)))
                     if self.mode == "duplicate":
@@ -133,7 +136,7 @@ class FakeWorker:
             if self.ticking:
                 self.ticks += 1
             if self.beating:
-                self._send_quietly(("beat", self.ticks))
+                self._send_quietly(("beat", self.ticks, len(self.held)))
 
     def release(self) -> None:
         held, self.held = self.held, []

@@ -186,6 +186,74 @@ def test_a_frozen_engine_behind_a_live_worker_is_declared_stalled():
     assert pool.stats()[1]["stalls"] == 1
 
 
+def test_requests_stuck_before_an_idle_engine_are_a_stall():
+    # The worker beats and its engine ticks (it answers probes), but the requests
+    # never reached the engine: ticks of an engine holding nothing are no progress.
+    pool, launcher = start(2, health_timeout=0.5, restart=False)
+    launcher.current(1).mode = "lose"
+    started = time.monotonic()
+    outs = results([pool.submit(request(i)) for i in range(10)], timeout=10)
+    assert time.monotonic() - started < 5
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(10)]
+    assert {o.replica for o in outs} == {0}
+    assert pool.stats()[1]["stalls"] == 1
+
+
+class _RaisingRouter(RoundRobinRouter):
+    """Routes normally until told to fail (a policy bug, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+
+    def choose(self, prompt, loads):
+        if self.fail:
+            raise RuntimeError("policy bug")
+        return super().choose(prompt, loads)
+
+
+def _fake_pool(n, router, **kwargs):
+    pools = []
+    replicas = [FakeReplica(i, lambda replica, cause: pools[0].replica_died(replica, cause)) for i in range(n)]
+    pools.append(ReplicaPool(replicas, router, health_timeout=None, **kwargs))
+    return pools[0], replicas
+
+
+def test_a_router_that_raises_fails_the_request_instead_of_losing_it():
+    router = _RaisingRouter()
+    pool, replicas = _fake_pool(2, router)
+    router.fail = True
+    future = pool.submit(request(0))
+    with pytest.raises(RuntimeError, match="policy bug"):
+        future.result(timeout=2)
+
+
+def test_a_resubmission_that_cannot_be_routed_fails_the_request(caplog):
+    # The resubmission runs in the thread that reported the death, inside a
+    # future's callback: an error there would otherwise vanish and the caller wait forever.
+    router = _RaisingRouter()
+    pool, replicas = _fake_pool(2, router)
+    futures = [pool.submit(request(i)) for i in range(4)]
+    router.fail = True
+    replicas[0].crash("gone")
+    for future in futures[0::2]:
+        with pytest.raises(RuntimeError, match="policy bug"):
+            future.result(timeout=2)
+    assert replicas[1].finish_all() == 2
+    assert [f.result(timeout=2).text for f in futures[1::2]] == ["echo:prompt 1", "echo:prompt 3"]
+
+
+def test_a_request_its_caller_cancelled_is_neither_resubmitted_nor_an_error(caplog):
+    pool, replicas = _fake_pool(2, RoundRobinRouter())
+    future = pool.submit(request(0))
+    assert future.cancel()
+    with caplog.at_level(logging.ERROR):
+        replicas[0].crash("gone")
+        assert replicas[1].finish_all() == 0  # not resubmitted
+        replicas[0].come_back()
+    assert "handling a replica's answer failed" not in caplog.text
+
+
 def test_a_slow_generation_that_keeps_stepping_is_not_a_stall():
     pool, launcher = start(1, health_timeout=0.3)
     worker = launcher.current(0)

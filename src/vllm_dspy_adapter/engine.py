@@ -152,6 +152,11 @@ class Engine:
                            modalities=engine_modalities(self.model_config))
 
     @property
+    def in_flight(self) -> int:
+        """Requests submitted and not finished yet."""
+        return self._in_flight
+
+    @property
     def death(self) -> BaseException | None:
         """Why the engine is dead, or None while it serves."""
         return self._dead

@@ -106,21 +106,25 @@ class ReplicaPool:
         return job.future
 
     def _dispatch(self, job: _Job) -> None:
+        """Route and send one attempt of ``job``. Runs in the caller's thread and,
+        for a resubmission, in whatever thread reported the death: whatever goes
+        wrong fails the job's future with the error, never a callback's silent end."""
         job.attempts += 1
+        try:
+            self._route(job)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it through the future
+            logger.exception("routing a request failed")
+            _settle(job.future, error=exc)
+
+    def _route(self, job: _Job) -> None:
         if self._closed.is_set():
-            job.future.set_exception(LMClosedError("This LM was shut down; create a new one."))
-            return
+            raise LMClosedError("This LM was shut down; create a new one.")
         loads = self.loads()
         if not any(load.alive for load in loads):
-            job.future.set_exception(NoHealthyReplicaError(self._no_replica_text()))
-            return
+            raise NoHealthyReplicaError(self._no_replica_text())
         adapter = job.request.adapter
         if adapter is not None:
-            try:
-                loads = self._holders(adapter, loads)
-            except Exception as exc:
-                job.future.set_exception(exc)
-                return
+            loads = self._holders(adapter, loads)
         with self._lock:  # routing decisions update the router's tables: one at a time
             candidates = open_replicas(loads, self.spill_at)
             if adapter is not None and isinstance(self.router, AdapterRouter):
@@ -133,7 +137,12 @@ class ReplicaPool:
             self._in_flight[index] += 1
             self._routed[index] += 1
         replica = self.replicas[index]
-        inner = replica.submit(job.request) if job.stream is None else replica.submit(job.request, stream=job.stream)
+        try:
+            inner = replica.submit(job.request) if job.stream is None else replica.submit(job.request,
+                                                                                          stream=job.stream)
+        except Exception as exc:  # a handle that raises instead of failing the future: same outcome
+            inner = concurrent.futures.Future()
+            inner.set_exception(exc)
         inner.add_done_callback(lambda f, i=index: self._finished(job, i, f))
 
     def _holders(self, adapter: str, loads: list[ReplicaLoad]) -> list[ReplicaLoad]:
@@ -234,9 +243,17 @@ class ReplicaPool:
         return f"No replica can serve this request: every replica is dead (last cause: {self._last_death})."
 
     def _finished(self, job: _Job, index: int, inner: concurrent.futures.Future) -> None:
+        """The replica's answer to one attempt (called in the thread that delivered it)."""
         with self._lock:
             self._outstanding[index] -= job.cost
             self._in_flight[index] -= 1
+        try:
+            self._conclude(job, index, inner)
+        except Exception as exc:  # noqa: BLE001 - never lose the request in a callback
+            logger.exception("handling a replica's answer failed")
+            _settle(job.future, error=exc)
+
+    def _conclude(self, job: _Job, index: int, inner: concurrent.futures.Future) -> None:
         if inner.cancelled():
             job.future.cancel()
             return
@@ -244,23 +261,25 @@ class ReplicaPool:
         if exc is None:
             generation: Generation = inner.result()
             generation.replica = index
-            job.future.set_result(generation)
+            _settle(job.future, result=generation)
         elif not isinstance(exc, ReplicaDeadError):
-            job.future.set_exception(exc)  # the request's own fault: no other replica would do better
+            _settle(job.future, error=exc)  # the request's own fault: no other replica would do better
         elif self._closed.is_set():
-            job.future.set_exception(LMClosedError("This LM was shut down with the request in flight."))
+            _settle(job.future, error=LMClosedError("This LM was shut down with the request in flight."))
         elif job.stream is not None and job.stream.first_piece_sent:
-            job.future.set_exception(StreamInterruptedError(
+            _settle(job.future, error=StreamInterruptedError(
                 f"The stream was cut: {exc}. Its first tokens were already delivered and a stream cannot be "
                 "replayed, so it was not resubmitted; call again for a new answer."))
+        elif job.future.done():
+            return  # cancelled by its caller meanwhile: nothing to resubmit
         elif job.attempts < self.max_attempts:
             with self._lock:
                 self._resubmitted[index] += 1
             self._dispatch(job)  # to a healthy replica: the dead one is no longer alive
         elif not any(r.alive for r in self.replicas):
-            job.future.set_exception(NoHealthyReplicaError(self._no_replica_text()))
+            _settle(job.future, error=NoHealthyReplicaError(self._no_replica_text()))
         else:
-            job.future.set_exception(exc)
+            _settle(job.future, error=exc)
 
     # ------------------------------------------------------- deaths and stalls
 
@@ -335,3 +354,15 @@ class ReplicaPool:
     def close(self) -> None:
         """Refuse new requests from now on (they fail with ``LMClosedError``)."""
         self._closed.set()
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Resolve a caller's future unless it is already done (its caller may cancel
+    it, as ``asyncio.wrap_future`` does when the awaiting task is cancelled)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

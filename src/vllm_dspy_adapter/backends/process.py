@@ -6,7 +6,9 @@ process group of its own so that killing the group takes its engine processes
 down too. The driver talks to it over one duplex pipe; every reply carries the
 id of what it answers (requests and stats alike), and a reader thread per
 incarnation delivers them. The worker sends a heartbeat with its engine's
-pulse (``Engine.ticks``) every second: the pool's stall check reads the progress.
+pulse (``Engine.ticks``) and the requests its engine holds every second; a tick
+counts as progress only while the engine holds requests, so requests stuck
+between the pipe and the engine are a stall too (the pool's stall check).
 """
 
 from __future__ import annotations
@@ -172,9 +174,11 @@ class ProcessReplica(ReplicaHandle):
             elif kind == "error":
                 self._complete(incarnation, message[1], error=message[2])
             elif kind == "beat":
-                if message[1] != self._ticks:  # the engine ticked since the last beat
-                    self._ticks = message[1]
-                    self._touch()
+                ticks, engine_in_flight = message[1], message[2]
+                if ticks != self._ticks:  # the engine ticked since the last beat ...
+                    self._ticks = ticks
+                    if engine_in_flight:  # ... with our requests in it: progress (an idle tick is not)
+                        self._touch()
             elif kind == "stats":
                 waiter = self._stats_waiting.pop(message[1], None)
                 if waiter is not None and not waiter.done():  # a late reply finds no waiter: dropped

@@ -9,7 +9,7 @@ driver -> worker: ("submit", id, GenerationRequest[, streamed]) | ("stats", stat
 worker -> driver: ("ready", ReplicaInfo) | ("failed", message)
                 | ("done", id, Generation) | ("error", id, exception)
                 | ("pieces", [(id, text, n_tokens), ...])
-                | ("stats", stats_id, dict) | ("beat", engine_ticks) | ("dead", message)
+                | ("stats", stats_id, dict) | ("beat", engine_ticks, engine_in_flight) | ("dead", message)
                 | ("adapter", call_id, None | exception)
 
 A streamed request's new text goes back as "pieces": one message carries the
@@ -17,9 +17,11 @@ pieces of every streamed request ready at that moment (an engine step decodes
 one token for all of them at once), so a thousand concurrent streams cost one
 message per step, not a thousand. A request's pieces always precede its "done".
 
-A heartbeat ("beat", ticks) goes out every ``heartbeat_s`` seconds with the
-engine's pulse (``Engine.ticks``): a frozen worker stops beating, a frozen engine
-stops ticking, and the driver's stall check sees either.
+A heartbeat ("beat", ticks, in_flight) goes out every ``heartbeat_s`` seconds
+with the engine's pulse (``Engine.ticks``) and the number of requests the engine
+holds: a frozen worker stops beating, a frozen engine stops ticking, and a worker
+whose requests never reach its engine (a main thread stuck while the engine idles)
+beats with nothing in flight; the driver's stall check sees all three.
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
     def beat() -> None:
         try:
             while not dying.wait(heartbeat_s):
-                send(("beat", engine.ticks))
+                send(("beat", engine.ticks, engine.in_flight))
         except BaseException as exc:  # no heartbeat means a stall: say why and go, not silently
             die(f"the worker's heartbeat failed: {type(exc).__name__}: {exc}")
 
