@@ -20,13 +20,13 @@ from typing import Any
 
 import dspy
 
+from .adapter_routing import AdapterRouter
 from .config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from .errors import ConfigurationError, LMClosedError
 from .lm_lora import LoRAMixin
 from .pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
 from .protocol import Generation
-from .adapter_routing import AdapterRouter
 from .router import SPILL_AT, Router
 from .tools import AUTO, check_parser_name
 
@@ -68,8 +68,6 @@ def _check_health_timeout(value: float | None) -> None:
 
 
 class vLLMOffline(LoRAMixin, dspy.LM):
-    _adapter_routing = True  # with enable_lora: AdapterRouter around the routing policy
-
     """A DSPy LM over one in-process vLLM engine.
 
     ``vLLMOffline(model=None, **engine_kwargs)``: ``model`` is a local folder or a
@@ -105,6 +103,8 @@ class vLLMOffline(LoRAMixin, dspy.LM):
     Use it as a context manager or call ``shutdown()``; engines also stop at exit.
     After a shutdown every call fails with ``LMClosedError``.
     """
+
+    _adapter_routing = True  # with enable_lora: AdapterRouter around the routing policy
 
     def __init__(self, model: str | None = None, *, sampling_params: dict[str, Any] | None = None,
                  chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
