@@ -53,8 +53,8 @@ class SubsetRouter:
         self.base, self.k = base, k
         self.name = f"{base.name}[<{k}]"
 
-    def choose(self, prompt, loads):
-        return self.base.choose(prompt, [load for load in loads if load.index < self.k])
+    def choose(self, prompt, loads, adapter=None):
+        return self.base.choose(prompt, [load for load in loads if load.index < self.k], adapter=adapter)
 
     def __getattr__(self, name):  # anything else the pool asks of its router (forget, ...)
         return getattr(self.base, name)

@@ -206,7 +206,7 @@ class _RaisingRouter(RoundRobinRouter):
         super().__init__()
         self.fail = False
 
-    def choose(self, prompt, loads):
+    def choose(self, prompt, loads, adapter=None):
         if self.fail:
             raise RuntimeError("policy bug")
         return super().choose(prompt, loads)

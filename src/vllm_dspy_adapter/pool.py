@@ -18,8 +18,8 @@ replica deaths and stalls.
 - After ``close()`` every call fails with ``LMClosedError``.
 - LoRA adapters (``load_adapter``): loaded on every live replica or on none; a
   restarted replica gets them again before it serves them; a request for an
-  adapter goes only to replicas that hold it (``AdapterRouter`` then prefers
-  those where it is resident), and one for an adapter not loaded fails at once.
+  adapter goes only to replicas that hold it (the router, ``AdapterRouter``
+  by default with adapters, then prefers those where it is resident), and one for an adapter not loaded fails at once.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .adapter_routing import AdapterRouter
 from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
 from .lora import AdapterRegistry, AdapterSpec
 from .placement import split_device
@@ -127,10 +126,7 @@ class ReplicaPool:
             loads = self._holders(adapter, loads)
         with self._lock:  # routing decisions update the router's tables: one at a time
             candidates = open_replicas(loads, self.spill_at)
-            if adapter is not None and isinstance(self.router, AdapterRouter):
-                index = self.router.choose(job.request.prompt, candidates, adapter=adapter)
-            else:
-                index = self.router.choose(job.request.prompt, candidates)
+            index = self.router.choose(job.request.prompt, candidates, adapter=adapter)
             self._outstanding[index] += job.cost
             if self._in_flight[index] == 0:
                 self._busy_since[index] = time.monotonic()
@@ -185,9 +181,8 @@ class ReplicaPool:
             self.adapters.pop(name)
             self._on_each([r for r in self.replicas if r.alive], lambda r: r.remove_adapter(name, timeout=timeout),
                           timeout, log_only=True)
-            if isinstance(self.router, AdapterRouter):
-                with self._lock:
-                    self.router.drop(name)
+            with self._lock:
+                self.router.drop(name)
 
     def _restore(self, adapter: AdapterSpec, old: AdapterSpec | None) -> None:
         if old is None:

@@ -68,15 +68,21 @@ def open_replicas(loads: Sequence[ReplicaLoad], spill_at: int = SPILL_AT) -> lis
 
 class Router:
     """A routing policy. Subclasses implement ``choose``; it must return the
-    index of an alive replica and may assume at least one is alive."""
+    index of an alive replica and may assume at least one is alive. ``adapter``
+    is the request's LoRA adapter (None: the base model); a policy that does not
+    route by adapter ignores it (the pool has already kept only the replicas
+    holding it)."""
 
     name = "base"
 
-    def choose(self, prompt: str | Sequence[int], loads: Sequence[ReplicaLoad]) -> int:
+    def choose(self, prompt: str | Sequence[int], loads: Sequence[ReplicaLoad], adapter: str | None = None) -> int:
         raise NotImplementedError
 
     def forget(self, replica: int) -> None:
         """A replica died (its cache with it): drop what the policy knows of it. No-op by default."""
+
+    def drop(self, adapter: str) -> None:
+        """An adapter was unloaded: drop what the policy knows of it. No-op by default."""
 
     @staticmethod
     def _alive(loads: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
@@ -92,7 +98,7 @@ class RoundRobinRouter(Router):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, prompt, loads):
+    def choose(self, prompt, loads, adapter=None):
         alive = self._alive(loads)
         return alive[next(self._counter) % len(alive)].index
 
@@ -103,7 +109,7 @@ class LeastLoadedRouter(Router):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, prompt, loads):
+    def choose(self, prompt, loads, adapter=None):
         alive = self._alive(loads)
         least = min(load.outstanding for load in alive)
         tied = [load for load in alive if load.outstanding == least]
@@ -149,7 +155,7 @@ class PrefixRouter(Router):
         """Whether ``load`` is "well above" the least-loaded replica's ``least``."""
         return load.outstanding > least * (1 + self.balance_ratio) + self.balance_slack
 
-    def choose(self, prompt, loads):
+    def choose(self, prompt, loads, adapter=None):
         alive = {load.index: load for load in self._alive(loads)}
         least = min(load.outstanding for load in alive.values())
         hashes = prefix_hashes(prompt, self.block_chars, self.max_blocks)
