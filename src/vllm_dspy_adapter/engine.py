@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import ModelSpec
+from .engine_processes import EngineProcesses
 from .errors import (
     ConfigurationError,
     PromptTooLongError,
@@ -30,8 +31,9 @@ from .errors import (
     is_context_length_message,
 )
 from .modalities import engine_modalities  # a leaf: it imports only errors
-from .protocol import Generation, GenerationRequest, ReplicaInfo, TokenLogprobData
+from .protocol import Generation, GenerationRequest, ReplicaInfo
 from .streams import DeltaCollector
+from .vllm_io import to_generation, to_vllm_inputs
 
 __all__ = ["Engine", "engine_defaults"]
 
@@ -86,14 +88,11 @@ class Engine:
         self.on_cpu = False
         self.engine = None
         self._loras: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest, loaded in this engine
-        self.engine_processes: list = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
         self._thread.start()
         started = time.monotonic()
-        import psutil
-
-        self._children_before = {p.pid for p in psutil.Process().children()}
+        self.processes = EngineProcesses()  # what the start launches is this engine's
         start = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         try:
             start.result(timeout=start_timeout)
@@ -108,8 +107,7 @@ class Engine:
                 ) from None
             raise ReplicaStartError(f"{name}: the vLLM engine failed to start: {type(exc).__name__}: {exc}") from exc
         self.start_seconds = time.monotonic() - started
-        self.engine_processes = self._new_engine_children()
-        threading.Thread(target=self._watch, args=(self.engine_processes,), daemon=True,
+        threading.Thread(target=self._watch, args=(self.processes.settle(),), daemon=True,
                          name=f"{name}-watchdog").start()
         asyncio.run_coroutine_threadsafe(self._probe(), self._loop)
         logger.info("%s: engine ready in %.1f s (max_model_len=%d)", name, self.start_seconds, self.max_model_len)
@@ -148,7 +146,7 @@ class Engine:
         """What the driver needs to know about this engine (crosses processes)."""
         return ReplicaInfo(max_model_len=self.max_model_len, is_multimodal=self.is_multimodal,
                            model_defaults=self.model_defaults, start_seconds=self.start_seconds,
-                           engine_pids=[p.pid for p in self._engine_process_tree()],
+                           engine_pids=[p.pid for p in self.processes.tree()],
                            modalities=engine_modalities(self.model_config))
 
     @property
@@ -211,12 +209,12 @@ class Engine:
         import psutil
 
         gone: list = []
-        cpu = self._cpu_seconds() if self.on_cpu else 0.0
+        cpu = self.processes.cpu_seconds() if self.on_cpu else 0.0
         try:
             while not gone and not self._closing:
                 gone, _ = psutil.wait_procs(processes, timeout=PROBE_S)  # returns as soon as one exits
                 if self.on_cpu and not gone:
-                    cpu, before = self._cpu_seconds(), cpu
+                    cpu, before = self.processes.cpu_seconds(), cpu
                     if cpu - before >= CPU_BUSY * PROBE_S:
                         self.ticks += 1
             if self._closing:
@@ -226,21 +224,6 @@ class Engine:
         except Exception as exc:  # the watchdog itself failed: the engine can no longer be trusted
             cause = f"the engine watchdog failed: {type(exc).__name__}: {exc}"
         self._mark_dead(ReplicaDeadError(f"{self.name}: {cause}"))
-
-    def _cpu_seconds(self) -> float:
-        """CPU time of the engine's processes; frozen while any of them is stopped."""
-        import psutil
-
-        total = 0.0
-        for proc in self._engine_process_tree():
-            try:
-                if proc.status() == psutil.STATUS_STOPPED:
-                    return -1.0  # a stopped process makes no progress, whatever the others do
-                times = proc.cpu_times()
-                total += times.user + times.system
-            except psutil.Error:  # gone: the watchdog reports it
-                pass
-        return total
 
     def _mark_dead(self, error: ReplicaDeadError) -> None:
         if self._dead is not None and self._closing:
@@ -263,39 +246,9 @@ class Engine:
             logger.debug("%s: probe stopped", self.name, exc_info=True)
 
     def _prepare(self, request: GenerationRequest, streamed: bool = False):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        if request.images and not self.is_multimodal:
-            raise UnsupportedInputError(
-                f"{self.spec.model} is a text-only model and cannot take images. "
-                "Use a vision-language model (for example Qwen/Qwen2.5-VL-3B-Instruct)."
-            )
-        if request.images:
-            # Let vLLM's processor expand the image placeholders into tokens.
-            prompt: Any = {"prompt": request.prompt, "multi_modal_data": {"image": request.images}}
-            n_prompt = 0
-        else:
-            ids = self.tokenize(request)
-            n_prompt = len(ids)
-            if n_prompt >= self.max_model_len:
-                raise PromptTooLongError(
-                    f"The prompt has {n_prompt} tokens but max_model_len is {self.max_model_len}: "
-                    "shorten the input (fewer demos, shorter fields) or start the LM with a larger max_model_len."
-                )
-            prompt = {"prompt_token_ids": ids}
-        sampling = {**self.model_defaults, **{k: v for k, v in request.sampling.items() if v is not None}}
-        room = self.max_model_len - n_prompt
-        sampling["max_tokens"] = min(int(sampling.get("max_tokens") or room), room)
-        structured = sampling.pop("structured_outputs", None)
-        if structured is not None:
-            sampling["structured_outputs"] = _structured_params(structured)
-        try:
-            kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
-            params = SamplingParams(**sampling, output_kind=kind)
-        except (TypeError, ValueError) as exc:
-            raise UnsupportedInputError(f"Invalid sampling options {request.sampling!r}: {exc}") from exc
-        return prompt, params
+        return to_vllm_inputs(request, self.tokenize, model=self.spec.model, max_model_len=self.max_model_len,
+                              model_defaults=self.model_defaults, is_multimodal=self.is_multimodal,
+                              streamed=streamed)
 
     async def _generate(self, prompt, params, request_id: str, stream=None, lora=None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
@@ -337,7 +290,7 @@ class Engine:
             self._count(failed=True)
             why = "the engine was shut down" if self._closing else "vLLM aborted it"
             raise ReplicaDeadError(f"{self.name}: request {request_id} did not finish: {why}")
-        generation = _to_generation(final, request_id)
+        generation = to_generation(final, request_id)
         self._count(generation=generation)
         return generation
 
@@ -403,15 +356,7 @@ class Engine:
     def kill(self) -> None:
         """Kill the engine's processes at once, in any state (a stopped one too);
         the watchdog then fails every request in flight and calls ``on_dead``."""
-        import psutil
-
-        procs = self._engine_process_tree()
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        self.processes.kill()
 
     def shutdown(self) -> None:
         self._closing = True
@@ -448,52 +393,13 @@ class Engine:
         deadline = time.monotonic() + 60
         while not start.done() and time.monotonic() < deadline:
             # Killing the engine core makes vLLM's startup wait raise, which frees the loop.
-            self._kill_new_children()
+            self.processes.kill_launched(self.name)
             try:
                 start.result(timeout=1.0)
             except BaseException:
                 pass
-        self._kill_new_children()
+        self.processes.kill_launched(self.name)
         self._stop_loop()
-
-    def _new_engine_children(self) -> list:
-        """The processes this engine's start launched (its engine core), less
-        Python's multiprocessing helpers."""
-        import psutil
-
-        return [p for p in psutil.Process().children()
-                if p.pid not in self._children_before and _is_engine_process(p)]
-
-    def _engine_process_tree(self) -> list:
-        """The engine's processes and their children (tensor-parallel workers)."""
-        import psutil
-
-        procs = []
-        for process in self.engine_processes:
-            try:
-                procs += [process] + process.children(recursive=True)
-            except psutil.Error:  # already gone
-                pass
-        return procs
-
-    def _kill_new_children(self) -> None:
-        import psutil
-
-        procs = []
-        for child in self._new_engine_children():
-            try:
-                procs += child.children(recursive=True)  # tensor-parallel workers
-            except psutil.Error:
-                pass
-            procs.append(child)
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        if procs:
-            logger.warning("%s: stopped %d engine process(es) of a failed start", self.name, len(procs))
-            psutil.wait_procs(procs, timeout=10)
 
     def _cancel_output_handler(self, engine) -> None:
         """vLLM stops its engine core before it cancels its output handler, which then
@@ -531,42 +437,3 @@ async def _cancel_other_tasks() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _is_engine_process(process) -> bool:
-    """Children started with the engine, less Python's multiprocessing helpers."""
-    try:
-        return "resource_tracker" not in " ".join(process.cmdline())
-    except Exception:
-        return False
-
-
-def _structured_params(spec: dict[str, Any]):
-    from vllm.sampling_params import StructuredOutputsParams
-
-    return StructuredOutputsParams(**spec)
-
-
-def _to_generation(output, request_id: str) -> Generation:
-    completion = output.outputs[0]
-    logprobs = None
-    if completion.logprobs is not None:
-        logprobs = []
-        for token_id, entry in zip(completion.token_ids, completion.logprobs):
-            chosen = entry[token_id]
-            top = sorted(((lp.decoded_token or "", lp.logprob, tid, lp.rank) for tid, lp in entry.items()),
-                         key=lambda item: item[3] or 0)
-            logprobs.append(TokenLogprobData(
-                token=chosen.decoded_token or "", logprob=float(chosen.logprob), token_id=int(token_id),
-                top=[(t, float(v), int(i)) for t, v, i, _ in top],
-            ))
-    return Generation(
-        text=completion.text,
-        finish_reason=completion.finish_reason,
-        num_prompt_tokens=len(output.prompt_token_ids or ()),
-        num_output_tokens=len(completion.token_ids),
-        num_cached_tokens=int(output.num_cached_tokens or 0),
-        token_ids=list(completion.token_ids),
-        logprobs=logprobs,
-        request_id=request_id,
-    )
