@@ -38,10 +38,11 @@ def _request(text: str, max_tokens: int):
 
 
 def _engine_of(lm):
-    """DSPy's async engine of our LM (benchmark-only: reaches the LM's runtime)."""
+    """The async twin of the LM's DSPy engine (``lm.engine``, DSPy's public
+    property), on the same runtime: what ``acall`` and ``dspy.streamify`` use."""
     from vllm_dspy_adapter.dspy_engine import AsyncDSPyEngine
 
-    return AsyncDSPyEngine(lm._runtime)
+    return AsyncDSPyEngine(lm.engine.runtime)
 
 
 async def _round(engine, texts: list[str], streamed: set[int], max_tokens: int) -> dict:
