@@ -357,11 +357,11 @@ class Ours(Driver):
 
 # The one place that reaches into the LM for its router (benchmark-only: --subsets).
 def _router_of(lm):
-    return lm._runtime.pool.router
+    return lm.engine.runtime.pool.router
 
 
 def _set_router(lm, router) -> None:
-    lm._runtime.pool.router = router
+    lm.engine.runtime.pool.router = router
 
 
 class _IdlePoller:

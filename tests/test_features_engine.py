@@ -58,9 +58,8 @@ def _request(text: str, max_tokens: int = 48):
 
 
 def test_stream_yields_pieces_as_they_are_decoded_and_equals_the_whole_answer(lm):
-    from vllm_dspy_adapter.dspy_engine import DSPyEngine
 
-    engine = DSPyEngine(lm._runtime)
+    engine = lm.engine
     request = _request(f"Count from one to twenty in words. ({uuid.uuid4().hex[:6]})", max_tokens=48)
     started = time.monotonic()
     arrivals, text, kinds = [], "", []
@@ -81,7 +80,7 @@ def test_non_streamed_requests_keep_final_only_outputs(lm):
 
     from vllm_dspy_adapter.protocol import GenerationRequest
 
-    engine = lm._runtime.replicas[0].engine
+    engine = lm.engine.runtime.replicas[0].engine
     plain = GenerationRequest(prompt="hi", sampling={"max_tokens": 4})
     assert engine._prepare(plain)[1].output_kind == RequestOutputKind.FINAL_ONLY
     assert engine._prepare(plain, streamed=True)[1].output_kind == RequestOutputKind.DELTA
@@ -108,9 +107,9 @@ def test_streamify_shows_the_reasoning_field_in_pieces(lm):
 
 
 def test_32_concurrent_async_streams(lm):
-    from vllm_dspy_adapter.dspy_engine import AsyncDSPyEngine, DSPyEngine
+    from vllm_dspy_adapter.dspy_engine import AsyncDSPyEngine
 
-    engine = AsyncDSPyEngine(lm._runtime)
+    engine = AsyncDSPyEngine(lm.engine.runtime)
     salt = uuid.uuid4().hex[:6]
     requests = [_request(f"Say a word about the number {i}. ({salt})", max_tokens=12) for i in range(32)]
 
@@ -135,7 +134,7 @@ def test_32_concurrent_async_streams(lm):
     # They streamed at the same time (one engine batch), not one after another.
     overlap = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert overlap >= 16, spans
-    sync = DSPyEngine(lm._runtime)
+    sync = lm.engine
     assert "".join(streamed[5]) == sync.complete(requests[5]).text
 
 

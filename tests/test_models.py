@@ -4,7 +4,6 @@ CPU only; no engine is started. (The benchmarks' Qwen3-shaped folders: test_benc
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path

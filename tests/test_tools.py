@@ -201,7 +201,6 @@ def test_required_and_named_choices_constrain_decoding(hermes):
 def test_dspy_sees_native_tool_calls(hermes):
     """DSPy's ChatAdapter with native function calling, over an engine that answers
     with a recorded Qwen3 output parsed by the real parser."""
-    import dspy
 
     seen = {}
 

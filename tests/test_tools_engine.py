@@ -61,7 +61,7 @@ class Ask(dspy.Signature):
 
 
 def test_auto_picks_hermes_from_the_template(lm):
-    assert lm._runtime.tool_parser == "hermes"
+    assert lm.engine.runtime.tool_parser == "hermes"
     assert lm.supports_function_calling is True
 
 
@@ -97,7 +97,7 @@ def test_the_engine_prompt_holds_both_tools_through_the_template(lm):
         tool_choice=ToolChoice(mode="required")), tools=(
         FunctionTool(name="get_weather", parameters={"type": "object", "properties": {"city": {"type": "string"}}}),
         FunctionTool(name="add", parameters={"type": "object", "properties": {"a": {"type": "integer"}}})))
-    prepared = lm._runtime.build(request)
+    prepared = lm.engine.runtime.build(request)
     prompt = prepared.request.prompt
     assert "# Tools" in prompt and '"name": "add"' in prompt and '"name": "get_weather"' in prompt
     assert "structural_tag" in prepared.request.sampling["structured_outputs"]
@@ -109,13 +109,12 @@ def test_a_streamed_request_with_tools_ends_with_its_tool_calls(lm):
     from dspy.clients.engines.stream_guard import checked_stream
     from dspy.lm15 import Config, FunctionTool, Message, Request, ToolChoice
 
-    from vllm_dspy_adapter.dspy_engine import DSPyEngine
 
     request = Request(model="m", messages=(Message.user(f"Weather in Oslo? ({uuid.uuid4().hex[:6]})"),),
                       tools=(FunctionTool(name="get_weather", parameters={
                           "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),),
                       config=Config(tool_choice=ToolChoice(mode="required"), max_tokens=64, temperature=0.0))
-    events = list(checked_stream(iter(DSPyEngine(lm._runtime).stream(request)), provider="vllm"))
+    events = list(checked_stream(iter(lm.engine.stream(request)), provider="vllm"))
     calls = [e.delta for e in events if e.type == "delta" and e.delta.type == "tool_call"]
     assert [c.name for c in calls] == ["get_weather"] and "city" in json.loads(calls[0].input)
     assert events[-1].type == "end" and events[-1].finish_reason == "tool_call"
