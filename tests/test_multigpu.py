@@ -193,7 +193,7 @@ def test_shutdown_as_context_manager_leaves_no_process(default_model):
     assert not thread.is_alive(), "the caller still waits after shutdown"
     # Never a half answer (vLLM's "abort" outputs) handed back as finished.
     assert "out" not in result, result
-    assert isinstance(result["error"], NoHealthyReplicaError) and "shut down" in str(result["error"])
+    assert isinstance(result["error"], LMClosedError) and "shut down" in str(result["error"]), result
     assert wait_for(lambda: not engine_children(), 30), engine_children()
 
 
