@@ -15,6 +15,7 @@ SYSTEM_LABELS = {"raw-llm", "raw-async", "reference", "http", "ours", "ours-pref
 
 
 @pytest.mark.engine
+@pytest.mark.timeout(1900)  # every system of the harness on CPU: ~7.5 min on 2 cores; the run's own limit is 1800 s
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)], cwd=ROOT,
