@@ -58,7 +58,6 @@ def _request(text: str, max_tokens: int = 48):
 
 
 def test_stream_yields_pieces_as_they_are_decoded_and_equals_the_whole_answer(lm):
-
     engine = lm.engine
     request = _request(f"Count from one to twenty in words. ({uuid.uuid4().hex[:6]})", max_tokens=48)
     started = time.monotonic()

@@ -167,7 +167,6 @@ def test_streams_arrive_in_pieces_from_a_ray_actor(lm):
     the same answer as the whole-answer path."""
     from dspy.lm15 import Config, Message, Request
 
-
     engine = lm.engine
     request = Request(model="m", messages=(Message.user("Count from one to twenty in words."),),
                       config=Config(max_tokens=32, temperature=0.0))

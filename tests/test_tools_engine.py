@@ -109,7 +109,6 @@ def test_a_streamed_request_with_tools_ends_with_its_tool_calls(lm):
     from dspy.clients.engines.stream_guard import checked_stream
     from dspy.lm15 import Config, FunctionTool, Message, Request, ToolChoice
 
-
     request = Request(model="m", messages=(Message.user(f"Weather in Oslo? ({uuid.uuid4().hex[:6]})"),),
                       tools=(FunctionTool(name="get_weather", parameters={
                           "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),),

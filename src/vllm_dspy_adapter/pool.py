@@ -19,7 +19,8 @@ replica deaths and stalls.
 - LoRA adapters (``load_adapter``): loaded on every live replica or on none; a
   restarted replica gets them again before it serves them; a request for an
   adapter goes only to replicas that hold it (the router, ``AdapterRouter``
-  by default with adapters, then prefers those where it is resident), and one for an adapter not loaded fails at once.
+  by default with adapters, then prefers those where it is resident), and one
+  for an adapter not loaded fails at once.
 """
 
 from __future__ import annotations
