@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import vllm_api
 from .errors import ConfigurationError
 
 __all__ = ["ModelSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs"]
@@ -92,9 +93,7 @@ def _suggest(name: str, choices) -> str:
 
 def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
     """Refuse unknown vLLM engine arguments by name, before anything starts."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    known = vllm_api.engine_arg_names()
     for name in engine_kwargs:
         if name == "model":
             raise ConfigurationError("Pass the model as model=..., not inside the engine arguments.")
@@ -108,11 +107,7 @@ def check_engine_kwargs(engine_kwargs: dict[str, Any]) -> None:
 
 def check_sampling_kwargs(sampling: dict[str, Any]) -> None:
     """Refuse unknown or adapter-owned SamplingParams fields, and bad values."""
-    from vllm import SamplingParams
-
-    known = set(getattr(SamplingParams, "__struct_fields__", ())) or {
-        f.name for f in dataclasses.fields(SamplingParams)  # type: ignore[arg-type]
-    }
+    known = vllm_api.sampling_field_names()
     for name in sampling:
         if name in _ADAPTER_OWNED_SAMPLING:
             raise ConfigurationError(
@@ -122,6 +117,6 @@ def check_sampling_kwargs(sampling: dict[str, Any]) -> None:
         if name not in known:
             raise ConfigurationError(f"Unknown vLLM sampling option {name!r}.{_suggest(name, known)}")
     try:
-        SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
+        vllm_api.check_sampling_params({k: v for k, v in sampling.items() if v is not None})
     except Exception as exc:  # vLLM raises ValueError/TypeError with the field in the text
         raise ConfigurationError(f"Invalid sampling_params {sampling!r}: {exc}") from exc

@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from . import vllm_api
 from .config import ModelSpec
 from .errors import (
     AdapterError,
@@ -80,8 +81,6 @@ class Runtime:
 
     def __init__(self, spec: ModelSpec, pool: ReplicaPool, backend: Backend, replicas: list[Replica],
                  tool_call_parser: str | None = None):
-        from vllm import SamplingParams
-
         self.spec = spec
         self.pool = pool
         self.backend = backend
@@ -91,7 +90,7 @@ class Runtime:
         self.label = spec.label()
         self.model_name = spec.model_name or os.path.basename(os.path.normpath(spec.model)) or spec.model
         self.modalities = supported_from_info(self.info)
-        self.sampling_fields = frozenset(SamplingParams.__struct_fields__)
+        self.sampling_fields = vllm_api.sampling_field_names()
         self._close_lock = threading.Lock()
         # The vLLM tool parser (None: native tool calls off), built on first use:
         # importing vLLM's serving layer takes seconds that a run without tools should not pay.

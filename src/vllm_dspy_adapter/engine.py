@@ -30,8 +30,8 @@ from .errors import (
     UnsupportedInputError,
     is_context_length_message,
 )
-from .modalities import engine_modalities  # a leaf: it imports only errors
 from .protocol import Generation, GenerationRequest, ReplicaInfo
+from . import vllm_api
 from .streams import DeltaCollector
 from .vllm_io import to_generation, to_vllm_inputs
 
@@ -86,7 +86,8 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()  # requests in flight; touched on the loop's thread only
         self.ticks = 0  # the engine's pulse (see PROBE_S)
         self.on_cpu = False
-        self.engine = None
+        self.async_llm = None  # the vLLM AsyncLLM, once started
+        self._unfinished = 0
         self._loras: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest, loaded in this engine
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
@@ -114,29 +115,15 @@ class Engine:
 
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         kwargs = {**engine_defaults(), **self.spec.engine_kwargs}
-        args = AsyncEngineArgs(model=self.spec.model, **kwargs)
-        # LLM_CLASS, not the engine context AsyncLLM defaults to: the offline
-        # batch limits (e.g. 1024 sequences and 16384 batched tokens on a large
-        # GPU instead of 128 and 2048) are what a GPU fed by many threads needs.
-        vllm_config = args.create_engine_config(UsageContext.LLM_CLASS)
-        self.model_config = vllm_config.model_config
-        self.on_cpu = vllm_config.device_config.device_type == "cpu"
-        self.max_model_len = int(self.model_config.max_model_len)
-        self.is_multimodal = bool(self.model_config.is_multimodal_model)
-        try:
-            self.model_defaults = dict(self.model_config.get_diff_sampling_param() or {})
-        except Exception:  # a model folder whose generation config does not parse
-            self.model_defaults = {}
-        self.engine = AsyncLLM.from_vllm_config(
-            vllm_config, usage_context=UsageContext.LLM_CLASS, disable_log_stats=kwargs["disable_log_stats"]
-        )
+        self.async_llm, facts = vllm_api.start_async_llm(self.spec.model, kwargs)
+        self.facts = facts
+        self.on_cpu = facts.on_cpu
+        self.max_model_len = facts.max_model_len
+        self.is_multimodal = facts.is_multimodal
+        self.model_defaults = facts.model_defaults
         if self._abandoned:  # the caller gave up while vLLM was starting: stop what it started
-            self.engine.shutdown()
+            vllm_api.shutdown(self.async_llm)
             raise ReplicaStartError(f"{self.name}: start abandoned")
         self.tokenizer = self.spec.load_tokenizer()
 
@@ -147,7 +134,7 @@ class Engine:
         return ReplicaInfo(max_model_len=self.max_model_len, is_multimodal=self.is_multimodal,
                            model_defaults=self.model_defaults, start_seconds=self.start_seconds,
                            engine_pids=[p.pid for p in self.processes.tree()],
-                           modalities=engine_modalities(self.model_config))
+                           modalities=self.facts.modalities)
 
     @property
     def in_flight(self) -> int:
@@ -161,8 +148,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        engine = self.engine
-        return self._dead is None and engine is not None and not engine.errored
+        llm = self.async_llm
+        return self._dead is None and llm is not None and not vllm_api.errored(llm)
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         if isinstance(request.prompt, str):
@@ -181,9 +168,8 @@ class Engine:
         outputs and each new piece of text goes to it as it is decoded. Requests
         without one keep FINAL_ONLY: no per-token traffic on the hot path."""
         request_id = request_id or f"{self.name}-{next(_ids)}"
-        engine = self.engine
         try:
-            if engine is None or not self.alive:
+            if self.async_llm is None or not self.alive:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
             prompt, params = self._prepare(request, streamed=stream is not None)
             lora = self._lora_for(request)
@@ -194,9 +180,6 @@ class Engine:
         with self._lock:
             self._in_flight += 1
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
-            # vLLM's own count of requests it holds (this one not yet added):
-            # the proof that calls from many threads share one batch.
-            self._peak_unfinished = max(self._peak_unfinished, engine.get_num_unfinished_requests() + 1)
         return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, stream, lora), self._loop)
 
     def _watch(self, processes) -> None:
@@ -236,10 +219,10 @@ class Engine:
 
     async def _probe(self) -> None:
         """The engine's pulse: ask the engine core a trivial question, once a second."""
-        engine = self.engine
+        llm = self.async_llm
         try:
             while not self._closing:
-                await engine.is_sleeping()
+                await vllm_api.is_sleeping(llm)
                 self.ticks += 1
                 await asyncio.sleep(PROBE_S)
         except Exception:  # the engine died: the watchdog reports it
@@ -251,25 +234,27 @@ class Engine:
                               streamed=streamed)
 
     async def _generate(self, prompt, params, request_id: str, stream=None, lora=None) -> Generation:
-        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
-
         task = asyncio.current_task()
         self._tasks.add(task)
         final = None
-        engine = self.engine
+        llm = self.async_llm
         deltas = DeltaCollector(stream) if stream is not None else None
+        inside = False  # handed to vLLM and not finished: what peak_unfinished counts
         try:
-            if self._dead is not None or engine is None:
+            if self._dead is not None or llm is None:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'shut down'}")
-            async for output in engine.generate(prompt, params, request_id, lora_request=lora):
+            with self._lock:
+                inside = True
+                self._unfinished += 1
+                # The most requests vLLM held at once: the proof that calls from many
+                # threads share one batch (counted here: vLLM's own count is not in every release).
+                self._peak_unfinished = max(self._peak_unfinished, self._unfinished)
+            async for output in vllm_api.generate(llm, prompt, params, request_id, lora):
                 final = output
                 if deltas is not None:
                     deltas.add(output)
             if deltas is not None and deltas.count:
                 final = deltas.final()
-        except VllmEngineDead as exc:
-            self._dead = self._dead or exc
-            raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None
         except asyncio.CancelledError:
             # Cancelled by a death or a shutdown (_cancel_tasks): the caller gets
             # the reason, never a bare cancellation.
@@ -280,10 +265,17 @@ class Engine:
             if is_context_length_message(str(exc)):
                 raise PromptTooLongError(str(exc)) from None
             raise UnsupportedInputError(str(exc)) from None
+        except Exception as exc:
+            if not vllm_api.is_engine_dead(exc):
+                raise
+            self._dead = self._dead or exc
+            raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None
         finally:
             self._tasks.discard(task)
             with self._lock:
                 self._in_flight -= 1
+                if inside:
+                    self._unfinished -= 1
         if final is None or any(o.finish_reason == "abort" for o in final.outputs):
             # vLLM ends the requests it holds when it stops, with what they had so far
             # and finish_reason "abort": never hand that back as a finished answer.
@@ -316,18 +308,16 @@ class Engine:
         return lora
 
     async def _add_lora(self, adapter) -> None:
-        from .lora import to_lora_request
-
-        lora = to_lora_request(adapter)
+        lora = vllm_api.make_lora_request(adapter.name, adapter.lora_id, adapter.path)
         try:
-            await self.engine.add_lora(lora)
+            await vllm_api.add_lora(self.async_llm, lora)
         except Exception as exc:  # vLLM refuses cleanly here (bad rank, bad modules, bad files)
             raise ConfigurationError(f"{self.name}: vLLM refused adapter {adapter.name!r} ({adapter.path}): "
                                      f"{exc}") from None
         old = self._loras.get(adapter.name)
         self._loras[adapter.name] = lora
         if old is not None and old.lora_int_id != lora.lora_int_id:
-            await self.engine.remove_lora(old.lora_int_id)
+            await vllm_api.remove_lora(self.async_llm, old.lora_int_id)
 
     def add_adapter(self, adapter, timeout: float = 120.0) -> None:
         """Load a checked ``lora.AdapterSpec`` into this engine (replacing one of the
@@ -337,7 +327,8 @@ class Engine:
     def remove_adapter(self, name: str, timeout: float = 60.0) -> None:
         lora = self._loras.pop(name, None)
         if lora is not None:
-            asyncio.run_coroutine_threadsafe(self.engine.remove_lora(lora.lora_int_id), self._loop).result(timeout)
+            asyncio.run_coroutine_threadsafe(vllm_api.remove_lora(self.async_llm, lora.lora_int_id),
+                                             self._loop).result(timeout)
 
     def adapter_names(self) -> list[str]:
         return sorted(self._loras)
@@ -360,16 +351,16 @@ class Engine:
 
     def shutdown(self) -> None:
         self._closing = True
-        engine = self.engine
-        if engine is not None:
-            self._cancel_output_handler(engine)
+        llm = self.async_llm
+        if llm is not None:
+            self._cancel_output_handler(llm)
             try:
-                engine.shutdown()
+                vllm_api.shutdown(llm)
             except Exception:  # already dead: nothing left to stop
                 logger.debug("%s: shutdown raised", self.name, exc_info=True)
             # Dropped now: left to the interpreter's exit, AsyncLLM.__del__ would run its
             # shutdown again when the modules it needs are already gone.
-            self.engine = None
+            self.async_llm = None
             self._dead = self._dead or ReplicaDeadError(f"{self.name}: shut down")
         # What the stopped engine did not finish fails now (no caller waits forever),
         # then the loop stops.
@@ -401,12 +392,12 @@ class Engine:
         self.processes.kill_launched(self.name)
         self._stop_loop()
 
-    def _cancel_output_handler(self, engine) -> None:
+    def _cancel_output_handler(self, llm) -> None:
         """vLLM stops its engine core before it cancels its output handler, which then
         reports the stop as an engine failure (an ERROR traceback in the log) whenever
         a request is in flight. Cancelling the handler first keeps a shutdown quiet;
         the requests it would have ended are failed by ``shutdown``."""
-        handler = engine.output_handler
+        handler = vllm_api.output_handler(llm)
         if handler is None or not self._loop.is_running():
             return
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigurationError
 
-__all__ = ["AdapterSpec", "read_adapter", "AdapterRegistry", "LORA_ENGINE_ARGS", "to_lora_request"]
+__all__ = ["AdapterSpec", "read_adapter", "AdapterRegistry", "LORA_ENGINE_ARGS"]
 
 # vLLM engine arguments about LoRA: they set capacity, not what the base model answers.
 LORA_ENGINE_ARGS = frozenset({"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "fully_sharded_loras",
@@ -127,10 +127,3 @@ class AdapterRegistry:
     def __contains__(self, name: object) -> bool:
         with self._lock:
             return name in self._adapters
-
-
-def to_lora_request(adapter: AdapterSpec):
-    """The vLLM ``LoRARequest`` for a checked adapter (imports vLLM: engine side only)."""
-    from vllm.lora.request import LoRARequest
-
-    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=adapter.path)

@@ -5,43 +5,26 @@ An image sent to a text-only model used to fail deep inside the chat template
 (``can only concatenate str (not "list") to str``). Here it fails first, with an
 error that names the modality and the model; the LM keeps serving.
 
-- ``engine_modalities``: what vLLM says the loaded model takes (engine side);
+- what vLLM says a loaded model takes is read by ``vllm_api.model_modalities`` (engine side);
 - ``request_modalities``: the media parts a request holds (driver side, pure);
 - ``check_modalities``: refuse a request the model cannot take.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Collection
 from typing import Any
 
 from .errors import UnsupportedModalityError
 
-__all__ = ["HANDLED", "check_modalities", "engine_modalities", "request_modalities", "supported_from_info"]
+__all__ = ["HANDLED", "check_modalities", "request_modalities", "supported_from_info"]
 
-logger = logging.getLogger(__name__)
 
 # lm15 part types that are an input modality of some vLLM model.
 _MEDIA = ("image", "audio", "video")
 
 # Modalities this adapter passes to vLLM today (render.request_to_messages).
 HANDLED = frozenset({"image"})
-
-
-def engine_modalities(model_config) -> tuple[str, ...]:
-    """The input modalities of a loaded model, from vLLM's multimodal registry
-    (what its processor accepts); empty for a text-only model."""
-    if not getattr(model_config, "is_multimodal_model", False):
-        return ()
-    try:
-        from vllm.multimodal import MULTIMODAL_REGISTRY
-
-        limits = MULTIMODAL_REGISTRY.get_processing_info(model_config).supported_mm_limits
-        return tuple(sorted(limits))
-    except Exception:  # a model whose processor cannot be built here: assume the common case
-        logger.debug("could not read the model's modalities; assuming images", exc_info=True)
-        return ("image",)
 
 
 def supported_from_info(info: Any) -> tuple[str, ...]:

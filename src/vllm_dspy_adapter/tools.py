@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import vllm_api
 from .errors import ConfigurationError, UnsupportedInputError
 
 __all__ = [
@@ -57,9 +58,7 @@ _TEMPLATE_MARKERS: tuple[tuple[str, str], ...] = (
 
 def known_parsers() -> list[str]:
     """Every tool parser name vLLM has registered (what ``--tool-call-parser`` takes)."""
-    from vllm.tool_parsers import ToolParserManager
-
-    return ToolParserManager.list_registered()
+    return vllm_api.tool_parser_names()
 
 
 def check_parser_name(name: Any) -> str | None:
@@ -90,16 +89,6 @@ def template_renders_tools(tokenizer) -> bool:
     return isinstance(template, str) and "tools" in template
 
 
-def _response_template_has_tools(tokenizer) -> bool:
-    try:
-        from vllm.parser.response_template import validate_tokenizer_response_template
-
-        validate_tokenizer_response_template(tokenizer, reasoning=False, tools=True)
-        return True
-    except Exception:  # no response_template metadata, or one without a tool field
-        return False
-
-
 def choose_parser(name: str | None, tokenizer, *, model: str) -> str | None:
     """The vLLM tool parser for this model, or None when native tool calls are off.
 
@@ -123,7 +112,7 @@ def choose_parser(name: str | None, tokenizer, *, model: str) -> str | None:
         return name
     if not renders:
         return None
-    if _response_template_has_tools(tokenizer):
+    if vllm_api.response_template_has_tools(tokenizer):
         return "hf"
     template = tokenizer.chat_template
     if isinstance(template, dict):
@@ -217,16 +206,11 @@ class ToolCalling:
     """
 
     def __init__(self, parser_name: str, tokenizer):
-        from vllm.parser.parser_manager import ParserManager
-
         self.name = parser_name
         self._tokenizer = tokenizer
-        self._parser_cls = ParserManager.get_parser(tool_parser_name=parser_name, enable_auto_tools=True,
-                                                    tokenizer=tokenizer)
+        self._parser_cls = vllm_api.parser_class(parser_name, tokenizer)
 
     def plan(self, request_tools, tool_choice) -> ToolPlan:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
         tools = template_tools(request_tools)
         choice, offered = _openai_tool_choice(tool_choice, tools)
         parallel = tool_choice.parallel if tool_choice is not None else None
@@ -235,7 +219,7 @@ class ToolCalling:
             # A forced call is only useful if its arguments fit the tool: its schema
             # constrains them too (the per-tool `strict` of the OpenAI format).
             server_tools = [{**t, "function": {**t["function"], "strict": True}} for t in offered]
-        server = ChatCompletionRequest(
+        server = vllm_api.chat_completion_request(
             messages=[{"role": "user", "content": ""}], model=self.name, tools=server_tools, tool_choice=choice,
             **({} if parallel is None else {"parallel_tool_calls": parallel}),
         )

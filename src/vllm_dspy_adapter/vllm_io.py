@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from . import vllm_api
 from .errors import PromptTooLongError, UnsupportedInputError
 from .protocol import Generation, GenerationRequest, TokenLogprobData
 
@@ -21,9 +22,6 @@ def to_vllm_inputs(request: GenerationRequest, tokenize: Callable[[GenerationReq
                    max_model_len: int, model_defaults: dict[str, Any], is_multimodal: bool, streamed: bool = False):
     """``(prompt, SamplingParams)`` for ``AsyncLLM.generate``. ``streamed``: DELTA
     outputs (each new piece of text as it is decoded), else FINAL_ONLY."""
-    from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
-
     if request.images and not is_multimodal:
         raise UnsupportedInputError(
             f"{model} is a text-only model and cannot take images. "
@@ -45,21 +43,11 @@ def to_vllm_inputs(request: GenerationRequest, tokenize: Callable[[GenerationReq
     sampling = {**model_defaults, **{k: v for k, v in request.sampling.items() if v is not None}}
     room = max_model_len - n_prompt
     sampling["max_tokens"] = min(int(sampling.get("max_tokens") or room), room)
-    structured = sampling.pop("structured_outputs", None)
-    if structured is not None:
-        sampling["structured_outputs"] = _structured_params(structured)
     try:
-        kind = RequestOutputKind.DELTA if streamed else RequestOutputKind.FINAL_ONLY
-        params = SamplingParams(**sampling, output_kind=kind)
+        params = vllm_api.make_sampling_params(sampling, streamed=streamed)
     except (TypeError, ValueError) as exc:
         raise UnsupportedInputError(f"Invalid sampling options {request.sampling!r}: {exc}") from exc
     return prompt, params
-
-
-def _structured_params(spec: dict[str, Any]):
-    from vllm.sampling_params import StructuredOutputsParams
-
-    return StructuredOutputsParams(**spec)
 
 
 def to_generation(output, request_id: str) -> Generation:
