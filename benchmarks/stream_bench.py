@@ -40,7 +40,7 @@ def _request(text: str, max_tokens: int):
 def _engine_of(lm):
     """The async twin of the LM's DSPy engine (``lm.engine``, DSPy's public
     property), on the same runtime: what ``acall`` and ``dspy.streamify`` use."""
-    from vllm_dspy_adapter.dspy_engine import AsyncDSPyEngine
+    from vllm_dspy_adapter.lm.dspy_engine import AsyncDSPyEngine
 
     return AsyncDSPyEngine(lm.engine.runtime)
 

@@ -15,7 +15,7 @@ import threading
 
 from vllm_dspy_adapter.backends.base import ReplicaHandle
 from vllm_dspy_adapter.config import ModelSpec
-from vllm_dspy_adapter.placement import Placement
+from vllm_dspy_adapter.backends.placement import Placement
 from vllm_dspy_adapter.protocol import Generation, GenerationRequest, ReplicaInfo
 
 SPEC = ModelSpec(model="/nonexistent/fake-model")

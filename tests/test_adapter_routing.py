@@ -5,8 +5,8 @@ from collections import OrderedDict
 
 import pytest
 
-from vllm_dspy_adapter.adapter_routing import AdapterRouter
-from vllm_dspy_adapter.router import LeastLoadedRouter, ReplicaLoad
+from vllm_dspy_adapter.serving.adapter_routing import AdapterRouter
+from vllm_dspy_adapter.serving.routing import LeastLoadedRouter, ReplicaLoad
 
 
 def loads(*outstanding, dead=()):

@@ -15,9 +15,9 @@ from conftest import wait_for
 from fakes import SPEC, FakeLauncher, FakeReplica, placements
 from vllm_dspy_adapter.backends.process import ProcessBackend
 from vllm_dspy_adapter.errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, ReplicaStartError
-from vllm_dspy_adapter.pool import ReplicaPool
+from vllm_dspy_adapter.serving.pool import ReplicaPool
 from vllm_dspy_adapter.protocol import Backend, GenerationRequest, Replica
-from vllm_dspy_adapter.router import RoundRobinRouter
+from vllm_dspy_adapter.serving.routing import RoundRobinRouter
 
 HEARTBEAT = 0.05
 

@@ -106,7 +106,7 @@ def test_streamify_shows_the_reasoning_field_in_pieces(lm):
 
 
 def test_32_concurrent_async_streams(lm):
-    from vllm_dspy_adapter.dspy_engine import AsyncDSPyEngine
+    from vllm_dspy_adapter.lm.dspy_engine import AsyncDSPyEngine
 
     engine = AsyncDSPyEngine(lm.engine.runtime)
     salt = uuid.uuid4().hex[:6]

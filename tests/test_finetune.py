@@ -18,8 +18,8 @@ dspy = pytest.importorskip("dspy")
 pytest.importorskip("peft")
 
 from vllm_dspy_adapter.errors import ConfigurationError  # noqa: E402
-from vllm_dspy_adapter.finetune import LoRAProvider, LoRATrainingJob  # noqa: E402
-from vllm_dspy_adapter.lora_train import LoRATrainConfig, tokenize_chat_examples  # noqa: E402
+from vllm_dspy_adapter.lora.provider import LoRAProvider, LoRATrainingJob  # noqa: E402
+from vllm_dspy_adapter.lora.training import LoRATrainConfig, tokenize_chat_examples  # noqa: E402
 
 
 class QA(dspy.Signature):
@@ -57,7 +57,7 @@ class FakeHost:
 def test_chat_examples_are_rendered_as_served_and_only_the_answer_is_learned(default_model):
     from transformers import AutoTokenizer
 
-    from vllm_dspy_adapter.render import render_chat
+    from vllm_dspy_adapter.chat_template import render_chat
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     data = chat_data(2)
@@ -105,7 +105,7 @@ def test_train_options_are_checked_by_name():
     (8, {"epochs": 2}, "chat", "Unknown LoRA training option 'epochs'"),
 ])
 def test_provider_refuses_before_training(monkeypatch, tmp_path, host_rank, kwargs, fmt, message):
-    import vllm_dspy_adapter.finetune as finetune
+    import vllm_dspy_adapter.lora.provider as finetune
 
     def must_not_train(*args, **kw):
         raise AssertionError("training started despite a bad request")
@@ -122,7 +122,7 @@ def test_provider_refuses_before_training(monkeypatch, tmp_path, host_rank, kwar
 def test_a_cancelled_job_stops_between_steps_and_says_so(monkeypatch, tmp_path):
     import threading
 
-    import vllm_dspy_adapter.finetune as finetune
+    import vllm_dspy_adapter.lora.provider as finetune
     from dspy.clients.utils_finetune import TrainDataFormat
 
     started = threading.Event()

@@ -22,7 +22,7 @@ def test_the_library_leaves_logging_and_the_environment_alone():
     out = _run(
         "import logging, os, warnings\n"
         "import dspy\nfilters = list(warnings.filters)  # after dspy, which sets its own\n"
-        "import vllm_dspy_adapter, vllm_dspy_adapter.lm, vllm_dspy_adapter.tools, vllm_dspy_adapter.streams\n"
+        "import vllm_dspy_adapter, vllm_dspy_adapter.lm.offline, vllm_dspy_adapter.lm.tools, vllm_dspy_adapter.lm.stream_events\n"
         "from vllm_dspy_adapter import vLLMOffline\n"
         "print(logging.getLogger().handlers, logging.getLogger().level,\n"
         "      [k for k in ('VLLM_LOGGING_LEVEL', 'TORCH_CPP_LOG_LEVEL', 'PYTHONWARNINGS') if k in os.environ],\n"

@@ -31,7 +31,7 @@ TRAIN = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "co
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, default_model):
-    from vllm_dspy_adapter.lora_train import LoRATrainConfig, train_lora
+    from vllm_dspy_adapter.lora.training import LoRATrainConfig, train_lora
 
     path = str(tmp_path_factory.mktemp("lora") / "papaya")
     result = train_lora(default_model, TRAIN, path, LoRATrainConfig(max_steps=5, batch_size=4, learning_rate=5e-3))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vllm_dspy_adapter.errors import ConfigurationError
-from vllm_dspy_adapter.lora import AdapterRegistry, read_adapter
+from vllm_dspy_adapter.lora.registry import AdapterRegistry, read_adapter
 
 
 def adapter_folder(path, r=8, weights=b"w" * 64, peft_type="LORA"):

@@ -9,7 +9,7 @@ from dspy._vendor.lm15.types import audio, image
 from dspy.lm15 import Message, Request, TextPart, ToolResultPart
 
 from vllm_dspy_adapter.errors import UnsupportedInputError, UnsupportedModalityError
-from vllm_dspy_adapter.modalities import check_modalities, request_modalities, supported_from_info
+from vllm_dspy_adapter.lm.modalities import check_modalities, request_modalities, supported_from_info
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 WAV = base64.b64encode(b"RIFF" + b"\0" * 40).decode()

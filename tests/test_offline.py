@@ -125,7 +125,7 @@ def test_history_copy_and_dump_state(lm):
     assert copy.history and copy.history[-1]["usage"]["completion_tokens"] > 0
     state = lm.dump_state()
     assert state["max_model_len"] == 2048 and state["temperature"] == 0.0
-    assert state["_dspy_lm_class"] == "vllm_dspy_adapter.lm.vLLMOffline"
+    assert state["_dspy_lm_class"] == "vllm_dspy_adapter.lm.offline.vLLMOffline"
 
 
 def test_logprobs_when_asked(lm):

@@ -3,7 +3,7 @@
 import pytest
 
 from vllm_dspy_adapter.errors import ConfigurationError
-from vllm_dspy_adapter.placement import plan_placement
+from vllm_dspy_adapter.backends.placement import plan_placement
 
 
 def plan(**kw):

@@ -7,10 +7,10 @@ import pytest
 
 from conftest import wait_for
 from fakes import FakeReplica
-from vllm_dspy_adapter.adapter_routing import AdapterRouter
+from vllm_dspy_adapter.serving.adapter_routing import AdapterRouter
 from vllm_dspy_adapter.errors import ConfigurationError, NoHealthyReplicaError
-from vllm_dspy_adapter.lora import AdapterSpec
-from vllm_dspy_adapter.pool import ReplicaPool
+from vllm_dspy_adapter.lora.registry import AdapterSpec
+from vllm_dspy_adapter.serving.pool import ReplicaPool
 from vllm_dspy_adapter.protocol import GenerationRequest
 
 ADAPTER = AdapterSpec(name="tone", path="/adapters/tone", lora_id=1, rank=8, digest="ab" * 32)

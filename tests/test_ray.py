@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 
 from conftest import ENGINE_KWARGS, prompts, wait_for  # noqa: E402
 from vllm_dspy_adapter import ConfigurationError, vLLMOfflineMultiGPU  # noqa: E402
-from vllm_dspy_adapter.placement import RayNode, free_core_offset, plan_ray_placement  # noqa: E402
+from vllm_dspy_adapter.backends.placement import RayNode, free_core_offset, plan_ray_placement  # noqa: E402
 
 
 # ---------------------------------------------------------------- placement (no cluster)

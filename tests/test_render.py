@@ -7,15 +7,15 @@ from dspy._vendor.lm15.types import image
 from dspy.lm15 import Config, Message, Reasoning, Request, TextPart
 
 from vllm_dspy_adapter.config import ModelSpec
+from vllm_dspy_adapter.chat_template import render_chat
 from vllm_dspy_adapter.errors import UnsupportedInputError
-from vllm_dspy_adapter.protocol import Generation, TokenLogprobData
-from vllm_dspy_adapter.render import (
+from vllm_dspy_adapter.lm.render import (
     config_to_sampling,
     generation_to_response,
-    render_chat,
     request_to_messages,
     split_reasoning,
 )
+from vllm_dspy_adapter.protocol import Generation, TokenLogprobData
 
 
 def _request(**config):

@@ -10,11 +10,11 @@ import pytest
 from fakes import FakeReplica
 from vllm_dspy_adapter.backends.base import start_all
 from vllm_dspy_adapter.errors import ConfigurationError
-from vllm_dspy_adapter.placement import (RayNode, number_slots, plan_placement, plan_ray_placement, replica_memory,
+from vllm_dspy_adapter.backends.placement import (RayNode, number_slots, plan_placement, plan_ray_placement, replica_memory,
                                          split_device)
-from vllm_dspy_adapter.pool import ReplicaPool
+from vllm_dspy_adapter.serving.pool import ReplicaPool
 from vllm_dspy_adapter.protocol import GenerationRequest
-from vllm_dspy_adapter.router import LeastLoadedRouter, PrefixRouter, ReplicaLoad, open_replicas
+from vllm_dspy_adapter.serving.routing import LeastLoadedRouter, PrefixRouter, ReplicaLoad, open_replicas
 
 
 def plan(**kw):
@@ -225,7 +225,8 @@ def test_stats_has_one_row_per_replica_with_its_slot_in_the_device():
 def test_the_lm_splits_the_users_total_and_checks_the_model_from_its_config(tmp_path, monkeypatch):
     import json
 
-    from vllm_dspy_adapter import lm, placement
+    from vllm_dspy_adapter.backends import placement
+    from vllm_dspy_adapter.lm import offline as lm
     from vllm_dspy_adapter.models import estimate_memory
 
     qwen3_8b = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,

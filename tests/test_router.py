@@ -2,7 +2,7 @@
 
 import pytest
 
-from vllm_dspy_adapter.router import (
+from vllm_dspy_adapter.serving.routing import (
     LeastLoadedRouter,
     PrefixRouter,
     ReplicaLoad,

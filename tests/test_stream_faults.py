@@ -10,7 +10,8 @@ from fakes import FakeLauncher
 from test_faults import _shutdown_pools, request, start, wait_until  # noqa: F401  (the fixture shuts the pools down)
 from vllm_dspy_adapter.backends.worker import PieceBatcher
 from vllm_dspy_adapter.errors import StreamInterruptedError
-from vllm_dspy_adapter.streams import StreamChannel, StreamPiece
+from vllm_dspy_adapter.lm.stream_channel import StreamChannel
+from vllm_dspy_adapter.protocol import StreamPiece
 
 
 def _texts(channel: StreamChannel) -> str:

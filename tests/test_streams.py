@@ -13,8 +13,10 @@ from dspy.lm15 import Message, Request
 
 from vllm_dspy_adapter.errors import ReplicaDeadError
 from vllm_dspy_adapter.protocol import Generation
-from vllm_dspy_adapter.render import generation_to_response
-from vllm_dspy_adapter.streams import EventAssembler, StreamChannel, StreamPiece, StreamTimeout
+from vllm_dspy_adapter.lm.render import generation_to_response
+from vllm_dspy_adapter.lm.stream_channel import StreamChannel, StreamTimeout
+from vllm_dspy_adapter.lm.stream_events import EventAssembler
+from vllm_dspy_adapter.protocol import StreamPiece
 
 ANSWERS = [
     "[[ ## reasoning ## ]]\nParis is the capital.\n\n[[ ## answer ## ]]\nParis\n\n[[ ## completed ## ]]",

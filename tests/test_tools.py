@@ -23,8 +23,9 @@ from dspy.lm15 import (
 
 from vllm_dspy_adapter.errors import ConfigurationError, UnsupportedInputError
 from vllm_dspy_adapter.protocol import Generation
-from vllm_dspy_adapter.render import generation_to_response, render_chat, request_to_messages
-from vllm_dspy_adapter.tools import (
+from vllm_dspy_adapter.chat_template import render_chat
+from vllm_dspy_adapter.lm.render import generation_to_response, request_to_messages
+from vllm_dspy_adapter.lm.tools import (
     ToolCalling,
     check_parser_name,
     choose_parser,
@@ -242,7 +243,7 @@ def test_dspy_sees_native_tool_calls(hermes):
 
 
 def test_request_config_keeps_tool_choice_for_the_planner():
-    from vllm_dspy_adapter.render import config_to_sampling
+    from vllm_dspy_adapter.lm.render import config_to_sampling
 
     assert config_to_sampling(Config(tool_choice=ToolChoice(mode="auto"))) == {}
 

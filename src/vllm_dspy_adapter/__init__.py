@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .lm import GenerationOutput, vLLMOffline, vLLMOfflineMultiGPU
+    from .lm.offline import GenerationOutput, vLLMOffline, vLLMOfflineMultiGPU
 
 
 def default_model_path() -> str:
@@ -52,7 +52,7 @@ def default_model_path() -> str:
 
 def visible_gpu_count() -> int:
     """GPUs this process may use (CUDA_VISIBLE_DEVICES, else NVML), without initialising CUDA."""
-    from .placement import visible_gpu_count as count
+    from .backends.placement import visible_gpu_count as count
 
     return count()
 
@@ -60,7 +60,7 @@ def visible_gpu_count() -> int:
 def __getattr__(name: str) -> Any:
     # The LM classes import DSPy (and, when used, vLLM): load them on first access.
     if name in ("vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"):
-        from . import lm
+        from .lm import offline
 
-        return getattr(lm, name)
+        return getattr(offline, name)
     raise AttributeError(f"module 'vllm_dspy_adapter' has no attribute {name!r}")

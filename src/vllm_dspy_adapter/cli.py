@@ -1,4 +1,4 @@
-"""Command line: ``python -m vllm_dspy_adapter {multigpu,ask,prepare-model}``.
+"""Command line: ``python -m vllm_dspy_adapter {multigpu,ask,prepare-model,doctor}``.
 
 Only argparse is imported at start, so ``--help`` answers at once on any machine.
 """
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare-model", help="prepare the embedded default model and print its folder")
     prep.add_argument("--cache-dir", default=None)
+
+    doctor = sub.add_parser("doctor", help="report vLLM, torch, DSPy, CUDA and GPUs, and whether this setup "
+                                           "is supported (checks vLLM's API without starting an engine)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -81,7 +85,7 @@ def _engine_kwargs(args) -> dict:
 def _multigpu(args) -> int:
     import dspy
 
-    from .lm import vLLMOfflineMultiGPU
+    from .lm.offline import vLLMOfflineMultiGPU
 
     started = time.monotonic()
     with vLLMOfflineMultiGPU(model=args.model, num_gpus=args.num_gpus, num_replicas=args.num_replicas,
@@ -117,7 +121,7 @@ def _multigpu(args) -> int:
 def _ask(args) -> int:
     import dspy
 
-    from .lm import vLLMOffline
+    from .lm.offline import vLLMOffline
 
     started = time.monotonic()
     with vLLMOffline(model=args.model, **_engine_kwargs(args)) as lm:
@@ -135,6 +139,12 @@ def _prepare(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from .doctor import run
+
+    return run(as_json=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .logs import quiet_engine_logs
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_engine_logs(verbose=args.verbose)  # before vLLM is imported: engine processes inherit it
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler = {"multigpu": _multigpu, "ask": _ask, "prepare-model": _prepare}[args.command]
+    handler = {"multigpu": _multigpu, "ask": _ask, "prepare-model": _prepare, "doctor": _doctor}[args.command]
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .config import ModelSpec
 
-__all__ = ["GenerationRequest", "Generation", "TokenLogprobData", "ReplicaInfo", "Replica", "Backend", "OnDeath"]
+__all__ = ["GenerationRequest", "Generation", "TokenLogprobData", "ReplicaInfo", "StreamPiece", "Replica", "Backend",
+           "OnDeath"]
 
 
 @dataclass
@@ -74,6 +75,14 @@ class Generation:
 
 
 # ------------------------------------------------------------------ the contracts
+
+
+@dataclass
+class StreamPiece:
+    """New text of one streamed request since its previous piece."""
+
+    text: str
+    num_tokens: int = 0
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 
 from ..errors import ConfigurationError
-from ..placement import plan_placement, visible_gpu_count
+from .placement import plan_placement, visible_gpu_count
 from ..protocol import Backend
 
 __all__ = ["make_backend", "BACKENDS"]

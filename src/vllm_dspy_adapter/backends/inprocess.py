@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import LMClosedError, ReplicaStartError
-from ..placement import cpu_env, visible_gpu_count
+from .placement import cpu_env, visible_gpu_count
 from ..protocol import GenerationRequest, OnDeath
 from .base import ReplicaHandle, start_all
 
@@ -37,7 +37,7 @@ class InProcessReplica(ReplicaHandle):
         self._watch_stop = threading.Event()
 
     def start(self) -> None:
-        from ..engine import Engine
+        from ..engine.engine import Engine
 
         if visible_gpu_count() == 0:
             for key, value in cpu_env().items():

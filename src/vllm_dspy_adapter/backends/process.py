@@ -26,9 +26,8 @@ from typing import Any, Protocol
 
 from ..config import ModelSpec
 from ..errors import ReplicaStartError
-from ..placement import Placement
-from ..protocol import GenerationRequest, OnDeath
-from ..streams import StreamPiece
+from .placement import Placement
+from ..protocol import GenerationRequest, OnDeath, StreamPiece
 from .base import ReplicaHandle, start_all
 from .worker import serve
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import ConfigurationError, ReplicaStartError
-from ..placement import cluster_text, cores_text, free_core_offset, number_slots, plan_ray_placement, split_device
+from .placement import cluster_text, cores_text, free_core_offset, number_slots, plan_ray_placement, split_device
 from ..protocol import OnDeath
 from .base import start_all
 from .ray_cluster import alive_nodes, ray_connect, ray_if_up, ray_release, register

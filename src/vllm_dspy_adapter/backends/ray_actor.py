@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import ReplicaStartError
-from ..placement import cores_text
+from .placement import cores_text
 from ..protocol import Generation, GenerationRequest
 
 __all__ = ["VLLMReplica"]
@@ -51,7 +51,7 @@ class VLLMReplica:
             else:
                 self.device = f"node:{self.node_ip}/cpu:{_check_binding(cpu_slot)}"
             spec = _spec_on_this_node(spec, self.node_ip)
-            from ..engine import Engine
+            from ..engine.engine import Engine
 
             self.engine = Engine(spec, name=name)
             self.engine_processes = _processes(self.engine.info().engine_pids)

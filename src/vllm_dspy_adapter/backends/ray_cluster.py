@@ -13,7 +13,7 @@ import threading
 import weakref
 
 from ..errors import ConfigurationError
-from ..placement import RayNode
+from .placement import RayNode
 
 __all__ = ["ray_connect", "ray_release", "ray_if_up", "ray_kill", "alive_nodes", "node_id", "register"]
 

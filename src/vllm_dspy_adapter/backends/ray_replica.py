@@ -18,8 +18,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import LMClosedError, ReplicaDeadError, ReplicaStartError
-from ..protocol import GenerationRequest, OnDeath
-from ..streams import StreamPiece
+from ..protocol import GenerationRequest, OnDeath, StreamPiece
 from .base import ReplicaHandle
 from .ray_cluster import ray_if_up, ray_kill
 

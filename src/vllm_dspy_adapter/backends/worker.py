@@ -104,7 +104,7 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
     # Ctrl-C away from the engines; the driver shuts them down in order.
     os.setsid()
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
-    from ..engine import Engine
+    from ..engine.engine import Engine
     from ..errors import ReplicaDeadError
 
     send_lock = threading.Lock()

@@ -34,7 +34,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from .router import ReplicaLoad, Router, make_router
+from .routing import ReplicaLoad, Router, make_router
 
 __all__ = ["AdapterRouter"]
 

@@ -19,8 +19,9 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
-from .errors import AdapterError, LMClosedError
-from .streams import EventAssembler, StreamChannel, StreamTimeout
+from ..errors import AdapterError, LMClosedError
+from .stream_channel import StreamChannel, StreamTimeout
+from .stream_events import EventAssembler
 
 __all__ = ["stream_events", "astream_events", "POLL_S"]
 
@@ -40,7 +41,6 @@ def _settle(channel: StreamChannel, future: concurrent.futures.Future) -> None:
 def _open(engine, request, future_prepared) -> tuple[StreamChannel, Any, EventAssembler]:
     channel, (future, prepared) = future_prepared
     future.add_done_callback(lambda f: _settle(channel, f))
-    runtime = engine.runtime
     assembler = EventAssembler(model=engine.label, starts_in_thinking=prepared.starts_in_thinking,
                                hold_text=prepared.plan is not None)
     return channel, prepared, assembler

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .config import ModelSpec
-from .engine_processes import EngineProcesses
-from .errors import (
+from ..config import ModelSpec
+from .processes import EngineProcesses
+from ..errors import (
     ConfigurationError,
     PromptTooLongError,
     ReplicaDeadError,
@@ -30,10 +30,9 @@ from .errors import (
     UnsupportedInputError,
     is_context_length_message,
 )
-from .protocol import Generation, GenerationRequest, ReplicaInfo
-from . import vllm_api
-from .streams import DeltaCollector
-from .vllm_io import to_generation, to_vllm_inputs
+from ..protocol import Generation, GenerationRequest, ReplicaInfo
+from .. import vllm_api
+from .vllm_io import DeltaCollector, to_generation, to_vllm_inputs
 
 __all__ = ["Engine", "engine_defaults"]
 
@@ -253,8 +252,6 @@ class Engine:
                 final = output
                 if deltas is not None:
                     deltas.add(output)
-            if deltas is not None and deltas.count:
-                final = deltas.final()
         except asyncio.CancelledError:
             # Cancelled by a death or a shutdown (_cancel_tasks): the caller gets
             # the reason, never a bare cancellation.
@@ -276,13 +273,16 @@ class Engine:
                 self._in_flight -= 1
                 if inside:
                     self._unfinished -= 1
-        if final is None or any(o.finish_reason == "abort" for o in final.outputs):
+        aborted = deltas.aborted if deltas is not None and deltas.count else (
+            final is None or any(o.finish_reason == "abort" for o in final.outputs))
+        if aborted:
             # vLLM ends the requests it holds when it stops, with what they had so far
             # and finish_reason "abort": never hand that back as a finished answer.
             self._count(failed=True)
             why = "the engine was shut down" if self._closing else "vLLM aborted it"
             raise ReplicaDeadError(f"{self.name}: request {request_id} did not finish: {why}")
-        generation = to_generation(final, request_id)
+        generation = deltas.generation(request_id) if deltas is not None and deltas.count else (
+            to_generation(final, request_id))
         self._count(generation=generation)
         return generation
 

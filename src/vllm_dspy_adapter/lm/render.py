@@ -14,13 +14,12 @@ import base64
 import io
 from typing import Any
 
-from .errors import UnsupportedInputError
-from .protocol import Generation
+from ..errors import UnsupportedInputError
+from ..protocol import Generation
 from .tools import assistant_tool_calls, tool_result_message
 
 __all__ = [
     "request_to_messages",
-    "render_chat",
     "config_to_sampling",
     "generation_to_response",
     "split_reasoning",
@@ -28,7 +27,7 @@ __all__ = [
 ]
 
 # The thinking block of Qwen3, DeepSeek-R1 and their kin.
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # one definition: stream_events uses them too
 
 
 def _part_text(parts) -> str:
@@ -104,23 +103,6 @@ def request_to_messages(request) -> tuple[list[dict[str, Any]], list[Any]]:
     return messages, images
 
 
-def render_chat(tokenizer, messages: list[dict[str, Any]], chat_template_kwargs: dict[str, Any] | None = None,
-                tools: list[dict[str, Any]] | None = None) -> str:
-    """Chat messages to prompt text with the model's own template, ready for generation.
-
-    ``tools``: OpenAI-format function dicts (``tools.template_tools``), passed to the
-    template as its ``tools`` variable, as ``vllm serve`` does."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise UnsupportedInputError(
-            "This model's tokenizer has no chat template, so DSPy's chat messages cannot be rendered. "
-            "Use an instruct/chat model, or pass chat_template_kwargs / a tokenizer with a template."
-        )
-    extra = dict(chat_template_kwargs or {})
-    if tools:
-        extra["tools"] = tools
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
-
-
 def config_to_sampling(config, *, allowed: frozenset[str] | set[str] | None = None) -> dict[str, Any]:
     """``Request.config`` (an lm15 ``Config``) to ``SamplingParams`` keyword arguments.
 
@@ -163,17 +145,17 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     Reasoning models emit the block first; some chat templates open it in the
     prompt, so the text may start inside the block with only the closing tag.
     """
-    close = text.find(_THINK_CLOSE)
+    close = text.find(THINK_CLOSE)
     if close < 0:
-        if text.lstrip().startswith(_THINK_OPEN):
+        if text.lstrip().startswith(THINK_OPEN):
             # Cut off (finish_reason "length") while still thinking: no answer yet.
-            return text.lstrip()[len(_THINK_OPEN):].strip(), ""
+            return text.lstrip()[len(THINK_OPEN):].strip(), ""
         return None, text
     thinking = text[:close]
-    open_at = thinking.find(_THINK_OPEN)
+    open_at = thinking.find(THINK_OPEN)
     if open_at >= 0:
-        thinking = thinking[open_at + len(_THINK_OPEN):]
-    return thinking.strip(), text[close + len(_THINK_CLOSE):].lstrip()
+        thinking = thinking[open_at + len(THINK_OPEN):]
+    return thinking.strip(), text[close + len(THINK_CLOSE):].lstrip()
 
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "error", None: "stop"}

@@ -34,11 +34,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
-from .lora import AdapterRegistry, AdapterSpec
-from .placement import split_device
-from .protocol import Generation, GenerationRequest, Replica
-from .router import SPILL_AT, ReplicaLoad, Router, open_replicas
+from ..errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
+from ..lora.registry import AdapterRegistry, AdapterSpec
+from ..backends.placement import split_device
+from ..protocol import Generation, GenerationRequest, Replica
+from .routing import SPILL_AT, ReplicaLoad, Router, open_replicas
 
 __all__ = ["ReplicaPool", "DEFAULT_HEALTH_TIMEOUT"]
 

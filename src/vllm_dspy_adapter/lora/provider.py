@@ -33,8 +33,8 @@ from typing import Any, Protocol
 from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
-from .errors import ConfigurationError
-from .lora_train import LoRATrainConfig, train_lora
+from ..errors import ConfigurationError
+from .training import LoRATrainConfig, train_lora
 
 __all__ = ["LoRAHost", "LoRAProvider", "LoRATrainingJob", "default_adapter_dir"]
 

@@ -26,8 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigurationError
-from .render import render_chat
+from ..errors import ConfigurationError
+from ..chat_template import render_chat
 
 __all__ = ["LoRATrainConfig", "TrainResult", "train_lora", "tokenize_chat_examples"]
 

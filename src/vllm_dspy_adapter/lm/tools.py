@@ -24,8 +24,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import vllm_api
-from .errors import ConfigurationError, UnsupportedInputError
+from .. import vllm_api
+from ..errors import ConfigurationError, UnsupportedInputError
 
 __all__ = [
     "AUTO",

@@ -17,9 +17,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from . import vllm_api
-from .config import ModelSpec
-from .errors import (
+from .. import vllm_api
+from ..config import ModelSpec
+from ..errors import (
     AdapterError,
     ConfigurationError,
     LMClosedError,
@@ -32,9 +32,10 @@ from .errors import (
 )
 from .dspy_stream import astream_events, stream_events
 from .modalities import check_modalities, supported_from_info
-from .pool import ReplicaPool
-from .protocol import Backend, Generation, GenerationRequest, Replica, ReplicaInfo
-from .render import config_to_sampling, generation_to_response, render_chat, request_to_messages
+from ..serving.pool import ReplicaPool
+from ..protocol import Backend, Generation, GenerationRequest, Replica, ReplicaInfo
+from ..chat_template import render_chat
+from .render import config_to_sampling, generation_to_response, request_to_messages
 from .tools import ToolCalling, ToolPlan, choose_parser, with_tool_calls
 
 __all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "Prepared", "SUPPORTED_PARAMS"]
@@ -170,7 +171,7 @@ class Runtime:
 
     def load_adapter(self, name: str, path: str, timeout: float = 300.0):
         """Check the adapter folder, then load it on every live replica (or none)."""
-        from .lora import read_adapter
+        from ..lora.registry import read_adapter
 
         if self.closed:
             raise LMClosedError("This LM was shut down; create a new one.")

@@ -190,6 +190,6 @@ def make_router(policy: str | Router) -> Router:
     try:
         return POLICIES[policy]()
     except KeyError:
-        from .errors import ConfigurationError
+        from ..errors import ConfigurationError
 
         raise ConfigurationError(f"Unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}") from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from .errors import UnsupportedModalityError
+from ..errors import UnsupportedModalityError
 
 __all__ = ["HANDLED", "check_modalities", "request_modalities", "supported_from_info"]
 

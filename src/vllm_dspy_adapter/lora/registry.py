@@ -19,7 +19,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["AdapterSpec", "read_adapter", "AdapterRegistry", "LORA_ENGINE_ARGS"]
 

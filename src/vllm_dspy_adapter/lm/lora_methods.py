@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["LoRAMixin"]
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["Placement", "plan_placement", "visible_gpu_count", "cpu_env", "RayNode", "RayPlan",
            "plan_ray_placement", "free_core_offset", "cores_text", "split_device", "number_slots",

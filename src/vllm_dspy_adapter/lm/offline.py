@@ -20,14 +20,14 @@ from typing import Any
 
 import dspy
 
-from .adapter_routing import AdapterRouter
-from .config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
+from ..serving.adapter_routing import AdapterRouter
+from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
-from .errors import ConfigurationError, LMClosedError
-from .lm_lora import LoRAMixin
-from .pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
-from .protocol import Generation
-from .router import SPILL_AT, Router
+from ..errors import ConfigurationError, LMClosedError
+from .lora_methods import LoRAMixin
+from ..serving.pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
+from ..protocol import Generation
+from ..serving.routing import SPILL_AT, Router
 from .tools import AUTO, check_parser_name
 
 __all__ = ["vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"]
@@ -110,7 +110,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
                  chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
                  health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, tool_call_parser: str | None = AUTO,
                  **kwargs: Any):
-        from .models import resolve_model
+        from ..models import resolve_model
 
         dspy_kwargs, engine_kwargs = _split_kwargs(dict(kwargs))
         self._init_args = {"model": model, "sampling_params": sampling_params,
@@ -131,15 +131,15 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         _LIVE.add(runtime)
         self._runtime = runtime
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
-        from .finetune import LoRAProvider
+        from ..lora.provider import LoRAProvider
 
         super().__init__(model=runtime.label, engine=DSPyEngine(runtime), async_engine=AsyncDSPyEngine(runtime),
                          provider=LoRAProvider(runtime), **dspy_kwargs)
 
     def _layout(self, start_timeout: float | None):
         """(backend, router, max_restarts): one engine here, never restarted."""
-        from .backends import make_backend
-        from .router import RoundRobinRouter
+        from ..backends import make_backend
+        from ..serving.routing import RoundRobinRouter
 
         return make_backend("inprocess", start_timeout=start_timeout), RoundRobinRouter(), 0
 
@@ -283,7 +283,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
 
 
 def _default_name(path: str) -> str | None:
-    from .models import DEFAULT_MODEL_NAME
+    from ..models import DEFAULT_MODEL_NAME
 
     return DEFAULT_MODEL_NAME if DEFAULT_MODEL_NAME in path else None
 
@@ -352,8 +352,8 @@ class vLLMOfflineMultiGPU(vLLMOffline):
                  start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, replicas_per_gpu: int = 1,
                  adapter_routing: bool = True,
                  **kwargs: Any):
-        from .backends import BACKENDS, make_backend
-        from .router import make_router
+        from ..backends import BACKENDS, make_backend
+        from ..serving.routing import make_router
 
         if backend not in BACKENDS:
             raise ConfigurationError(f"Unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
@@ -392,8 +392,8 @@ class vLLMOfflineMultiGPU(vLLMOffline):
 def _replica_share(model: str | None, total: float | None, replicas_per_gpu: int, engine_kwargs: dict) -> float:
     """Each replica's gpu_memory_utilization, refused before any start when the model
     (estimated from its config.json) and one max_model_len sequence would not fit."""
-    from .models import estimate_memory, resolve_model
-    from .placement import gpu_memory_bytes, replica_memory
+    from ..models import estimate_memory, resolve_model
+    from ..backends.placement import gpu_memory_bytes, replica_memory
 
     estimate = estimate_memory(resolve_model(model))
     min_kv = 0
