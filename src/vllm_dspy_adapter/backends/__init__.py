@@ -5,8 +5,12 @@
 - ``ray``: one Ray actor per replica over a Ray cluster (``ray.py`` + ``ray_actor.py``).
 
 Each implements the ``Backend`` contract of ``protocol.py``; ``base.py`` holds
-what they share. ``make_backend`` picks one by name and checks placement, so a
-bad request fails before anything starts.
+what they share; ``placement.py`` plans where replicas go (GPUs, CPU core ranges, Ray
+nodes: pure). ``make_backend`` picks one by name and checks placement, so a bad
+request fails before anything starts.
+
+May import: ``engine`` and the shared modules (``config``, ``errors``, ``protocol``,
+``models``). Imports nothing of ``serving`` or ``lm`` (``tests/test_layers.py``).
 """
 
 from __future__ import annotations
