@@ -4,8 +4,8 @@
   ``multiprocessing`` pipe, scripted by the test (answer, hold, duplicate,
   reply late, stop beating, freeze, die, send garbage). The real
   ``ProcessReplica`` (and its reader thread) drives it through ``launch=``.
-- ``FakeReplica``: an in-memory replica on the real ``ReplicaHandle`` base, for
-  the pool's own logic.
+- ``FakeReplica``: the package's public fake (``backends/fake.py``), an in-memory
+  replica on the real ``ReplicaHandle`` base, for the pool's own logic.
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from __future__ import annotations
 import multiprocessing
 import threading
 
-from vllm_dspy_adapter.backends.base import ReplicaHandle
+from vllm_dspy_adapter.backends.fake import FakeReplica, echo  # noqa: F401 - the public fake, re-exported
 from vllm_dspy_adapter.config import ModelSpec
 from vllm_dspy_adapter.backends.placement import Placement
-from vllm_dspy_adapter.protocol import Generation, GenerationRequest, ReplicaInfo
+from vllm_dspy_adapter.backends.wire import (TO_WORKER, AdapterCall, AdapterReply, AskStats, Beat, Cancel, Done,
+                                             Failed, Pieces, Ready, Shutdown, StatsReply, Submit, checked)
+from vllm_dspy_adapter.protocol import GenerationRequest, ReplicaInfo
 
 SPEC = ModelSpec(model="/nonexistent/fake-model")
 
 
-def generation(request: GenerationRequest, request_id: str) -> Generation:
-    text = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
-    return Generation(text=f"echo:{text}", finish_reason="stop", num_prompt_tokens=len(text.split()),
-                      num_output_tokens=1, request_id=request_id)
+generation = echo  # the answer every fake gives
 
 
 class FakeProcess:
@@ -68,7 +67,8 @@ class FakeWorker:
         self.held: list[tuple[str, GenerationRequest]] = []
         self.received: list[str] = []
         self.streamed: list[str] = []  # ids of the requests submitted as streams
-        self.adapter_calls: list[tuple] = []  # (op, payload) of each ("adapter", ...) message
+        self.adapter_calls: list[tuple] = []  # (op, payload) of each AdapterCall
+        self.cancelled: list[str] = []  # ids of the Cancel messages received
         self.adapter_error: BaseException | None = None  # what an adapter call answers
         self.killed = False
         self.exit_code = 0
@@ -86,11 +86,11 @@ class FakeWorker:
 
     def _serve(self) -> None:
         if self.fail_start:
-            self.send(("failed", self.fail_start))
+            self.send(Failed(self.fail_start))
             self.conn.close()
             self.exit_code = 1
             return
-        self.send(("ready", ReplicaInfo(max_model_len=2048, engine_pids=[])))
+        self.send(Ready(ReplicaInfo(max_model_len=2048, engine_pids=[])))
         threading.Thread(target=self._beat, daemon=True).start()
         while not self._stop.is_set():
             if not self.conn.poll(0.02):
@@ -99,33 +99,34 @@ class FakeWorker:
                 message = self.conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "submit":
-                request_id, request = message[1], message[2]
-                if len(message) > 3 and message[3]:
-                    self.streamed.append(request_id)
-                self.received.append(request_id)
-                if self.mode == "hold":
-                    self.held.append((request_id, request))
-                elif self.mode == "lose":  # received, never handed to the engine
-                    pass
-                else:
-                    self.send(("done", request_id, generation(request, request_id)))
-                    if self.mode == "duplicate":
-                        self.send(("done", request_id, generation(request, request_id)))
-            elif kind == "stats":
-                stats_id = message[1]
-                if self.stats_delay:
-                    threading.Timer(self.stats_delay, self._send_quietly,
-                                    args=(("stats", stats_id, {"requests": len(self.received)}),)).start()
-                else:
-                    self.send(("stats", stats_id, {"requests": len(self.received)}))
-            elif kind == "adapter":
-                self.adapter_calls.append(tuple(message[2:]))
-                if self.mode != "hold":
-                    self.send(("adapter", message[1], self.adapter_error))
-            elif kind == "shutdown":
-                break
+            match checked(message, TO_WORKER):
+                case Submit(request_id, request, streamed):
+                    if streamed:
+                        self.streamed.append(request_id)
+                    self.received.append(request_id)
+                    if self.mode == "hold":
+                        self.held.append((request_id, request))
+                    elif self.mode == "lose":  # received, never handed to the engine
+                        pass
+                    else:
+                        self.send(Done(request_id, generation(request, request_id)))
+                        if self.mode == "duplicate":
+                            self.send(Done(request_id, generation(request, request_id)))
+                case Cancel(request_id):
+                    self.cancelled.append(request_id)
+                    self.held = [(rid, req) for rid, req in self.held if rid != request_id]
+                case AskStats(stats_id):
+                    reply = StatsReply(stats_id, {"requests": len(self.received)})
+                    if self.stats_delay:
+                        threading.Timer(self.stats_delay, self._send_quietly, args=(reply,)).start()
+                    else:
+                        self.send(reply)
+                case AdapterCall(call_id, op, payload):
+                    self.adapter_calls.append((op, payload))
+                    if self.mode != "hold":
+                        self.send(AdapterReply(call_id, self.adapter_error))
+                case Shutdown():
+                    break
         self.stop("exited")
 
     def _send_quietly(self, message) -> None:
@@ -136,16 +137,16 @@ class FakeWorker:
             if self.ticking:
                 self.ticks += 1
             if self.beating:
-                self._send_quietly(("beat", self.ticks, len(self.held)))
+                self._send_quietly(Beat(self.ticks, len(self.held)))
 
     def release(self) -> None:
         held, self.held = self.held, []
         for request_id, request in held:
-            self.send(("done", request_id, generation(request, request_id)))
+            self.send(Done(request_id, generation(request, request_id)))
 
     def send_pieces(self, *pieces: tuple[str, str]) -> None:
-        """One "pieces" message, as worker.PieceBatcher sends a step's worth: (request id, text) pairs."""
-        self.send(("pieces", [(request_id, text, 1) for request_id, text in pieces]))
+        """One ``Pieces`` message, as worker.PieceBatcher sends a step's worth: (request id, text) pairs."""
+        self.send(Pieces(tuple((request_id, text, 1) for request_id, text in pieces)))
 
     def freeze(self) -> None:
         """Like SIGSTOP of the worker: no beat, no reply, pipe still open."""
@@ -185,54 +186,3 @@ class FakeLauncher:
 
 def placements(n: int) -> list[Placement]:
     return [Placement(i, f"fake:{i}") for i in range(n)]
-
-
-class FakeReplica(ReplicaHandle):
-    """An in-memory replica on the real handle base: requests wait until the test
-    finishes them; ``progressing`` decides whether ``last_progress`` moves."""
-
-    def __init__(self, index: int, on_death):
-        super().__init__(index, f"fake:{index}", on_death)
-        self.requests: dict[str, GenerationRequest] = {}
-        self.killed = 0
-        self.progressing = True
-        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
-
-    def submit(self, request, request_id=None):
-        request_id, future, incarnation = self._admit(request_id)
-        if incarnation is not None:
-            self.requests[request_id] = request
-        return future
-
-    def last_progress(self) -> float:
-        if self.progressing:
-            self._touch()
-        return super().last_progress()
-
-    def finish_all(self) -> int:
-        requests, self.requests = self.requests, {}
-        for request_id, request in requests.items():
-            self._complete(self.incarnation, request_id, result=generation(request, request_id))
-        return len(requests)
-
-    def reply_from(self, incarnation: int, request_id: str, request: GenerationRequest) -> None:
-        self._complete(incarnation, request_id, result=generation(request, request_id))
-
-    def crash(self, cause: str = "crashed") -> None:
-        self._died(self.incarnation, cause)
-
-    def come_back(self) -> None:
-        self.requests = {}
-        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
-
-    def stats(self, timeout: float = 5.0):
-        return {**self.base_stats(), "held": len(self.requests)}
-
-    def _kill(self) -> None:
-        self.killed += 1
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        from vllm_dspy_adapter.errors import LMClosedError
-
-        if self._mark_closed():
-            self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))

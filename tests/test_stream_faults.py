@@ -11,6 +11,7 @@ from test_faults import _shutdown_pools, request, start, wait_until  # noqa: F40
 from vllm_dspy_adapter.backends.worker import PieceBatcher
 from vllm_dspy_adapter.errors import StreamInterruptedError
 from vllm_dspy_adapter.lm.stream_channel import StreamChannel
+from vllm_dspy_adapter.backends.wire import Done, Pieces
 from vllm_dspy_adapter.protocol import StreamPiece
 
 
@@ -30,7 +31,7 @@ def _settle(channel, future):
 def test_pieces_reach_the_channel_in_order_before_the_result():
     pool, launcher = start(1, launcher=FakeLauncher(mode="hold"))
     channel = StreamChannel()
-    future = pool.submit(request(0), stream=channel)
+    future = pool.submit(request(0), sink=channel)
     _settle(channel, future)
     worker = launcher.current(0)
     assert wait_until(lambda: worker.streamed)
@@ -50,7 +51,7 @@ def test_pieces_reach_the_channel_in_order_before_the_result():
 def test_a_stream_cut_before_its_first_token_is_resubmitted():
     pool, launcher = start(2, launcher=FakeLauncher(mode="hold"))
     channel = StreamChannel()
-    future = pool.submit(request(0), stream=channel)
+    future = pool.submit(request(0), sink=channel)
     _settle(channel, future)
     first = next(i for i in (0, 1) if wait_until(lambda i=i: launcher.current(i).streamed, timeout=0.5))
     other = 1 - first
@@ -66,7 +67,7 @@ def test_a_stream_cut_before_its_first_token_is_resubmitted():
 def test_a_stream_cut_after_its_first_token_fails_clearly():
     pool, launcher = start(2, launcher=FakeLauncher(mode="hold"))
     channel = StreamChannel()
-    future = pool.submit(request(0), stream=channel)
+    future = pool.submit(request(0), sink=channel)
     _settle(channel, future)
     first = next(i for i in (0, 1) if wait_until(lambda i=i: launcher.current(i).streamed, timeout=0.5))
     worker = launcher.current(first)
@@ -94,11 +95,11 @@ def test_the_worker_batches_pieces_and_sends_them_before_the_result():
     for step in range(3):  # three engine steps, one token each for 100 streams
         for sink in sinks:
             sink.put(StreamPiece(f"t{step}", 1))
-    batcher.send_after_pieces(("done", "r0", None))
-    assert wait_until(lambda: sum(len(m[1]) for m in sent if m[0] == "pieces") == 300)
-    messages = [m for m in sent if m[0] == "pieces"]
+    batcher.send_after_pieces(Done("r0", None))
+    assert wait_until(lambda: sum(len(m.items) for m in sent if isinstance(m, Pieces)) == 300)
+    messages = [m for m in sent if isinstance(m, Pieces)]
     assert len(messages) <= 4  # not 300: one message carries many streams' pieces
-    done_at = next(i for i, m in enumerate(sent) if m[0] == "done")
-    r0_pieces = [i for i, m in enumerate(sent) if m[0] == "pieces" and any(p[0] == "r0" for p in m[1])]
+    done_at = next(i for i, m in enumerate(sent) if isinstance(m, Done))
+    r0_pieces = [i for i, m in enumerate(sent) if isinstance(m, Pieces) and any(p[0] == "r0" for p in m.items)]
     assert max(r0_pieces) < done_at  # r0's pieces went out before its result
     batcher.stop()

@@ -119,10 +119,17 @@ class Replica(Protocol):
     def alive(self) -> bool:
         """True from ready to death or shutdown; a dead replica refuses requests."""
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None) -> Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None, *, sink: Any = None) -> Future:
         """Queue one request; never blocks on the engine. The future resolves to a
         ``Generation``, or fails: ``ReplicaDeadError`` (the pool resubmits),
-        ``PromptTooLongError`` / ``UnsupportedInputError`` (the request's own fault)."""
+        ``PromptTooLongError`` / ``UnsupportedInputError`` (the request's own fault).
+        ``sink`` (an object with ``put(StreamPiece)``): the request is streamed, each
+        new piece of text goes to it as it is decoded; None: the whole answer only."""
+
+    def cancel(self, request_id: str) -> None:
+        """The caller gave up on a request it submitted here: abort it in vLLM wherever
+        the replica runs (within a second), and fail its future with ``CancelledError``
+        unless it is already done. Returns at once; an id not held is ignored."""
 
     def last_progress(self) -> float:
         """``time.monotonic()`` of the last sign of progress: a token step of its

@@ -73,6 +73,21 @@ class ReplicaHandle:
     def last_progress(self) -> float:
         return self._progress
 
+    def cancel(self, request_id: str) -> None:
+        """The caller gave up: forget the request (a late reply is dropped) and ask
+        whatever runs the replica to abort it (``_abort``)."""
+        with self._lock:
+            future = self._pending.pop(request_id, None)
+            incarnation = self._incarnation if self._alive else None
+        if future is None:
+            return
+        future.cancel()
+        if incarnation is not None:
+            try:
+                self._abort(request_id)
+            except Exception:  # noqa: BLE001 - a replica that cannot be reached holds nothing to abort
+                logger.debug("%s: abort of %s failed", self.name, request_id, exc_info=True)
+
     def declare_dead(self, cause: str) -> None:
         """Kill the replica now and run the death path (the pool's stall check)."""
         with self._lock:
@@ -118,6 +133,10 @@ class ReplicaHandle:
     # -------------------------------------------------------- for subclasses
 
     def _kill(self) -> None:
+        raise NotImplementedError
+
+    def _abort(self, request_id: str) -> None:
+        """Abort one request in the replica's engine (returns at once)."""
         raise NotImplementedError
 
     def _touch(self) -> None:

@@ -58,16 +58,23 @@ class InProcessReplica(ReplicaHandle):
             self._touch()
         return self._progress
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None,
-               stream=None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None, *,
+               sink=None) -> concurrent.futures.Future:
         request_id, future, incarnation = self._admit(request_id)
         if incarnation is None:
             return future
-        inner = self.engine.submit(request, request_id, stream=stream)  # pieces go straight to the channel
+        inner = self.engine.submit(request, request_id, sink=sink)  # pieces go straight to the channel
         inner.add_done_callback(lambda done: self._deliver(incarnation, request_id, done))
         return future
 
+    def _abort(self, request_id: str) -> None:
+        engine = self.engine
+        if engine is not None:
+            engine.cancel(request_id)
+
     def _deliver(self, incarnation: int, request_id: str, done: concurrent.futures.Future) -> None:
+        if done.cancelled():  # cancel(): the request was already forgotten here
+            return
         error = done.exception()
         if error is None:
             self._complete(incarnation, request_id, result=done.result())

@@ -26,9 +26,11 @@ from typing import Any, Protocol
 
 from ..config import ModelSpec
 from ..errors import ReplicaStartError
-from .placement import Placement
 from ..protocol import GenerationRequest, OnDeath, StreamPiece
 from .base import ReplicaHandle, start_all
+from .placement import Placement
+from .wire import (TO_DRIVER, ProtocolError, AdapterCall, AdapterReply, AskStats, Beat, Cancel, Dead, Done, Error, Pieces, Ready,
+                   Shutdown, StatsReply, Submit, checked)
 from .worker import serve
 
 __all__ = ["ProcessReplica", "ProcessBackend", "Launcher", "WorkerProcess", "spawn_worker"]
@@ -94,6 +96,7 @@ class ProcessReplica(ReplicaHandle):
         self._heartbeat_s = heartbeat_s
         self._send_lock = threading.Lock()
         self._stats_waiting: dict[int, concurrent.futures.Future] = {}
+        self._adapter_waiting: dict[int, concurrent.futures.Future] = {}
         self._streams: dict[str, Any] = {}  # request id -> StreamChannel of a streamed request
         self._stats_ids = itertools.count()
         self._ticks = -1
@@ -112,17 +115,17 @@ class ProcessReplica(ReplicaHandle):
             self._kill()
             raise ReplicaStartError(f"{self.name}: engine did not start within {timeout} s")
         try:
-            kind, payload = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):
             code = self._process.exitcode
             self._kill()
             raise ReplicaStartError(f"{self.name}: worker process exited during start (exit code {code}); "
                                     "see the log above") from None
-        if kind != "ready":
+        if not isinstance(message, Ready):  # Failed(message), or a protocol error
             self._kill()
-            raise ReplicaStartError(f"{self.name}: {payload}")
+            raise ReplicaStartError(f"{self.name}: {getattr(message, 'message', message)}")
         self._ticks = -1
-        incarnation = self._became_ready(payload)
+        incarnation = self._became_ready(message.info)
         if self._closed:  # shut down while it started
             self._kill()
             raise ReplicaStartError(f"{self.name}: shut down")
@@ -130,20 +133,21 @@ class ProcessReplica(ReplicaHandle):
 
     # -------------------------------------------------------------- serving
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None,
-               stream=None) -> concurrent.futures.Future:
-        """``stream``: a ``streams.StreamChannel`` that receives the request's pieces
+    def submit(self, request: GenerationRequest, request_id: str | None = None, *,
+               sink=None) -> concurrent.futures.Future:
+        """``sink``: a ``lm.stream_channel.StreamChannel`` that receives the request's pieces
         as the worker reports them (worker.py batches them per engine step)."""
         request_id, future, incarnation = self._admit(request_id)
         if incarnation is None:
             return future
-        if stream is None:
-            self._send(("submit", request_id, request))  # a broken pipe: the reader sees the death
-        else:
-            self._streams[request_id] = stream
+        if sink is not None:
+            self._streams[request_id] = sink
             future.add_done_callback(lambda _f, rid=request_id: self._streams.pop(rid, None))
-            self._send(("submit", request_id, request, True))
+        self._send(Submit(request_id, request, sink is not None))  # a broken pipe: the reader sees the death
         return future
+
+    def _abort(self, request_id: str) -> None:
+        self._send(Cancel(request_id))
 
     def _send(self, message) -> bool:
         try:
@@ -161,38 +165,33 @@ class ProcessReplica(ReplicaHandle):
                 message = conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "pieces":
-                self._touch()  # decoded tokens: progress
-                for request_id, text, num_tokens in message[1]:
-                    channel = self._streams.get(request_id)
-                    if channel is not None:  # a late piece of a request already ended is dropped
-                        channel.put(StreamPiece(text, num_tokens))
-            elif kind == "done":
-                self._complete(incarnation, message[1], result=message[2])
-            elif kind == "error":
-                self._complete(incarnation, message[1], error=message[2])
-            elif kind == "beat":
-                ticks, engine_in_flight = message[1], message[2]
-                if ticks != self._ticks:  # the engine ticked since the last beat ...
-                    self._ticks = ticks
-                    if engine_in_flight:  # ... with our requests in it: progress (an idle tick is not)
-                        self._touch()
-            elif kind == "stats":
-                waiter = self._stats_waiting.pop(message[1], None)
-                if waiter is not None and not waiter.done():  # a late reply finds no waiter: dropped
-                    waiter.set_result(message[2])
-            elif kind == "adapter":
-                waiter = self._stats_waiting.pop(message[1], None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message[2])
-            elif kind == "dead":
-                cause = message[1]
-            else:
-                raise ValueError(f"unknown message from the worker: {kind!r}")
+            match checked(message, TO_DRIVER):  # anything else: ProtocolError, the reader thread fails
+                case Pieces(items):
+                    self._touch()  # decoded tokens: progress
+                    for request_id, text, num_tokens in items:
+                        channel = self._streams.get(request_id)
+                        if channel is not None:  # a late piece of a request already ended is dropped
+                            channel.put(StreamPiece(text, num_tokens))
+                case Done(request_id, generation):
+                    self._complete(incarnation, request_id, result=generation)
+                case Error(request_id, error):
+                    self._complete(incarnation, request_id, error=error)
+                case Beat(ticks, engine_in_flight):
+                    if ticks != self._ticks:  # the engine ticked since the last beat ...
+                        self._ticks = ticks
+                        if engine_in_flight:  # ... with our requests in it: progress (an idle tick is not)
+                            self._touch()
+                case StatsReply(call_id, stats):
+                    _answer(self._stats_waiting, call_id, stats)  # a late reply finds no waiter: dropped
+                case AdapterReply(call_id, error):
+                    _answer(self._adapter_waiting, call_id, error)
+                case Dead(why):
+                    cause = why
+                case _:  # Ready or Failed after the start
+                    raise ProtocolError(f"{type(message).__name__} from a running worker")
         self._died(incarnation, self._exit_cause(cause))
-        for waiter in list(self._stats_waiting.values()):  # a stats call waiting on the dead worker
-            waiter.cancel()
+        for waiter in [*self._stats_waiting.values(), *self._adapter_waiting.values()]:
+            waiter.cancel()  # a call waiting on the dead worker
 
     def _exit_cause(self, cause: str) -> str:
         self._process.join(timeout=5)
@@ -212,7 +211,7 @@ class ProcessReplica(ReplicaHandle):
         waiter: concurrent.futures.Future = concurrent.futures.Future()
         self._stats_waiting[stats_id] = waiter
         try:
-            if self._send(("stats", stats_id)):
+            if self._send(AskStats(stats_id)):
                 return {**base, **waiter.result(timeout=timeout)}
             return base
         except concurrent.futures.TimeoutError:
@@ -225,11 +224,11 @@ class ProcessReplica(ReplicaHandle):
     def _adapter_call(self, op: str, payload, timeout: float) -> None:
         from ..errors import ReplicaDeadError
 
-        call_id = next(self._stats_ids)  # stats and adapter calls share one id space and waiter table
+        call_id = next(self._stats_ids)
         waiter: concurrent.futures.Future = concurrent.futures.Future()
-        self._stats_waiting[call_id] = waiter
+        self._adapter_waiting[call_id] = waiter
         try:
-            if not self._send(("adapter", call_id, op, payload)):
+            if not self._send(AdapterCall(call_id, op, payload)):
                 raise ReplicaDeadError(f"{self.name}: its worker is gone")
             error = waiter.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -237,7 +236,7 @@ class ProcessReplica(ReplicaHandle):
         except concurrent.futures.CancelledError:
             raise ReplicaDeadError(f"{self.name} died during the adapter {op}") from None
         finally:
-            self._stats_waiting.pop(call_id, None)
+            self._adapter_waiting.pop(call_id, None)
         if error is not None:
             raise error
 
@@ -269,7 +268,7 @@ class ProcessReplica(ReplicaHandle):
         if self._conn is not None:
             # A frozen worker reads nothing: once its pipe is full a send would block,
             # so the request to stop in order is sent aside and the kill below ends it.
-            threading.Thread(target=self._send, args=(("shutdown",),), daemon=True,
+            threading.Thread(target=self._send, args=(Shutdown(),), daemon=True,
                              name=f"{self.name}-stop").start()
         if self._process is not None:
             self._process.join(timeout=timeout)
@@ -304,3 +303,9 @@ class ProcessBackend:
 
     def shutdown(self) -> None:
         """Nothing of its own to release."""
+
+
+def _answer(waiting: dict[int, concurrent.futures.Future], call_id: int, value) -> None:
+    waiter = waiting.pop(call_id, None)
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)

@@ -68,7 +68,11 @@ class VLLMReplica:
     async def generate(self, request: GenerationRequest, request_id: str, streamed: bool = False) -> Generation:
         """One request; a streamed one leaves its pieces for ``take_pieces`` as they are decoded."""
         stream = _PieceBuffer.Sink(self._pieces, request_id) if streamed else None
-        return await asyncio.wrap_future(self.engine.submit(request, request_id, stream=stream))
+        return await asyncio.wrap_future(self.engine.submit(request, request_id, sink=stream))
+
+    async def cancel(self, request_id: str) -> None:
+        """The driver's caller gave up on this request: abort it in the engine."""
+        self.engine.cancel(request_id)
 
     async def take_pieces(self) -> list[tuple[str, str, int]]:
         """Every streamed piece decoded since the last call, of every request: the

@@ -137,10 +137,10 @@ class RayReplica(ReplicaHandle):
 
     # -------------------------------------------------------------- serving
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None,
-               stream=None) -> concurrent.futures.Future:
-        """``stream``: a ``streams.StreamChannel``; the actor keeps the request's pieces
-        and a poller thread here fetches those of every stream in one call."""
+    def submit(self, request: GenerationRequest, request_id: str | None = None, *,
+               sink=None) -> concurrent.futures.Future:
+        """``sink``: a ``lm.stream_channel.StreamChannel``; the actor keeps the request's pieces
+        and a poller thread here fetches those of every sink in one call."""
         request_id, future, incarnation = self._admit(request_id)
         if incarnation is None:
             return future
@@ -148,19 +148,24 @@ class RayReplica(ReplicaHandle):
         try:
             if ray_if_up() is None:
                 raise RuntimeError("this process is no longer connected to Ray")
-            if stream is not None:
+            if sink is not None:
                 with self._stream_lock:
-                    self._streams[request_id] = stream
+                    self._streams[request_id] = sink
                     if not self._polling:
                         self._polling = True
                         threading.Thread(target=self._poll_pieces, args=(actor, incarnation), daemon=True,
                                          name=f"{self.name}-pieces").start()
-            ref = actor.generate.remote(request, request_id, stream is not None)
+            ref = actor.generate.remote(request, request_id, sink is not None)
         except Exception as exc:  # Ray itself is gone
             self._events.put(("lost", incarnation, request_id, f"submitting to the actor failed: {exc}"))
             return future
         ref.future().add_done_callback(lambda f: self._events.put(("done", incarnation, request_id, f)))
         return future
+
+    def _abort(self, request_id: str) -> None:
+        actor = self._actor
+        if actor is not None and ray_if_up() is not None:
+            actor.cancel.remote(request_id)  # fire and forget: a dead actor holds nothing
 
     def _handle_events(self) -> None:
         while True:

@@ -4,20 +4,16 @@ Each replica runs in its own process with its own GPUs (its environment is set
 when it is spawned) and hosts one ``Engine``. The driver talks to it over one
 duplex pipe; every reply names what it answers:
 
-driver -> worker: ("submit", id, GenerationRequest[, streamed]) | ("stats", stats_id) | ("shutdown",)
-                | ("adapter", call_id, "add" | "remove", AdapterSpec | name)
-worker -> driver: ("ready", ReplicaInfo) | ("failed", message)
-                | ("done", id, Generation) | ("error", id, exception)
-                | ("pieces", [(id, text, n_tokens), ...])
-                | ("stats", stats_id, dict) | ("beat", engine_ticks, engine_in_flight) | ("dead", message)
-                | ("adapter", call_id, None | exception)
+The messages are the frozen dataclasses of ``wire.py`` (``Submit``, ``Cancel``, ``AskStats``,
+``AdapterCall``, ``Shutdown`` in; ``Ready``, ``Failed``, ``Done``, ``Error``, ``Pieces``,
+``StatsReply``, ``Beat``, ``Dead``, ``AdapterReply`` out); anything else is a ``ProtocolError``.
 
-A streamed request's new text goes back as "pieces": one message carries the
+A streamed request's new text goes back as ``Pieces``: one message carries the
 pieces of every streamed request ready at that moment (an engine step decodes
 one token for all of them at once), so a thousand concurrent streams cost one
-message per step, not a thousand. A request's pieces always precede its "done".
+message per step, not a thousand. A request's pieces always precede its ``Done``.
 
-A heartbeat ("beat", ticks, in_flight) goes out every ``heartbeat_s`` seconds
+A heartbeat (``Beat(ticks, in_flight)``) goes out every ``heartbeat_s`` seconds
 with the engine's pulse (``Engine.ticks``) and the number of requests the engine
 holds: a frozen worker stops beating, a frozen engine stops ticking, and a worker
 whose requests never reach its engine (a main thread stuck while the engine idles)
@@ -31,6 +27,9 @@ import os
 import threading
 import time
 
+from .wire import (TO_WORKER, AdapterCall, AdapterReply, AskStats, Beat, Cancel, Dead, Done, Error, Failed,
+                   Pieces, Ready, Shutdown, StatsReply, Submit, checked)
+
 __all__ = ["serve", "PieceBatcher"]
 
 # How long the sender waits for the rest of an engine step's pieces after the first.
@@ -40,7 +39,7 @@ _COALESCE_S = 0.002
 class PieceBatcher:
     """Streamed pieces of every request, sent over the pipe in batches.
 
-    ``sink(request_id)`` is what the engine's ``submit(stream=...)`` takes. A
+    ``sink(request_id)`` is what the engine's ``submit(sink=...)`` takes. A
     sender thread sends whatever is ready as one "pieces" message;
     ``send_after_pieces`` sends a request's last pieces before its result, under
     the same lock, so the order on the pipe is always pieces, then "done".
@@ -75,7 +74,7 @@ class PieceBatcher:
             batch, self._pending = self._pending, []
         if batch:
             self.messages += 1
-            self._send(("pieces", batch))
+            self._send(Pieces(tuple(batch)))
 
     def send_after_pieces(self, message) -> None:
         with self._lock:
@@ -122,59 +121,62 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
         # what we held and restarts us, whether or not a request was in flight.
         if not dying.is_set():
             dying.set()
-            send(("dead", cause))
+            send(Dead(cause))
             os._exit(3)
 
     try:
         engine = Engine(spec, name=name, on_dead=lambda exc: die(str(exc)))
     except BaseException as exc:  # report, then exit: the driver decides what to do
-        send(("failed", str(exc)))
+        send(Failed(str(exc)))
         return
 
     pieces = PieceBatcher(send, name)
 
     def finished(request_id: str, future) -> None:
+        if future.cancelled():  # the driver's caller gave up (Cancel): it waits for nothing
+            return
         exc = future.exception()
         if exc is None:
-            pieces.send_after_pieces(("done", request_id, future.result()))
+            pieces.send_after_pieces(Done(request_id, future.result()))
             return
-        pieces.send_after_pieces(("error", request_id, exc))
+        pieces.send_after_pieces(Error(request_id, exc))
         if isinstance(exc, ReplicaDeadError):
             die(str(exc))  # every request in flight fails the same way
 
-    def adapter_call(call_id: int, op: str, payload) -> None:
+    def adapter_call(call: AdapterCall) -> None:
         try:
-            (engine.add_adapter if op == "add" else engine.remove_adapter)(payload)
-            send(("adapter", call_id, None))
+            (engine.add_adapter if call.op == "add" else engine.remove_adapter)(call.payload)
+            send(AdapterReply(call.call_id))
         except Exception as exc:  # noqa: BLE001 - the driver raises it to the caller
-            send(("adapter", call_id, exc))
+            send(AdapterReply(call.call_id, exc))
 
     def beat() -> None:
         try:
             while not dying.wait(heartbeat_s):
-                send(("beat", engine.ticks, engine.in_flight))
+                send(Beat(engine.ticks, engine.in_flight))
         except BaseException as exc:  # no heartbeat means a stall: say why and go, not silently
             die(f"the worker's heartbeat failed: {type(exc).__name__}: {exc}")
 
-    send(("ready", engine.info()))
+    send(Ready(engine.info()))
     threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True).start()
     while not dying.is_set():
         try:
             message = conn.recv()
         except (EOFError, OSError):
             break
-        kind = message[0]
-        if kind == "submit":
-            request_id, request, streamed = message[1], message[2], len(message) > 3 and message[3]
-            stream = pieces.sink(request_id) if streamed else None
-            engine.submit(request, request_id, stream=stream).add_done_callback(
-                lambda f, rid=request_id: finished(rid, f))
-        elif kind == "stats":
-            send(("stats", message[1], engine.stats()))
-        elif kind == "adapter":  # in a thread: loading an adapter must not hold up the requests
-            threading.Thread(target=adapter_call, args=message[1:], daemon=True).start()
-        elif kind == "shutdown":
-            break
+        match checked(message, TO_WORKER):  # anything else: ProtocolError, and the worker exits
+            case Submit(request_id, request, streamed):
+                stream = pieces.sink(request_id) if streamed else None
+                engine.submit(request, request_id, sink=stream).add_done_callback(
+                    lambda f, rid=request_id: finished(rid, f))
+            case Cancel(request_id):
+                engine.cancel(request_id)
+            case AskStats(call_id):
+                send(StatsReply(call_id, engine.stats()))
+            case AdapterCall():  # in a thread: loading an adapter must not hold up the requests
+                threading.Thread(target=adapter_call, args=(message,), daemon=True).start()
+            case Shutdown():
+                break
     # From here on, requests failing because the engine stops are expected: report
     # them as errors, but do not exit as for a death (the shutdown runs in order).
     dying.set()

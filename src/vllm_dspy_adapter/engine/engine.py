@@ -82,7 +82,10 @@ class Engine:
         self._totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
         self._dead: BaseException | None = None
         self._closing = False
-        self._tasks: set[asyncio.Task] = set()  # requests in flight; touched on the loop's thread only
+        self._tasks: dict[str, asyncio.Task] = {}  # requests in flight by id; touched on the loop's thread only
+        self._held: set[str] = set()  # ids submitted and not finished (under _lock)
+        self._given_up: set[str] = set()  # held ids whose caller cancelled them (under _lock)
+        self.cancelled = 0  # requests aborted because their caller gave up
         self.ticks = 0  # the engine's pulse (see PROBE_S)
         self.on_cpu = False
         self.async_llm = None  # the vLLM AsyncLLM, once started
@@ -157,12 +160,13 @@ class Engine:
             return self.tokenizer.encode(request.prompt, add_special_tokens=not request.chat)
         return list(request.prompt)
 
-    def submit(self, request: GenerationRequest, request_id: str | None = None, stream=None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, request_id: str | None = None, *,
+               sink=None) -> concurrent.futures.Future:
         """Queue one request; thread-safe. Tokenising happens here, in the caller's
         thread, so the event loop only moves requests and results. The future
         fails with ``ReplicaDeadError`` if the engine dies or stops first.
 
-        ``stream``: an object with ``put(StreamPiece)`` (``streams.StreamChannel``,
+        ``sink``: an object with ``put(StreamPiece)`` (``lm.stream_channel.StreamChannel``,
         or a worker's pipe batcher); the request then runs with vLLM's DELTA
         outputs and each new piece of text goes to it as it is decoded. Requests
         without one keep FINAL_ONLY: no per-token traffic on the hot path."""
@@ -170,7 +174,7 @@ class Engine:
         try:
             if self.async_llm is None or not self.alive:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
-            prompt, params = self._prepare(request, streamed=stream is not None)
+            prompt, params = self._prepare(request, streamed=sink is not None)
             lora = self._lora_for(request)
         except BaseException as exc:
             failed: concurrent.futures.Future = concurrent.futures.Future()
@@ -179,7 +183,28 @@ class Engine:
         with self._lock:
             self._in_flight += 1
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
-        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, stream, lora), self._loop)
+            self._held.add(request_id)
+        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, sink, lora), self._loop)
+
+    def cancel(self, request_id: str) -> None:
+        """The caller gave up on ``request_id``: stop it (thread-safe, returns at once).
+        Its task is cancelled on the loop, which closes vLLM's output generator, and
+        vLLM aborts the request in its engine core (``AsyncLLM.generate`` does that on
+        cancellation in every supported release). An id not held (finished, unknown)
+        is ignored."""
+
+        with self._lock:
+            if request_id not in self._held:
+                return
+            self._given_up.add(request_id)  # a task not started yet sees it when it starts
+
+        def cancel() -> None:
+            task = self._tasks.get(request_id)
+            if task is not None and not task.done():
+                task.cancel()
+
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(cancel)
 
     def _watch(self, processes) -> None:
         """Fail every request in flight the moment an engine process dies.
@@ -234,7 +259,7 @@ class Engine:
 
     async def _generate(self, prompt, params, request_id: str, stream=None, lora=None) -> Generation:
         task = asyncio.current_task()
-        self._tasks.add(task)
+        self._tasks[request_id] = task
         final = None
         llm = self.async_llm
         deltas = DeltaCollector(stream) if stream is not None else None
@@ -243,6 +268,8 @@ class Engine:
             if self._dead is not None or llm is None:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'shut down'}")
             with self._lock:
+                if request_id in self._given_up:
+                    raise asyncio.CancelledError
                 inside = True
                 self._unfinished += 1
                 # The most requests vLLM held at once: the proof that calls from many
@@ -253,6 +280,17 @@ class Engine:
                 if deltas is not None:
                     deltas.add(output)
         except asyncio.CancelledError:
+            with self._lock:
+                given_up = request_id in self._given_up
+                if given_up:
+                    self.cancelled += 1
+            if given_up:  # the caller gave up (cancel): vLLM aborts it as its generator closes;
+                if inside:  # say it once more in every release (an id vLLM no longer holds is ignored)
+                    try:
+                        await vllm_api.abort(llm, [request_id])
+                    except Exception:  # the engine is stopping: nothing left to abort
+                        logger.debug("%s: abort of %s failed", self.name, request_id, exc_info=True)
+                raise
             # Cancelled by a death or a shutdown (_cancel_tasks): the caller gets
             # the reason, never a bare cancellation.
             why = "the engine was shut down" if self._closing else f"the engine died: {self._dead}"
@@ -268,9 +306,11 @@ class Engine:
             self._dead = self._dead or exc
             raise ReplicaDeadError(f"{self.name}: the vLLM engine process died: {exc}") from None
         finally:
-            self._tasks.discard(task)
+            self._tasks.pop(request_id, None)
             with self._lock:
                 self._in_flight -= 1
+                self._held.discard(request_id)
+                self._given_up.discard(request_id)
                 if inside:
                     self._unfinished -= 1
         aborted = deltas.aborted if deltas is not None and deltas.count else (
@@ -339,7 +379,8 @@ class Engine:
             in_flight = self._in_flight
         hit_rate = totals["cached_tokens"] / totals["prompt_tokens"] if totals["prompt_tokens"] else None
         return {**totals, "in_flight": in_flight, "peak_in_flight": self._peak_in_flight,
-                "peak_unfinished": self._peak_unfinished, "engine_ticks": self.ticks,
+                "peak_unfinished": self._peak_unfinished, "unfinished": self._unfinished,
+                "cancelled": self.cancelled, "engine_ticks": self.ticks,
                 "prefix_cache_hit_rate": hit_rate, "alive": self.alive, "adapters": self.adapter_names()}
 
     # ---------------------------------------------------------------- lifetime
@@ -371,7 +412,7 @@ class Engine:
         """End every request in flight (each then fails with ``ReplicaDeadError``)."""
 
         def cancel() -> None:
-            for task in list(self._tasks):
+            for task in list(self._tasks.values()):
                 task.cancel()
 
         if self._loop.is_running():

@@ -30,7 +30,7 @@ from ..errors import (
     UnsupportedInputError,
     UnsupportedModalityError,
 )
-from .dspy_stream import astream_events, stream_events
+from .dspy_stream import astream_events, stream_events, submit_off_loop
 from .modalities import check_modalities, supported_from_info
 from ..serving.pool import ReplicaPool
 from ..protocol import Backend, Generation, GenerationRequest, Replica, ReplicaInfo
@@ -216,14 +216,14 @@ class DSPyEngine:
         self.adapter = adapter  # a LoRA adapter every request carries (lm.with_adapter), or None
         self.label = runtime.adapter_model(adapter) if adapter is not None else runtime.label
 
-    def _submit(self, request, stream=None) -> tuple[concurrent.futures.Future, Prepared]:
+    def _submit(self, request, sink=None) -> tuple[concurrent.futures.Future, Prepared]:
         from dspy.clients.engines.base import validate_request
 
         validate_request(request)
         try:
             prepared = self.runtime.build(request)
             prepared.request.adapter = self.adapter
-            return self.runtime.pool.submit(prepared.request, stream=stream), prepared
+            return self.runtime.pool.submit(prepared.request, sink=sink), prepared
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
 
@@ -233,6 +233,9 @@ class DSPyEngine:
             generation = future.result()
         except AdapterError as exc:
             raise to_lm15_error(exc) from exc
+        except BaseException:  # Ctrl-C, a pool shutting down: abort the request, never leave it running
+            future.cancel()
+            raise
         return self.runtime.to_response(generation, prepared.plan, self.label)
 
     def stream(self, request):
@@ -248,7 +251,7 @@ class AsyncDSPyEngine(DSPyEngine):
     """DSPy's async engine: the same requests, awaited without blocking the loop."""
 
     async def complete(self, request):
-        future, prepared = await asyncio.to_thread(self._submit, request)  # rendering off the event loop
+        future, prepared = await submit_off_loop(self._submit, request)  # rendering off the event loop
         try:
             generation = await asyncio.wrap_future(future)
         except AdapterError as exc:

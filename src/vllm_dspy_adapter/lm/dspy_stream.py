@@ -15,7 +15,10 @@ or, for a replica that stalls, the pool's stall check.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextvars
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -66,34 +69,56 @@ def _consume(items: list[Any], channel: StreamChannel, prepared, assembler: Even
 def stream_events(engine, request, as_lm15: Callable[[AdapterError], BaseException]):
     """The synchronous stream of one DSPy request (a generator of lm15 events)."""
     channel = StreamChannel()
-    channel, prepared, assembler = _open(engine, request, (channel, engine._submit(request, stream=channel)))
-    yield assembler.start()
-    while True:
-        try:
-            items = channel.get(timeout=POLL_S)
-        except StreamTimeout:
-            continue  # nothing decoded for a while (a long prefill, a queue): the pool still owns the request
-        events, done = _consume(items, channel, prepared, assembler, engine.runtime, as_lm15)
-        yield from events
-        if done:
-            return
+    submitted = engine._submit(request, sink=channel)
+    channel, prepared, assembler = _open(engine, request, (channel, submitted))
+    try:
+        yield assembler.start()
+        while True:
+            try:
+                items = channel.get(timeout=POLL_S)
+            except StreamTimeout:
+                continue  # nothing decoded for a while (a long prefill, a queue): the pool still owns the request
+            events, done = _consume(items, channel, prepared, assembler, engine.runtime, as_lm15)
+            yield from events
+            if done:
+                return
+    finally:  # a consumer that stopped reading (generator closed, Ctrl-C): abort the request
+        submitted[0].cancel()
 
 
 async def astream_events(engine, request, as_lm15: Callable[[AdapterError], BaseException]):
     """The async stream of one DSPy request: waits on the caller's loop, no thread per stream."""
-    import asyncio
-
     channel = StreamChannel()
-    submitted = await asyncio.to_thread(engine._submit, request, channel)  # rendering off the event loop
+    submitted = await submit_off_loop(engine._submit, request, channel)  # rendering off the event loop
     channel, prepared, assembler = _open(engine, request, (channel, submitted))
-    yield assembler.start()
-    while True:
-        try:
-            items = await channel.aget(timeout=POLL_S)
-        except StreamTimeout:
-            continue
-        events, done = _consume(items, channel, prepared, assembler, engine.runtime, as_lm15)
-        for event in events:
-            yield event
-        if done:
-            return
+    try:
+        yield assembler.start()
+        while True:
+            try:
+                items = await channel.aget(timeout=POLL_S)
+            except StreamTimeout:
+                continue
+            events, done = _consume(items, channel, prepared, assembler, engine.runtime, as_lm15)
+            for event in events:
+                yield event
+            if done:
+                return
+    finally:  # the consumer stopped (aclose, a cancelled task): abort the request
+        submitted[0].cancel()
+
+
+async def submit_off_loop(submit, *args):
+    """``submit(*args)`` (rendering, then the pool's submit) in a worker thread with the
+    caller's context (DSPy's settings), awaited on the caller's loop. A caller cancelled
+    while the thread still runs gets ``CancelledError`` at once, and the request the
+    thread submits after that is cancelled as it arrives: nothing runs unawaited."""
+    loop = asyncio.get_running_loop()
+    submitted = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, submit, *args))
+    try:
+        return await asyncio.shield(submitted)
+    except asyncio.CancelledError:
+        def abandon(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result()[0].cancel()
+        submitted.add_done_callback(abandon)
+        raise

@@ -230,6 +230,10 @@ class vLLMOffline(LoRAMixin, dspy.LM):
                     elapsed = max(time.monotonic() - started, 1e-9)
                     bar.set_postfix_str(f"{bar.n / elapsed:.1f} req/s, {out_tokens / elapsed:.0f} tok/s", refresh=False)
                     bar.update(1)
+        except BaseException:  # Ctrl-C (a notebook's interrupt) or an error here: abort the whole batch,
+            for future in futures:  # so the GPU is free for the next call, which gets none of these results
+                future.cancel()
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -47,13 +48,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEALTH_TIMEOUT = 120.0
 
 
+_job_ids = itertools.count()
+
+
 @dataclass
 class _Job:
     request: GenerationRequest
     future: concurrent.futures.Future
     cost: int
     attempts: int = 0
-    stream: Any = None  # a streams.StreamChannel for a streamed request
+    stream: Any = None  # a lm.stream_channel.StreamChannel for a streamed request
+    replica: int | None = None  # where the current attempt runs
+    attempt_id: str = ""  # the current attempt's request id on that replica
 
 
 class ReplicaPool:
@@ -94,16 +100,29 @@ class ReplicaPool:
             return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i], split_device(r.device)[1])
                     for i, r in enumerate(self.replicas)]
 
-    def submit(self, request: GenerationRequest, stream=None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, sink=None) -> concurrent.futures.Future:
         """Route one request; the future resolves to its ``Generation``. With
-        ``stream`` (a ``streams.StreamChannel``) the replica also puts each new
+        ``stream`` (a ``lm.stream_channel.StreamChannel``) the replica also puts each new
         piece of text on it. A streamed request whose replica dies before its
         first piece is resubmitted like any other; after it, it fails with
         ``StreamInterruptedError`` (what was shown cannot be taken back)."""
         cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
-        job = _Job(request, concurrent.futures.Future(), cost, stream=stream)
+        job = _Job(request, concurrent.futures.Future(), cost, stream=sink)
+        job.future.add_done_callback(lambda f: self._caller_gave_up(job) if f.cancelled() else None)
         self._dispatch(job)
         return job.future
+
+    def _caller_gave_up(self, job: _Job) -> None:
+        """The caller cancelled its future (``asyncio`` cancellation of ``acall``, a stream
+        closed, Ctrl-C in ``batch_generate``): abort the attempt where it runs, so no GPU
+        time goes on an answer nobody waits for."""
+        index, attempt_id = job.replica, job.attempt_id
+        if index is None:
+            return
+        try:
+            self.replicas[index].cancel(attempt_id)
+        except Exception:  # noqa: BLE001 - cancelling is best effort; the reply is dropped anyway
+            logger.debug("cancelling %s on replica %d failed", attempt_id, index, exc_info=True)
 
     def _dispatch(self, job: _Job) -> None:
         """Route and send one attempt of ``job``. Runs in the caller's thread and,
@@ -134,13 +153,15 @@ class ReplicaPool:
             self._in_flight[index] += 1
             self._routed[index] += 1
         replica = self.replicas[index]
+        job.replica, job.attempt_id = index, f"r{next(_job_ids)}"
         try:
-            inner = replica.submit(job.request) if job.stream is None else replica.submit(job.request,
-                                                                                          stream=job.stream)
+            inner = replica.submit(job.request, job.attempt_id, sink=job.stream)
         except Exception as exc:  # a handle that raises instead of failing the future: same outcome
             inner = concurrent.futures.Future()
             inner.set_exception(exc)
         inner.add_done_callback(lambda f, i=index: self._finished(job, i, f))
+        if job.future.cancelled():  # the caller gave up while this attempt was being sent
+            self._caller_gave_up(job)
 
     def _holders(self, adapter: str, loads: list[ReplicaLoad]) -> list[ReplicaLoad]:
         """The loads with every replica that does not hold ``adapter`` marked not alive."""

@@ -1,0 +1,78 @@
+"""A replica with no engine, for tests of the pool and of anything built on the
+``Replica`` contract (as httpx ships ``MockTransport`` beside its transport contract).
+
+``FakeReplica`` runs the real ``ReplicaHandle`` (ids, incarnations, the one death path,
+cancellation) and keeps each request until the test answers it: ``finish_all``,
+``reply_from`` (a reply of a given incarnation: late replies are dropped), ``crash``,
+``come_back``; ``progressing`` decides whether ``last_progress`` moves (the stall check);
+``aborted`` lists what ``cancel`` aborted. Answers echo the prompt (``echo``).
+"""
+
+from __future__ import annotations
+
+from ..errors import LMClosedError
+from ..protocol import Generation, GenerationRequest, ReplicaInfo
+from .base import ReplicaHandle
+
+__all__ = ["FakeReplica", "echo"]
+
+
+def echo(request: GenerationRequest, request_id: str) -> Generation:
+    """The fake's answer: ``echo:<prompt>``."""
+    text = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
+    return Generation(text=f"echo:{text}", finish_reason="stop", num_prompt_tokens=len(text.split()),
+                      num_output_tokens=1, request_id=request_id)
+
+
+class FakeReplica(ReplicaHandle):
+    """An in-memory replica on the real handle base: requests wait until the test
+    finishes them; ``progressing`` decides whether ``last_progress`` moves."""
+
+    def __init__(self, index: int, on_death):
+        super().__init__(index, f"fake:{index}", on_death)
+        self.requests: dict[str, GenerationRequest] = {}
+        self.killed = 0
+        self.aborted: list[str] = []  # ids cancel() aborted
+        self.progressing = True
+        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
+
+    def submit(self, request, request_id=None, *, sink=None):
+        request_id, future, incarnation = self._admit(request_id)
+        if incarnation is not None:
+            self.requests[request_id] = request
+        return future
+
+    def last_progress(self) -> float:
+        if self.progressing:
+            self._touch()
+        return super().last_progress()
+
+    def finish_all(self) -> int:
+        requests, self.requests = self.requests, {}
+        for request_id, request in requests.items():
+            self._complete(self.incarnation, request_id, result=echo(request, request_id))
+        return len(requests)
+
+    def reply_from(self, incarnation: int, request_id: str, request: GenerationRequest) -> None:
+        self._complete(incarnation, request_id, result=echo(request, request_id))
+
+    def crash(self, cause: str = "crashed") -> None:
+        self._died(self.incarnation, cause)
+
+    def come_back(self) -> None:
+        self.requests = {}
+        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
+
+    def stats(self, timeout: float = 5.0):
+        return {**self.base_stats(), "held": len(self.requests)}
+
+    def _kill(self) -> None:
+        self.killed += 1
+
+    def _abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.requests.pop(request_id, None)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        if self._mark_closed():
+            self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
