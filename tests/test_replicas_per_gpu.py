@@ -10,7 +10,7 @@ import pytest
 from fakes import FakeReplica
 from vllm_dspy_adapter.backends.base import start_all
 from vllm_dspy_adapter.errors import ConfigurationError
-from vllm_dspy_adapter.backends.placement import (RayNode, number_slots, plan_placement, plan_ray_placement, replica_memory,
+from vllm_dspy_adapter.backends.placement import (RayNode, number_shares, plan_placement, plan_ray_placement, replica_memory,
                                          split_device)
 from vllm_dspy_adapter.serving.pool import ReplicaPool
 from vllm_dspy_adapter.protocol import GenerationRequest
@@ -31,13 +31,13 @@ def test_k_replicas_per_gpu_first_ones_on_distinct_gpus(monkeypatch):
     plans = plan(replicas_per_gpu=2)
     assert [p.device for p in plans] == ["cuda:0#0", "cuda:1#0", "cuda:0#1", "cuda:1#1"]
     assert [p.index for p in plans] == [0, 1, 2, 3]
-    assert [p.slot for p in plans] == [0, 0, 1, 1]
+    assert [p.share for p in plans] == [0, 0, 1, 1]
     assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["0", "1", "0", "1"]
 
 
 def test_one_replica_per_gpu_keeps_plain_device_names():
     assert [p.device for p in plan()] == ["cuda:0", "cuda:1"]
-    assert {p.slot for p in plan()} == {0}
+    assert {p.share for p in plan()} == {0}
 
 
 def test_num_replicas_counts_replicas_k_per_gpu():
@@ -84,7 +84,7 @@ def test_device_names():
     assert split_device("cuda:0#1") == ("cuda:0", 1)
     assert split_device("cuda:0,1") == ("cuda:0,1", 0)
     assert split_device("node:10.0.0.1/gpu:3#2") == ("node:10.0.0.1/gpu:3", 2)
-    assert number_slots(["g:0", "g:1", "g:0", "g:2", "g:0"]) == ["g:0#0", "g:1", "g:0#1", "g:2", "g:0#2"]
+    assert number_shares(["g:0", "g:1", "g:0", "g:2", "g:0"]) == ["g:0#0", "g:1", "g:0#1", "g:2", "g:0#2"]
 
 
 # --------------------------------------------------------------------- memory
@@ -123,10 +123,10 @@ def test_a_gpu_replica_count_on_a_cpu_machine_is_refused_before_any_start(monkey
 # ------------------------------------------------------------------ start order
 
 
-def test_replicas_sharing_a_gpu_start_slot_by_slot():
+def test_replicas_sharing_a_gpu_start_share_by_share():
     class R:
-        def __init__(self, index, slot):
-            self.index, self.slot, self.name = index, slot, f"r{index}"
+        def __init__(self, index, share):
+            self.index, self.share, self.name = index, share, f"r{index}"
 
         def _kill(self):
             pass
@@ -134,7 +134,7 @@ def test_replicas_sharing_a_gpu_start_slot_by_slot():
     events = []
     replicas = [R(0, 0), R(1, 0), R(2, 1), R(3, 1)]
     start_all(replicas, lambda r: events.append(("launch", r.index)), lambda r: events.append(("ready", r.index)),
-              wave=lambda r: r.slot)
+              wave=lambda r: r.share)
     # Both GPUs' first replicas load in parallel; the second ones launch only once those are ready.
     assert events == [("launch", 0), ("launch", 1), ("ready", 0), ("ready", 1),
                       ("launch", 2), ("launch", 3), ("ready", 2), ("ready", 3)]
@@ -144,13 +144,13 @@ def test_replicas_sharing_a_gpu_start_slot_by_slot():
 
 
 def loads(*rows):
-    """rows of (slot, in_flight[, alive])"""
+    """rows of (share, in_flight[, alive])"""
     return [ReplicaLoad(i, row[2] if len(row) > 2 else True, row[1] * 100, row[1], row[0])
             for i, row in enumerate(rows)]
 
 
 def test_open_replicas_fills_one_engine_per_gpu_first():
-    # Two GPUs x two replicas (slots 0, 0, 1, 1): few in flight -> only the first of each GPU.
+    # Two GPUs x two replicas (shares 0, 0, 1, 1): few in flight -> only the first of each GPU.
     assert [l.index for l in open_replicas(loads((0, 3), (0, 10), (1, 0), (1, 0)), spill_at=256)] == [0, 1]
     # One first replica below the mark keeps the second ones closed: an idle GPU is served first.
     assert [l.index for l in open_replicas(loads((0, 300), (0, 10), (1, 0), (1, 0)), spill_at=256)] == [0, 1]
@@ -173,7 +173,7 @@ def pool_of(devices, router, spill_at):
     replicas = []
     for i, device in enumerate(devices):
         replica = FakeReplica(i, lambda r, cause: pools[0].replica_died(r, cause))
-        replica.device = device
+        replica.device, replica.share = device, split_device(device)[1]
         replicas.append(replica)
     pools.append(ReplicaPool(replicas, router, health_timeout=None, spill_at=spill_at))
     return pools[0], replicas
@@ -213,7 +213,7 @@ def test_prefix_affinity_holds_with_replicas_sharing_gpus():
         pool.close()
 
 
-def test_stats_has_one_row_per_replica_with_its_slot_in_the_device():
+def test_stats_has_one_row_per_replica_with_its_share_in_the_device():
     pool, _ = pool_of(["cuda:0#0", "cuda:1#0", "cuda:0#1", "cuda:1#1"], LeastLoadedRouter(), spill_at=256)
     try:
         assert [(row["replica"], row["device"]) for row in pool.stats()] == [

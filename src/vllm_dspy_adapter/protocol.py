@@ -109,7 +109,8 @@ class Replica(Protocol):
     """One model replica as the pool sees it, wherever it runs (this process, a
     worker process, a Ray actor). ``backends/base.py`` implements the shared part."""
 
-    index: int  # its slot in the pool, stable across restarts
+    index: int  # its position in the pool, stable across restarts
+    share: int  # which of the replicas sharing its GPU(s) it is (0: the first or only one)
     name: str  # for logs: "replica-0[cuda:0]"
     device: str  # "cuda:0", "cpu:0-3", "node:10.0.0.2/gpu:1", "local"
     restarts: int  # how many times the pool restarted it
@@ -132,8 +133,9 @@ class Replica(Protocol):
         unless it is already done. Returns at once; an id not held is ignored."""
 
     def last_progress(self) -> float:
-        """``time.monotonic()`` of the last sign of progress: a token step of its
-        engine or any reply of its worker. The pool's stall check reads it."""
+        """``time.monotonic()`` of the last sign of progress, by one rule in every backend:
+        a reply, streamed text, or a tick of its engine's pulse while that engine holds
+        requests (an idle engine's ticks are not progress). The pool's stall check reads it."""
 
     def declare_dead(self, cause: str) -> None:
         """Kill whatever runs the replica now (a stalled replica cannot stop in

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from ..errors import ReplicaDeadError, ReplicaStartError
+from ..errors import LMClosedError, ReplicaDeadError, ReplicaStartError
 from ..protocol import Generation, OnDeath, ReplicaInfo
 
 __all__ = ["ReplicaHandle", "start_all"]
@@ -42,9 +42,10 @@ class ReplicaHandle:
     ``_died``.
     """
 
-    def __init__(self, index: int, device: str, on_death: OnDeath) -> None:
+    def __init__(self, index: int, device: str, on_death: OnDeath, share: int = 0) -> None:
         self.index = index
         self.device = device
+        self.share = share
         self.name = f"replica-{index}[{device}]"
         self.restarts = 0
         self.info: ReplicaInfo | None = None
@@ -56,6 +57,7 @@ class ReplicaHandle:
         self._incarnation = 0
         self._ids = itertools.count()
         self._progress = time.monotonic()
+        self._ticks = -1  # the engine pulse last read (see _pulse)
         self._stalls: list[str] = []  # when each stall was declared (UTC, ISO 8601)
         self._adapters: frozenset[str] = frozenset()  # LoRA adapters of the current incarnation's engine
         self._last_cause: str | None = None
@@ -140,8 +142,18 @@ class ReplicaHandle:
         raise NotImplementedError
 
     def _touch(self) -> None:
-        """A sign of progress: a token step of the engine or a reply."""
+        """A sign of progress: a reply, or decoded text of a streamed request."""
         self._progress = time.monotonic()
+
+    def _pulse(self, ticks: int, engine_in_flight: int) -> None:
+        """The one progress rule of the contract, for every backend: the engine's pulse
+        (``Engine.ticks``) moved since the last reading *while the engine held requests*.
+        An idle engine that ticks is no progress: requests stuck before it (a worker whose
+        main thread stopped handing them over) must become a stall."""
+        if ticks != self._ticks:
+            self._ticks = ticks
+            if engine_in_flight:
+                self._touch()
 
     def _became_ready(self, info: ReplicaInfo) -> int:
         """Mark a (re)started replica alive; returns its new incarnation."""
@@ -209,14 +221,21 @@ class ReplicaHandle:
             if not future.done():
                 future.set_exception(error)
 
-    def _mark_closed(self) -> bool:
-        """For ``shutdown``: True the first time. Requests still held then fail."""
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """The contract's shutdown, one template for every backend: the first call
+        marks the replica closed, fails what it still holds with ``LMClosedError`` and
+        stops whatever runs it (``_stop``); later calls do nothing."""
         with self._lock:
             if self._closed:
-                return False
+                return
             self._closed = True
             self._alive = False
-        return True
+        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+        self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
+        """Stop the engine in order within ``timeout``, then make sure nothing is left."""
+        raise NotImplementedError
 
     def _guarded(self, incarnation: int, what: str, target: Callable[[], None]) -> threading.Thread:
         """A daemon thread that never dies silently: if ``target`` raises, the

@@ -10,7 +10,6 @@ cancellation) and keeps each request until the test answers it: ``finish_all``,
 
 from __future__ import annotations
 
-from ..errors import LMClosedError
 from ..protocol import Generation, GenerationRequest, ReplicaInfo
 from .base import ReplicaHandle
 
@@ -73,6 +72,5 @@ class FakeReplica(ReplicaHandle):
         self.aborted.append(request_id)
         self.requests.pop(request_id, None)
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        if self._mark_closed():
-            self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+    def _stop(self, timeout: float) -> None:
+        """Nothing runs it."""

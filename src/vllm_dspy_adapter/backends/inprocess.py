@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from ..config import ModelSpec
-from ..errors import LMClosedError, ReplicaStartError
+from ..errors import ReplicaStartError
 from .placement import cpu_env, visible_gpu_count
 from ..protocol import GenerationRequest, OnDeath
 from .base import ReplicaHandle, start_all
@@ -33,7 +33,6 @@ class InProcessReplica(ReplicaHandle):
         self.spec = spec
         self.start_timeout = start_timeout
         self.engine = None
-        self._ticks = -1
         self._watch_stop = threading.Event()
 
     def start(self) -> None:
@@ -52,10 +51,9 @@ class InProcessReplica(ReplicaHandle):
         return self.engine.tokenizer
 
     def last_progress(self) -> float:
-        ticks = self.engine.ticks if self.engine is not None else -1
-        if ticks != self._ticks:
-            self._ticks = ticks
-            self._touch()
+        engine = self.engine
+        if engine is not None:
+            self._pulse(engine.ticks, engine.in_flight)
         return self._progress
 
     def submit(self, request: GenerationRequest, request_id: str | None = None, *,
@@ -95,10 +93,7 @@ class InProcessReplica(ReplicaHandle):
         if self.engine is not None:
             self.engine.kill()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        if not self._mark_closed():
-            return
-        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+    def _stop(self, timeout: float) -> None:
         if self.engine is not None:
             self.engine.shutdown()
 

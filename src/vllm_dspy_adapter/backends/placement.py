@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigurationError
 
 __all__ = ["Placement", "plan_placement", "visible_gpu_count", "cpu_env", "RayNode", "RayPlan",
-           "plan_ray_placement", "free_core_offset", "cores_text", "split_device", "number_slots",
+           "plan_ray_placement", "free_core_offset", "cores_text", "split_device", "number_shares",
            "replica_memory", "gpu_memory_bytes", "DEFAULT_GPU_MEMORY_UTILIZATION"]
 
 # vLLM's own default: the share of a GPU's memory its engines may take, in all.
@@ -33,20 +33,22 @@ class Placement:
     index: int
     device: str  # "cuda:0,1", "cpu:0-3", or "cuda:0#1" for the second of several replicas on GPU 0
     env: dict[str, str] = field(default_factory=dict)
-    slot: int = 0  # which of the replicas sharing its GPU(s) this one is; replicas of slot s start together
+    share: int = 0  # which of the replicas sharing its GPU(s) this one is; replicas of share s start together
 
 
 def split_device(device: str) -> tuple[str, int]:
-    """``"cuda:0#1"`` -> ``("cuda:0", 1)``; a device without ``#`` is slot 0 of itself."""
-    base, sep, slot = device.rpartition("#")
-    if sep and slot.isdigit():
-        return base, int(slot)
+    """``"cuda:0#1"`` -> ``("cuda:0", 1)``: the GPU and the replica's share of it; a device
+    without ``#`` is share 0 of itself."""
+    base, sep, share = device.rpartition("#")
+    if sep and share.isdigit():
+        return base, int(share)
     return device, 0
 
 
-def number_slots(devices: Sequence[str]) -> list[str]:
+def number_shares(devices: Sequence[str]) -> list[str]:
     """Tell apart replicas that report the same device (several on one GPU, as Ray places
-    them): each such device gets ``#0``, ``#1``, ... in order; a device seen once is kept."""
+    them): each such device gets ``#0``, ``#1``, ... (its share) in order; a device seen
+    once is kept."""
     counts: dict[str, int] = {}
     for device in devices:
         counts[device] = counts.get(device, 0) + 1
@@ -161,7 +163,7 @@ def plan_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_p
     if num_replicas is not None and k > 1 and num_replicas >= 1 and available_gpus > 0:
         if num_replicas % k:
             raise ConfigurationError(f"num_replicas={num_replicas} is not a multiple of replicas_per_gpu={k}")
-        num_replicas //= k  # from here on: replicas of one slot, one per GPU
+        num_replicas //= k  # from here on: replicas of one share, one per GPU
     if num_replicas is not None and num_replicas < 1:
         raise ConfigurationError(f"num_replicas must be >= 1, got {num_replicas}; leave it out for one per GPU.")
     if num_gpus is not None and num_gpus < 1:
@@ -206,12 +208,12 @@ def plan_placement(*, num_gpus: int | None, gpus: Sequence[int] | None, tensor_p
                 "follows from num_gpus."
             )
         plans = []
-        for slot in range(k):
+        for share in range(k):
             for i in range(count):
                 ids = gpu_ids[i * tensor_parallel_size:(i + 1) * tensor_parallel_size]
-                device = "cuda:" + ",".join(map(str, ids)) + (f"#{slot}" if k > 1 else "")
-                plans.append(Placement(slot * count + i, device,
-                                       {"CUDA_VISIBLE_DEVICES": ",".join(map(str, _physical(ids)))}, slot))
+                device = "cuda:" + ",".join(map(str, ids)) + (f"#{share}" if k > 1 else "")
+                plans.append(Placement(share * count + i, device,
+                                       {"CUDA_VISIBLE_DEVICES": ",".join(map(str, _physical(ids)))}, share))
         return plans
     if k > 1:
         raise ConfigurationError(

@@ -89,7 +89,7 @@ class ProcessReplica(ReplicaHandle):
 
     def __init__(self, spec: ModelSpec, placement: Placement, on_death: OnDeath, *,
                  launch: Launcher | None = None, heartbeat_s: float = HEARTBEAT_S):
-        super().__init__(placement.index, placement.device, on_death)
+        super().__init__(placement.index, placement.device, on_death, share=placement.share)
         self.spec = spec
         self.placement = placement
         self._launch = launch or spawn_worker
@@ -99,7 +99,6 @@ class ProcessReplica(ReplicaHandle):
         self._adapter_waiting: dict[int, concurrent.futures.Future] = {}
         self._streams: dict[str, Any] = {}  # request id -> StreamChannel of a streamed request
         self._stats_ids = itertools.count()
-        self._ticks = -1
         self._process = None
         self._conn = None
 
@@ -177,10 +176,7 @@ class ProcessReplica(ReplicaHandle):
                 case Error(request_id, error):
                     self._complete(incarnation, request_id, error=error)
                 case Beat(ticks, engine_in_flight):
-                    if ticks != self._ticks:  # the engine ticked since the last beat ...
-                        self._ticks = ticks
-                        if engine_in_flight:  # ... with our requests in it: progress (an idle tick is not)
-                            self._touch()
+                    self._pulse(ticks, engine_in_flight)
                 case StatsReply(call_id, stats):
                     _answer(self._stats_waiting, call_id, stats)  # a late reply finds no waiter: dropped
                 case AdapterReply(call_id, error):
@@ -259,12 +255,7 @@ class ProcessReplica(ReplicaHandle):
             self._process.join(timeout=10)
         self._reap_group()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        from ..errors import LMClosedError
-
-        if not self._mark_closed():
-            return
-        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+    def _stop(self, timeout: float) -> None:
         if self._conn is not None:
             # A frozen worker reads nothing: once its pipe is full a send would block,
             # so the request to stop in order is sent aside and the kill below ends it.
@@ -292,9 +283,9 @@ class ProcessBackend:
     def start(self, spec: ModelSpec, on_death: OnDeath) -> list[ProcessReplica]:
         replicas = [ProcessReplica(spec, placement, on_death, launch=self._launch, heartbeat_s=self._heartbeat_s)
                     for placement in self.placements]
-        # Replicas sharing a GPU start slot by slot: each one's memory profiling sees the others.
+        # Replicas sharing a GPU start share by share: each one's memory profiling sees the others.
         return start_all(replicas, ProcessReplica.spawn, lambda r: r.wait_ready(self.start_timeout),
-                         wave=lambda r: r.placement.slot)
+                         wave=lambda r: r.share)
 
     def restart(self, replica: ProcessReplica) -> None:
         replica._kill()

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..config import ModelSpec
 from ..errors import ConfigurationError, ReplicaStartError
-from .placement import cluster_text, cores_text, free_core_offset, number_slots, plan_ray_placement, split_device
+from .placement import cluster_text, cores_text, free_core_offset, number_shares, plan_ray_placement, split_device
 from ..protocol import OnDeath
 from .base import start_all
 from .ray_cluster import alive_nodes, ray_connect, ray_if_up, ray_release, register
@@ -91,7 +91,7 @@ class RayBackend:
         # at each restart (after which the pool continues without the replica).
         self.placement_timeout = placement_timeout
         self._groups: dict[int, Any] = {}  # replica index -> its placement group
-        self._slots: dict[int, tuple[str | None, int]] = {}  # replica index -> (host ip, first core), CPU replicas
+        self._cores: dict[int, tuple[str | None, int]] = {}  # replica index -> (host ip, first core), CPU replicas
         self._ray = ray_connect(ray_address)
         try:
             self.nodes = alive_nodes(self._ray)
@@ -131,18 +131,19 @@ class RayBackend:
             started = start_all(replicas, lambda r: self._launch(r, self._place(r, deadline, probe=False)),
                                 lambda r: r.wait_ready(self.start_timeout), wave=one_by_one)
             if self.plan.replicas_per_gpu > 1:
-                self._number_slots()
+                self._number_shares()
             return started
         except BaseException:
             for replica in replicas:
                 replica.shutdown(timeout=5)  # the last one removes the groups and closes Ray
             raise
 
-    def _number_slots(self) -> None:
+    def _number_shares(self) -> None:
         """Replicas on one GPU report the same device: name them ``...#0``, ``...#1``."""
-        names = number_slots([split_device(r.device)[0] for r in self.replicas])
+        names = number_shares([split_device(r.device)[0] for r in self.replicas])
         for replica, device in zip(self.replicas, names):
             replica.device = device
+            replica.share = split_device(device)[1]
             replica.name = f"replica-{replica.index}[{device}]"
 
     def _place(self, replica: RayReplica, deadline: float, *, probe: bool) -> str:
@@ -192,19 +193,19 @@ class RayBackend:
             "max_restarts": 0,  # the pool restarts replicas (and resubmits their requests), not Ray
             "max_concurrency": _MAX_CONCURRENCY,
         }
-        cpu_slot = None
+        cpu_cores = None
         if self.plan.gpus_per_replica:
             options.update(num_gpus=self.plan.gpus_per_replica, num_cpus=0)
-            self._slots.pop(replica.index, None)
+            self._cores.pop(replica.index, None)
         else:
-            cpu_slot = self._cpu_slot(replica, node_id)
-            offset, per = cpu_slot
+            cpu_cores = self._cpu_cores(replica, node_id)
+            offset, per = cpu_cores
             env.update(VLLM_CPU_OMP_THREADS_BIND=cores_text(offset, per), CUDA_VISIBLE_DEVICES="")
             options["num_cpus"] = per
         options["runtime_env"] = {"env_vars": env}
-        replica.launch(Launch(self._ray.remote(VLLMReplica), options, self._spec, cpu_slot))
+        replica.launch(Launch(self._ray.remote(VLLMReplica), options, self._spec, cpu_cores))
 
-    def _cpu_slot(self, replica: RayReplica, node_id: str) -> tuple[int, int]:
+    def _cpu_cores(self, replica: RayReplica, node_id: str) -> tuple[int, int]:
         """A block of cores of the replica's host that no other replica there binds.
 
         A host's cores are the CPUs of every Ray node on its IP address: one node
@@ -214,11 +215,11 @@ class RayBackend:
         ip = next((node.ip for node in nodes if node.node_id == node_id), None)
         host_cores = sum(node.cpus for node in nodes if node.ip == ip) or self.plan.cpus_per_replica
         with self._lock:
-            taken = {offset for index, (host, offset) in self._slots.items()
+            taken = {offset for index, (host, offset) in self._cores.items()
                      if index != replica.index and host == ip
                      and (self.replicas[index].alive or self.replicas[index].starting)}
             offset = free_core_offset(host_cores, self.plan.cpus_per_replica, taken)
-            self._slots[replica.index] = (ip, offset)
+            self._cores[replica.index] = (ip, offset)
         return offset, self.plan.cpus_per_replica
 
     # -------------------------------------------------------------- restart
@@ -239,7 +240,7 @@ class RayBackend:
             self.drop_placement(replica)
             raise
         if self.plan.replicas_per_gpu > 1:
-            self._number_slots()
+            self._number_shares()
 
     def drop_placement(self, replica: RayReplica) -> None:
         """Remove a replica's placement group (killing whatever actor still runs in it)."""

@@ -87,9 +87,10 @@ class VLLMReplica:
         method = self.engine.add_adapter if op == "add" else self.engine.remove_adapter
         await asyncio.to_thread(method, payload)
 
-    async def ticks(self) -> int:
-        """The engine's pulse (``Engine.ticks``), read by the driver's heartbeat."""
-        return self.engine.ticks
+    async def pulse(self) -> tuple[int, int]:
+        """The engine's pulse (``Engine.ticks``) and how many requests it holds, read by
+        the driver's heartbeat (``ReplicaHandle._pulse``)."""
+        return self.engine.ticks, self.engine.in_flight
 
     async def watch(self) -> str:
         """Returns when the engine has died (the driver then retires this actor);

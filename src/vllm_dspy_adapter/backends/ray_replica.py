@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelSpec
-from ..errors import LMClosedError, ReplicaDeadError, ReplicaStartError
+from ..errors import ReplicaDeadError, ReplicaStartError
 from ..protocol import GenerationRequest, OnDeath, StreamPiece
 from .base import ReplicaHandle
 from .ray_cluster import ray_if_up, ray_kill
@@ -53,7 +53,7 @@ class Launch:
     actor_class: Any
     options: dict[str, Any]
     spec: ModelSpec
-    cpu_slot: tuple[int, int] | None
+    cpu_cores: tuple[int, int] | None
 
 
 class RayReplica(ReplicaHandle):
@@ -82,7 +82,7 @@ class RayReplica(ReplicaHandle):
         """Create the actor; returns at once (``wait_ready`` waits)."""
         self.starting = True
         self._actor = launch.actor_class.options(**launch.options).remote(
-            launch.spec, self.name, logging.getLogger().getEffectiveLevel(), launch.cpu_slot)
+            launch.spec, self.name, logging.getLogger().getEffectiveLevel(), launch.cpu_cores)
         self._ready_ref = self._actor.ready.remote()
 
     def wait_ready(self, timeout: float | None) -> None:
@@ -122,17 +122,15 @@ class RayReplica(ReplicaHandle):
         """Read the engine's pulse once a second; a frozen actor or engine stops it."""
         import ray
 
-        ticks = -1
+        self._ticks = -1
         while self._alive and self._incarnation == incarnation and ray_if_up() is not None:
             try:
-                now = ray.get(actor.ticks.remote(), timeout=HEARTBEAT_S * 5)
+                ticks, engine_in_flight = ray.get(actor.pulse.remote(), timeout=HEARTBEAT_S * 5)
             except ray.exceptions.GetTimeoutError:
                 continue  # no answer: no progress (the pool's stall check decides)
             except Exception:  # the actor is gone: its watch reports the death
                 return
-            if now != ticks:
-                ticks = now
-                self._touch()
+            self._pulse(ticks, engine_in_flight)
             time.sleep(HEARTBEAT_S)
 
     # -------------------------------------------------------------- serving
@@ -260,10 +258,7 @@ class RayReplica(ReplicaHandle):
 
     # -------------------------------------------------------------- lifetime
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        if not self._mark_closed():
-            return
-        self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+    def _stop(self, timeout: float) -> None:
         actor = self._actor
         ray = ray_if_up()
         if actor is not None and ray is not None:

@@ -37,7 +37,6 @@ from typing import Any
 
 from ..errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
 from ..lora.registry import AdapterRegistry, AdapterSpec
-from ..backends.placement import split_device
 from ..protocol import Generation, GenerationRequest, Replica
 from .routing import SPILL_AT, ReplicaLoad, Router, open_replicas
 
@@ -97,7 +96,7 @@ class ReplicaPool:
 
     def loads(self) -> list[ReplicaLoad]:
         with self._lock:
-            return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i], split_device(r.device)[1])
+            return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i], r.share)
                     for i, r in enumerate(self.replicas)]
 
     def submit(self, request: GenerationRequest, sink=None) -> concurrent.futures.Future:

@@ -19,8 +19,8 @@ Policies:
 
 Several replicas on one GPU (``replicas_per_gpu``): before any policy chooses,
 ``open_replicas`` keeps the replicas that may take a new request. The first
-replica of every GPU (slot 0) always may; slot ``s`` opens once every alive
-replica of lower slots holds ``spill_at`` requests or more. So with few calls in
+replica of every GPU (share 0) always may; share ``s`` opens once every alive
+replica of lower shares holds ``spill_at`` requests or more. So with few calls in
 flight requests go to distinct GPUs, one engine each (one engine serves a small
 batch faster than two sharing its GPU); with many, they spread over all (two
 engines keep the GPU busier than one). Measured on one H200, 0.6B-shaped model,
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 __all__ = ["ReplicaLoad", "Router", "PrefixRouter", "LeastLoadedRouter", "RoundRobinRouter", "make_router", "POLICIES",
            "open_replicas", "SPILL_AT"]
 
-# Requests in flight on each lower-slot replica before a GPU's next replica takes any.
+# Requests in flight on each lower-share replica before a GPU's next replica takes any.
 SPILL_AT = 256
 
 
@@ -49,20 +49,20 @@ class ReplicaLoad:
     alive: bool
     outstanding: int  # estimated tokens of work still in flight
     in_flight: int = 0
-    slot: int = 0  # which of the replicas sharing its GPU (0: the first)
+    share: int = 0  # which of the replicas sharing its GPU (0: the first)
 
 
 def open_replicas(loads: Sequence[ReplicaLoad], spill_at: int = SPILL_AT) -> list[ReplicaLoad]:
     """The alive replicas that may take a new request (see the module docstring):
-    slot 0 always; slot s once every alive replica of a lower slot has ``spill_at``
+    share 0 always; share s once every alive replica of a lower share has ``spill_at``
     requests in flight or more."""
     alive = [load for load in loads if load.alive]
     out = []
-    for slot in sorted({load.slot for load in alive}):
-        lower = [load for load in alive if load.slot < slot]
+    for share in sorted({load.share for load in alive}):
+        lower = [load for load in alive if load.share < share]
         if lower and any(load.in_flight < spill_at for load in lower):
             break
-        out += [load for load in alive if load.slot == slot]
+        out += [load for load in alive if load.share == share]
     return out
 
 
