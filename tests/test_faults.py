@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import wait_for
-from fakes import SPEC, FakeLauncher, FakeReplica, placements
+from fakes import SPEC, FakeLauncher, placements
+from vllm_dspy_adapter.backends.fake import FakeBackend
 from vllm_dspy_adapter.backends.process import ProcessBackend
 from vllm_dspy_adapter.errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, ReplicaStartError
 from vllm_dspy_adapter.serving.pool import ReplicaPool
@@ -30,11 +31,8 @@ def start(n=2, *, launcher=None, health_timeout=None, max_restarts=3, restart=Tr
     """A real pool over real ProcessReplicas whose workers are FakeWorkers."""
     launcher = launcher or FakeLauncher()
     backend = ProcessBackend(placements(n), start_timeout=5, launch=launcher, heartbeat_s=HEARTBEAT)
-    pools: list[ReplicaPool] = []
-    replicas = backend.start(SPEC, lambda replica, cause: pools[0].replica_died(replica, cause))
-    pool = ReplicaPool(replicas, RoundRobinRouter(), restart=backend.restart if restart else None,
-                       max_restarts=max_restarts, health_timeout=health_timeout)
-    pools.append(pool)
+    pool = _made(ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=max_restarts if restart else 0,
+                                   health_timeout=health_timeout))
     return pool, launcher
 
 
@@ -46,19 +44,19 @@ def results(futures, timeout=5.0):
     return [f.result(timeout=timeout) for f in futures]
 
 
+_MADE: list[ReplicaPool] = []
+
+
+def _made(pool: ReplicaPool) -> ReplicaPool:
+    _MADE.append(pool)
+    return pool
+
+
 @pytest.fixture(autouse=True)
 def _shutdown_pools():
-    made = []
-    original = ReplicaPool.__init__
-
-    def tracking(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    ReplicaPool.__init__ = tracking
     yield
-    ReplicaPool.__init__ = original
-    for pool in made:
+    while _MADE:
+        pool = _MADE.pop()
         pool.close()
         for replica in pool.replicas:
             replica.shutdown(timeout=2)
@@ -213,10 +211,10 @@ class _RaisingRouter(RoundRobinRouter):
 
 
 def _fake_pool(n, router, **kwargs):
-    pools = []
-    replicas = [FakeReplica(i, lambda replica, cause: pools[0].replica_died(replica, cause)) for i in range(n)]
-    pools.append(ReplicaPool(replicas, router, health_timeout=None, **kwargs))
-    return pools[0], replicas
+    backend = FakeBackend(n)
+    kwargs.setdefault("max_restarts", 0)  # a dead fake stays dead unless the test says otherwise
+    pool = _made(ReplicaPool.start(backend, SPEC, router, health_timeout=None, **kwargs))
+    return pool, backend.replicas
 
 
 def test_a_router_that_raises_fails_the_request_instead_of_losing_it():
@@ -334,11 +332,10 @@ def test_start_is_all_or_none():
 
 
 def fake_pool(n=2, **kwargs):
-    pools = []
-    replicas = [FakeReplica(i, lambda r, c: pools[0].replica_died(r, c)) for i in range(n)]
-    pool = ReplicaPool(replicas, RoundRobinRouter(), **kwargs)
-    pools.append(pool)
-    return pool, replicas
+    backend = FakeBackend(n)
+    kwargs.setdefault("max_restarts", 0)  # a dead fake stays dead unless the test says otherwise
+    pool = _made(ReplicaPool.start(backend, SPEC, RoundRobinRouter(), **kwargs))
+    return pool, backend.replicas
 
 
 def test_a_reply_of_an_older_incarnation_is_dropped():

@@ -119,11 +119,7 @@ def process_pool(n=2):
 
     launcher = FakeLauncher()
     backend = ProcessBackend(placements(n), start_timeout=5, launch=launcher, heartbeat_s=0.05)
-    pools: list[ReplicaPool] = []
-    replicas = backend.start(SPEC, lambda r, c: pools[0].replica_died(r, c))
-    pools.append(ReplicaPool(replicas, AdapterRouter("least_loaded", max_loras=1), restart=backend.restart,
-                             health_timeout=None))
-    return pools[0], launcher
+    return ReplicaPool.start(backend, SPEC, AdapterRouter("least_loaded", max_loras=1), health_timeout=None), launcher
 
 
 def test_process_replicas_load_over_the_pipe_and_a_refusal_comes_back_as_the_error():

@@ -7,7 +7,8 @@ import concurrent.futures
 
 import pytest
 
-from fakes import FakeReplica
+from fakes import SPEC
+from vllm_dspy_adapter.backends.fake import FakeBackend
 from vllm_dspy_adapter.backends.base import start_all
 from vllm_dspy_adapter.errors import ConfigurationError
 from vllm_dspy_adapter.backends.placement import (RayNode, number_shares, plan_placement, plan_ray_placement, replica_memory,
@@ -169,14 +170,11 @@ def request(text: str) -> GenerationRequest:
 
 
 def pool_of(devices, router, spill_at):
-    pools = []
-    replicas = []
-    for i, device in enumerate(devices):
-        replica = FakeReplica(i, lambda r, cause: pools[0].replica_died(r, cause))
+    backend = FakeBackend(len(devices))
+    pool = ReplicaPool.start(backend, SPEC, router, max_restarts=0, health_timeout=None, spill_at=spill_at)
+    for replica, device in zip(backend.replicas, devices):
         replica.device, replica.share = device, split_device(device)[1]
-        replicas.append(replica)
-    pools.append(ReplicaPool(replicas, router, health_timeout=None, spill_at=spill_at))
-    return pools[0], replicas
+    return pool, backend.replicas
 
 
 def test_pool_spills_to_a_gpus_second_replica_only_past_the_mark():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..protocol import Generation, GenerationRequest, ReplicaInfo
 from .base import ReplicaHandle
 
-__all__ = ["FakeReplica", "echo"]
+__all__ = ["FakeReplica", "FakeBackend", "echo"]
 
 
 def echo(request: GenerationRequest, request_id: str) -> Generation:
@@ -74,3 +74,24 @@ class FakeReplica(ReplicaHandle):
 
     def _stop(self, timeout: float) -> None:
         """Nothing runs it."""
+
+
+class FakeBackend:
+    """The ``Backend`` contract over ``FakeReplica``s: ``start`` makes ``n`` of them,
+    ``restart`` brings one back (a new incarnation), ``restarts`` counts those calls."""
+
+    def __init__(self, n: int = 2):
+        self.n = n
+        self.replicas: list[FakeReplica] = []
+        self.restarts = 0
+
+    def start(self, spec, on_death) -> list[FakeReplica]:
+        self.replicas = [FakeReplica(i, on_death) for i in range(self.n)]
+        return list(self.replicas)
+
+    def restart(self, replica: FakeReplica) -> None:
+        self.restarts += 1
+        replica.come_back()
+
+    def shutdown(self) -> None:
+        """Nothing of its own to release."""

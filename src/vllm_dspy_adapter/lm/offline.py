@@ -149,23 +149,16 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         backend, router, max_restarts = self._layout(start_timeout)
         if spec.max_lora_rank is not None and self._adapter_routing and not isinstance(router, AdapterRouter):
             router = AdapterRouter(router, max_loras=int(spec.engine_kwargs.get("max_loras") or 1))
-        pools: list[ReplicaPool] = []
-
-        def on_death(replica, cause):
-            if pools:  # a death before the pool exists is handled by the start's error path
-                pools[0].replica_died(replica, cause)
-
-        replicas = backend.start(spec, on_death)
         try:
-            logger.info("%d replica(s) ready: %s", len(replicas),
-                        ", ".join(f"{r.name} in {r.info.start_seconds:.0f} s" for r in replicas))
-            pools.append(ReplicaPool(replicas, router, restart=backend.restart if max_restarts else None,
-                                     max_restarts=max_restarts, health_timeout=health_timeout))
-            return Runtime(spec, pools[0], backend, replicas, tool_call_parser=self._tool_call_parser)
+            pool = ReplicaPool.start(backend, spec, router, max_restarts=max_restarts, health_timeout=health_timeout)
+        except BaseException:
+            backend.shutdown()
+            raise
+        try:
+            return Runtime(spec, pool, backend, pool.replicas, tool_call_parser=self._tool_call_parser)
         except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
-            if pools:
-                pools[0].close()
-            for replica in replicas:
+            pool.close()
+            for replica in pool.replicas:
                 replica.shutdown()
             backend.shutdown()
             raise

@@ -37,7 +37,8 @@ from typing import Any
 
 from ..errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
 from ..lora.registry import AdapterRegistry, AdapterSpec
-from ..protocol import Generation, GenerationRequest, Replica
+from ..config import ModelSpec
+from ..protocol import Backend, Generation, GenerationRequest, Replica
 from .routing import SPILL_AT, ReplicaLoad, Router, open_replicas
 
 __all__ = ["ReplicaPool", "DEFAULT_HEALTH_TIMEOUT"]
@@ -91,6 +92,32 @@ class ReplicaPool:
         self._adapter_lock = threading.Lock()  # one load or unload at a time
         if health_timeout is not None:
             threading.Thread(target=self._watch_stalls, name="pool-stall-check", daemon=True).start()
+
+    @classmethod
+    def start(cls, backend: Backend, spec: ModelSpec, router: Router, *, max_restarts: int = 3,
+              max_attempts: int = 3, health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT,
+              spill_at: int = SPILL_AT) -> ReplicaPool:
+        """The one start wiring: the backend starts every replica (all ready, or none left
+        running), each replica's deaths go to the pool, and a pool that cannot be built
+        leaves no replica behind. ``max_restarts=0``: a dead replica stays dead."""
+        pools: list[ReplicaPool] = []
+
+        def on_death(replica: Replica, cause: str) -> None:
+            if pools:  # a death before the pool exists is handled by the start's error path
+                pools[0].replica_died(replica, cause)
+
+        replicas = backend.start(spec, on_death)
+        try:
+            logger.info("%d replica(s) ready: %s", len(replicas),
+                        ", ".join(f"{r.name} in {r.info.start_seconds:.0f} s" for r in replicas))
+            pools.append(cls(replicas, router, restart=backend.restart if max_restarts else None,
+                             max_restarts=max_restarts, max_attempts=max_attempts, health_timeout=health_timeout,
+                             spill_at=spill_at))
+            return pools[0]
+        except BaseException:  # Ctrl-C here: no replica may outlive a failed start
+            for replica in replicas:
+                replica.shutdown()
+            raise
 
     # ---------------------------------------------------------------- serving
 
