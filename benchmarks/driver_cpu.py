@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         n = args.requests
         # W1's prompts (512 random token ids), from the harness's own generator.
-        tokenizer = lm.engine.runtime.tokenizer
+        tokenizer = lm.engine.runtime.renderer.tokenizer
         ids = [{"prompt_token_ids": r.token_ids} for r in w1(tokenizer, Settings(), n, "driver-cpu").requests]
         lm.batch_generate(ids[:8], max_tokens=1, progress=False)  # warm-up
         rows = [measure("batch_generate, 512 token ids each", lambda: lm.batch_generate(ids, max_tokens=1,

@@ -224,7 +224,6 @@ def test_the_lm_splits_the_users_total_and_checks_the_model_from_its_config(tmp_
     import json
 
     from vllm_dspy_adapter.backends import placement
-    from vllm_dspy_adapter.lm import offline as lm
     from vllm_dspy_adapter.models import estimate_memory
 
     qwen3_8b = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
@@ -233,6 +232,6 @@ def test_the_lm_splits_the_users_total_and_checks_the_model_from_its_config(tmp_
     weights, kv_per_token = estimate_memory(str(tmp_path))
     assert round(weights / 2 / 1e9, 2) == 8.19 and kv_per_token == 2 * 36 * 8 * 128 * 2  # Qwen3-8B: 8.19B params
     monkeypatch.setattr(placement, "gpu_memory_bytes", lambda: 141 * 2**30)
-    assert lm._replica_share(str(tmp_path), 0.8, 2, {"max_model_len": 4096}) == 0.4
+    assert placement.replica_share(str(tmp_path), 0.8, 2, {"max_model_len": 4096}) == 0.4
     with pytest.raises(ConfigurationError, match="replicas_per_gpu=8"):
-        lm._replica_share(str(tmp_path), None, 8, {"max_model_len": 4096})
+        placement.replica_share(str(tmp_path), None, 8, {"max_model_len": 4096})

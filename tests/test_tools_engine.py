@@ -61,7 +61,7 @@ class Ask(dspy.Signature):
 
 
 def test_auto_picks_hermes_from_the_template(lm):
-    assert lm.engine.runtime.tool_parser == "hermes"
+    assert lm.engine.runtime.renderer.tool_parser == "hermes"
     assert lm.supports_function_calling is True
 
 
@@ -97,7 +97,7 @@ def test_the_engine_prompt_holds_both_tools_through_the_template(lm):
         tool_choice=ToolChoice(mode="required")), tools=(
         FunctionTool(name="get_weather", parameters={"type": "object", "properties": {"city": {"type": "string"}}}),
         FunctionTool(name="add", parameters={"type": "object", "properties": {"a": {"type": "integer"}}})))
-    prepared = lm.engine.runtime.build(request)
+    prepared = lm.engine.runtime.renderer.build(request)
     prompt = prepared.request.prompt
     assert "# Tools" in prompt and '"name": "add"' in prompt and '"name": "get_weather"' in prompt
     assert "structural_tag" in prepared.request.sampling["structured_outputs"]

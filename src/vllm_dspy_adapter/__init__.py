@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
-    AdapterError,
+    VllmDspyAdapterError,
     ConfigurationError,
     LMClosedError,
     NoHealthyReplicaError,
@@ -28,7 +28,8 @@ __all__ = [
     "GenerationOutput",
     "default_model_path",
     "visible_gpu_count",
-    "AdapterError",
+    "VllmDspyAdapterError",
+    "AdapterError",  # deprecated alias of VllmDspyAdapterError
     "ConfigurationError",
     "LMClosedError",
     "NoHealthyReplicaError",
@@ -58,6 +59,10 @@ def visible_gpu_count() -> int:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "AdapterError":  # deprecated: warns, then the same class
+        from . import errors
+
+        return errors.AdapterError
     # The LM classes import DSPy (and, when used, vLLM): load them on first access.
     if name in ("vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"):
         from .lm import offline

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from .errors import AdapterError
+from .errors import VllmDspyAdapterError
 
 __all__ = ["main", "build_parser", "arithmetic_devset"]
 
@@ -158,6 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; engines stopped", file=sys.stderr)
         return 130
-    except (AdapterError, FileNotFoundError) as exc:
+    except (VllmDspyAdapterError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

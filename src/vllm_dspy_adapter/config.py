@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,10 @@ PERFORMANCE_ONLY_ARGS = frozenset({
 # SamplingParams fields the adapter owns: they are set from DSPy's request or
 # by the adapter itself and may not be fixed at construction.
 _ADAPTER_OWNED_SAMPLING = frozenset({"n", "output_kind", "structured_outputs", "guided_decoding"})
+
+
+_TOKENIZERS: dict[tuple, Any] = {}  # (tokenizer, trust_remote_code, revision) -> the loaded tokenizer
+_TOKENIZERS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,19 @@ class ModelSpec:
 
     def load_tokenizer(self):
         """The model's Hugging Face tokenizer, as vLLM loads it (``tokenizer=``,
-        ``trust_remote_code``, ``tokenizer_revision`` honoured)."""
-        from transformers import AutoTokenizer
-
+        ``trust_remote_code``, ``tokenizer_revision``); one per process and model, so the
+        driver renders and an in-process engine counts tokens with the same object."""
         kwargs = self.engine_kwargs
-        return AutoTokenizer.from_pretrained(kwargs.get("tokenizer") or self.model,
-                                             trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
-                                             revision=kwargs.get("tokenizer_revision"))
+        key = (kwargs.get("tokenizer") or self.model, bool(kwargs.get("trust_remote_code", False)),
+               kwargs.get("tokenizer_revision"))
+        with _TOKENIZERS_LOCK:
+            tokenizer = _TOKENIZERS.get(key)
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = _TOKENIZERS[key] = AutoTokenizer.from_pretrained(key[0], trust_remote_code=key[1],
+                                                                              revision=key[2])
+            return tokenizer
 
 
 def _suggest(name: str, choices) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 
 __all__ = [
-    "AdapterError",
+    "VllmDspyAdapterError",
     "ConfigurationError",
     "PromptTooLongError",
     "UnsupportedInputError",
@@ -35,19 +35,19 @@ __all__ = [
 ]
 
 
-class AdapterError(RuntimeError):
-    """Base class of every error the adapter raises."""
+class VllmDspyAdapterError(RuntimeError):
+    """Base class of every error this package raises."""
 
 
-class ConfigurationError(AdapterError, ValueError):
+class ConfigurationError(VllmDspyAdapterError, ValueError):
     """A bad argument, found before any engine process starts. Nothing was started."""
 
 
-class PromptTooLongError(AdapterError, ValueError):
+class PromptTooLongError(VllmDspyAdapterError, ValueError):
     """One prompt does not fit ``max_model_len``. Only that request fails."""
 
 
-class UnsupportedInputError(AdapterError, ValueError):
+class UnsupportedInputError(VllmDspyAdapterError, ValueError):
     """The request asks for something this model or engine cannot do (an image
     for a text-only model, an unknown sampling option). Only that request fails."""
 
@@ -63,30 +63,30 @@ class UnsupportedModalityError(UnsupportedInputError):
         self.modality, self.model, self.where = modality, model, where
 
 
-class ReplicaDeadError(AdapterError):
+class ReplicaDeadError(VllmDspyAdapterError):
     """A replica died (or was declared stalled) while it held this request. The
     pool resubmits the request to a healthy replica; users see it only when no
     replica is left."""
 
 
-class StreamInterruptedError(AdapterError):
+class StreamInterruptedError(VllmDspyAdapterError):
     """A streamed request's replica died after the stream's first tokens were
     delivered. Unlike a whole answer, a stream cannot be replayed elsewhere, so
     the request fails; a stream cut before its first token is resubmitted."""
 
 
-class ReplicaStartError(AdapterError):
+class ReplicaStartError(VllmDspyAdapterError):
     """A replica failed to start (out of memory, bad argument, no such GPU).
     The message names the replica's device. Nothing is left running."""
 
 
-class NoHealthyReplicaError(AdapterError):
+class NoHealthyReplicaError(VllmDspyAdapterError):
     """Every replica of the LM is dead and none could be restarted (for
     ``vLLMOffline``: its one engine died or stalled). Calls fail at once; create
     a new LM (the cause is in the message and the log)."""
 
 
-class LMClosedError(AdapterError):
+class LMClosedError(VllmDspyAdapterError):
     """The LM was shut down (``shutdown()``, the end of a ``with`` block, or the
     interpreter's exit). Requests in flight at that moment fail with it too."""
 
@@ -97,3 +97,14 @@ _CONTEXT_RE = re.compile(r"longer than the maximum model length|maximum context 
 def is_context_length_message(message: str) -> bool:
     """Whether a vLLM validation error is the prompt-too-long one."""
     return bool(_CONTEXT_RE.search(message))
+
+
+def __getattr__(name: str):
+    # The base was called AdapterError, a name DSPy adapters and LoRA adapters make ambiguous.
+    if name == "AdapterError":
+        import warnings
+
+        warnings.warn("vllm_dspy_adapter.AdapterError is deprecated: use VllmDspyAdapterError (the same class).",
+                      DeprecationWarning, stacklevel=2)
+        return VllmDspyAdapterError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,14 +8,17 @@ meet is refused here with a ``ConfigurationError``, before anything starts.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigurationError
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["Placement", "plan_placement", "visible_gpu_count", "cpu_env", "RayNode", "RayPlan",
-           "plan_ray_placement", "free_core_offset", "cores_text", "split_device", "number_shares",
+           "plan_ray_placement", "free_core_offset", "cores_text", "split_device", "number_shares", "replica_share",
            "replica_memory", "gpu_memory_bytes", "DEFAULT_GPU_MEMORY_UTILIZATION"]
 
 # vLLM's own default: the share of a GPU's memory its engines may take, in all.
@@ -109,6 +112,22 @@ def replica_memory(total: float | None, replicas_per_gpu: int, *, gpu_bytes: int
                 f"({model_bytes / 2**30:.1f} GiB), activations (about 1.5 GiB) and a KV cache for one "
                 f"max_model_len sequence ({min_kv_bytes / 2**30:.1f} GiB) need {need / 2**30:.1f} GiB; {fix}.")
     return round(share, 4)
+
+
+def replica_share(model: str | None, total: float | None, replicas_per_gpu: int, engine_kwargs: dict) -> float:
+    """Each replica's gpu_memory_utilization, refused before any start when the model
+    (estimated from its config.json) and one max_model_len sequence would not fit."""
+    from ..models import estimate_memory, resolve_model
+
+    estimate = estimate_memory(resolve_model(model))
+    min_kv = 0
+    if estimate is not None and engine_kwargs.get("max_model_len"):
+        min_kv = estimate[1] * int(engine_kwargs["max_model_len"])
+    share = replica_memory(total, replicas_per_gpu, gpu_bytes=gpu_memory_bytes(),
+                           model_bytes=estimate[0] if estimate else None, min_kv_bytes=min_kv)
+    logger.info("replicas_per_gpu=%d: each replica gets gpu_memory_utilization=%g (%g per GPU in all)",
+                replicas_per_gpu, share, total if total is not None else 0.9)
+    return share
 
 
 def visible_gpu_count() -> int:

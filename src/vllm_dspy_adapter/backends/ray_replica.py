@@ -246,7 +246,7 @@ class RayReplica(ReplicaHandle):
     def _adapter_call(self, op: str, payload, timeout: float) -> None:
         import ray
 
-        from ..errors import AdapterError
+        from ..errors import VllmDspyAdapterError
 
         try:
             ray.get(self._actor.adapter.remote(op, payload), timeout=timeout)
@@ -254,7 +254,7 @@ class RayReplica(ReplicaHandle):
             raise ReplicaDeadError(f"{self.name}: no reply to the adapter {op} within {timeout:g} s") from None
         except ray.exceptions.RayTaskError as exc:  # the engine's own error, raised on the actor
             cause = exc.as_instanceof_cause()
-            raise (cause if isinstance(cause, AdapterError) else ReplicaDeadError(f"{self.name}: {cause}")) from None
+            raise (cause if isinstance(cause, VllmDspyAdapterError) else ReplicaDeadError(f"{self.name}: {cause}")) from None
 
     # -------------------------------------------------------------- lifetime
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from .. import vllm_api
 from ..config import ModelSpec
 from ..errors import (
-    AdapterError,
+    VllmDspyAdapterError,
     ConfigurationError,
     LMClosedError,
     NoHealthyReplicaError,
@@ -31,14 +28,12 @@ from ..errors import (
     UnsupportedModalityError,
 )
 from .dspy_stream import astream_events, stream_events, submit_off_loop
-from .modalities import check_modalities, supported_from_info
+from .modalities import supported_from_info
+from .renderer import Prepared, Renderer
 from ..serving.pool import ReplicaPool
-from ..protocol import Backend, Generation, GenerationRequest, Replica, ReplicaInfo
-from ..chat_template import render_chat
-from .render import config_to_sampling, generation_to_response, request_to_messages
-from .tools import ToolCalling, ToolPlan, choose_parser, with_tool_calls
+from ..protocol import Backend, Replica, ReplicaInfo
 
-__all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "Prepared", "SUPPORTED_PARAMS"]
+__all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "SUPPORTED_PARAMS"]
 
 SUPPORTED_PARAMS = frozenset({
     "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -60,25 +55,16 @@ _LM15_ERRORS = {
 }
 
 
-def to_lm15_error(exc: AdapterError) -> BaseException:
+def to_lm15_error(exc: VllmDspyAdapterError) -> BaseException:
     from dspy import lm15
 
     name = next(name for kind, name in _LM15_ERRORS.items() if isinstance(exc, kind))
     return getattr(lm15, name)(str(exc), provider="vllm")
 
 
-@dataclass
-class Prepared:
-    """A DSPy Request made ready: the engine request, its tool plan (None without
-    tools) and whether the prompt opened a ``<think>`` block."""
-
-    request: GenerationRequest
-    plan: ToolPlan | None = None
-    starts_in_thinking: bool = False
-
-
 class Runtime:
-    """What an LM and all its copies share: the pool, its replicas, the prompt renderer."""
+    """What an LM and all its copies share: the pool, its replicas, the backend that
+    started them, and the ``Renderer`` of the model they serve."""
 
     def __init__(self, spec: ModelSpec, pool: ReplicaPool, backend: Backend, replicas: list[Replica],
                  tool_call_parser: str | None = None):
@@ -87,73 +73,13 @@ class Runtime:
         self.backend = backend
         self.replicas = replicas
         self.info: ReplicaInfo = replicas[0].info
-        self.tokenizer = spec.load_tokenizer()
-        self.label = spec.label()
-        self.model_name = spec.model_name or os.path.basename(os.path.normpath(spec.model)) or spec.model
-        self.modalities = supported_from_info(self.info)
-        self.sampling_fields = vllm_api.sampling_field_names()
+        self.renderer = Renderer(spec, supported_from_info(self.info), tool_call_parser)
+        self.label = self.renderer.label
         self._close_lock = threading.Lock()
-        # The vLLM tool parser (None: native tool calls off), built on first use:
-        # importing vLLM's serving layer takes seconds that a run without tools should not pay.
-        self.tool_parser = choose_parser(tool_call_parser, self.tokenizer, model=self.model_name)
-        self._tool_calling: ToolCalling | None = None
 
     @property
     def closed(self) -> bool:
         return self.pool.closed
-
-    def tool_calling(self) -> ToolCalling:
-        with self._close_lock:
-            if self._tool_calling is None:
-                self._tool_calling = ToolCalling(self.tool_parser, self.tokenizer)
-            return self._tool_calling
-
-    def build(self, request) -> Prepared:
-        """A DSPy Request to an engine request: chat template (with the request's
-        tools), sampling options, images; refused before anything runs when the
-        model cannot take it."""
-        check_modalities(request, self.modalities, model=self.model_name)  # before anything is rendered
-        plan = None
-        if request.tools:
-            if self.tool_parser is None:
-                raise UnsupportedInputError(
-                    f"Native tool calls are off for {self.model_name}: its chat template does not render tools, or "
-                    "no vLLM tool parser reads its format. Pass tool_call_parser=NAME (as for `vllm serve "
-                    "--tool-call-parser`) for a model whose template takes tools, or use dspy.ReAct / "
-                    "ChatAdapter without use_native_function_calling (tools described in text).")
-            plan = self.tool_calling().plan(request.tools, request.config.tool_choice)
-        messages, images = request_to_messages(request)
-        chat_kwargs = dict(self.spec.chat_template_kwargs)
-        reasoning = request.config.reasoning
-        if reasoning is not None and reasoning.is_off:
-            chat_kwargs.setdefault("enable_thinking", False)  # Qwen3's switch; ignored by other templates
-        prompt = render_chat(self.tokenizer, messages, chat_kwargs, tools=plan.tools if plan else None)
-        sampling = {**self.spec.sampling, **config_to_sampling(request.config, allowed=self.sampling_fields),
-                    **(plan.sampling if plan else {})}
-        engine_request = GenerationRequest(prompt=prompt, sampling=sampling, chat=True, images=images)
-        return Prepared(engine_request, plan, starts_in_thinking=prompt.rstrip().endswith("<think>"))
-
-    def prompt_request(self, prompt, sampling: dict[str, Any]) -> GenerationRequest:
-        """A batch_generate prompt: raw text, token ids, or chat messages."""
-        if isinstance(prompt, str):
-            return GenerationRequest(prompt=prompt, sampling=sampling)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return GenerationRequest(prompt=list(prompt["prompt_token_ids"]), sampling=sampling)
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
-            text = render_chat(self.tokenizer, list(prompt), self.spec.chat_template_kwargs)
-            return GenerationRequest(prompt=text, sampling=sampling, chat=True)
-        raise ConfigurationError(
-            f"A batch_generate prompt must be a string, a list of chat messages ({{'role': ..., 'content': ...}}) "
-            f"or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}: {str(prompt)[:80]!r}"
-        )
-
-    def to_response(self, generation: Generation, plan: ToolPlan | None = None, label: str | None = None):
-        response = generation_to_response(generation, model=label or self.label)
-        return with_tool_calls(response, self.tool_calling(), plan) if plan is not None else response
-
-    def parse_tools(self, plan: ToolPlan):
-        """For a stream: the whole answer text to (content, tool calls), as ``to_response`` reads it."""
-        return lambda text: self.tool_calling().parse(text, plan)
 
     # ------------------------------------------------ LoRA (the provider's LoRAHost)
 
@@ -212,7 +138,7 @@ class DSPyEngine:
     def __init__(self, runtime: Runtime, adapter: str | None = None):
         self.runtime = runtime
         # DSPy reads this to choose native tool calls over tools described in text.
-        self.supports_function_calling = runtime.tool_parser is not None
+        self.supports_function_calling = runtime.renderer.tool_parser is not None
         self.adapter = adapter  # a LoRA adapter every request carries (lm.with_adapter), or None
         self.label = runtime.adapter_model(adapter) if adapter is not None else runtime.label
 
@@ -221,22 +147,22 @@ class DSPyEngine:
 
         validate_request(request)
         try:
-            prepared = self.runtime.build(request)
+            prepared = self.runtime.renderer.build(request)
             prepared.request.adapter = self.adapter
             return self.runtime.pool.submit(prepared.request, sink=sink), prepared
-        except AdapterError as exc:
+        except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
 
     def complete(self, request):
         future, prepared = self._submit(request)
         try:
             generation = future.result()
-        except AdapterError as exc:
+        except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
         except BaseException:  # Ctrl-C, a pool shutting down: abort the request, never leave it running
             future.cancel()
             raise
-        return self.runtime.to_response(generation, prepared.plan, self.label)
+        return self.runtime.renderer.to_response(generation, prepared.plan, self.label)
 
     def stream(self, request):
         """Real token streaming: vLLM's DELTA outputs for this request only
@@ -254,9 +180,9 @@ class AsyncDSPyEngine(DSPyEngine):
         future, prepared = await submit_off_loop(self._submit, request)  # rendering off the event loop
         try:
             generation = await asyncio.wrap_future(future)
-        except AdapterError as exc:
+        except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
-        return self.runtime.to_response(generation, prepared.plan, self.label)
+        return self.runtime.renderer.to_response(generation, prepared.plan, self.label)
 
     def stream(self, request):
         """See ``DSPyEngine.stream``; waits on the caller's event loop, no thread per stream."""

@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import AdapterError, LMClosedError
+from ..errors import VllmDspyAdapterError, LMClosedError
 from .stream_channel import StreamChannel, StreamTimeout
 from .stream_events import EventAssembler
 
@@ -50,23 +50,23 @@ def _open(engine, request, future_prepared) -> tuple[StreamChannel, Any, EventAs
 
 
 def _consume(items: list[Any], channel: StreamChannel, prepared, assembler: EventAssembler, runtime,
-             as_lm15: Callable[[AdapterError], BaseException]) -> tuple[list[Any], bool]:
+             as_lm15: Callable[[VllmDspyAdapterError], BaseException]) -> tuple[list[Any], bool]:
     """Events for a batch of channel items; True once the stream has ended."""
     events: list[Any] = []
     for item in items:
         if StreamChannel.is_end(item):
             try:
                 generation = channel.outcome()
-            except AdapterError as exc:
+            except VllmDspyAdapterError as exc:
                 raise as_lm15(exc) from exc
-            parse = runtime.parse_tools(prepared.plan) if prepared.plan is not None else None
+            parse = runtime.renderer.parse_tools(prepared.plan) if prepared.plan is not None else None
             events += assembler.end(generation, parse_tools=parse)
             return events, True
         events += assembler.feed(item.text)
     return events, False
 
 
-def stream_events(engine, request, as_lm15: Callable[[AdapterError], BaseException]):
+def stream_events(engine, request, as_lm15: Callable[[VllmDspyAdapterError], BaseException]):
     """The synchronous stream of one DSPy request (a generator of lm15 events)."""
     channel = StreamChannel()
     submitted = engine._submit(request, sink=channel)
@@ -86,7 +86,7 @@ def stream_events(engine, request, as_lm15: Callable[[AdapterError], BaseExcepti
         submitted[0].cancel()
 
 
-async def astream_events(engine, request, as_lm15: Callable[[AdapterError], BaseException]):
+async def astream_events(engine, request, as_lm15: Callable[[VllmDspyAdapterError], BaseException]):
     """The async stream of one DSPy request: waits on the caller's loop, no thread per stream."""
     channel = StreamChannel()
     submitted = await submit_off_loop(engine._submit, request, channel)  # rendering off the event loop

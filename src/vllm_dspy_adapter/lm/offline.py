@@ -16,6 +16,7 @@ import logging
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import dspy
@@ -26,8 +27,8 @@ from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from ..errors import ConfigurationError, LMClosedError
 from .lora_methods import LoRAMixin
 from ..serving.pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
-from ..protocol import Generation
-from ..serving.routing import SPILL_AT, Router
+from ..protocol import Backend, Generation
+from ..serving.routing import Router
 from .tools import AUTO, check_parser_name
 
 __all__ = ["vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"]
@@ -40,6 +41,16 @@ _DSPY_ARGS = ("temperature", "max_tokens", "cache", "callbacks", "num_retries", 
 GenerationOutput = Generation  # the public name for a full batch_generate result
 
 _LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where an LM's replicas run and how requests are spread over them."""
+
+    backend: Backend
+    router: Router
+    max_restarts: int  # 0: a dead replica stays dead
+    adapter_routing: bool = True  # with enable_lora: AdapterRouter around the routing policy
 
 # atexit runs handlers last-registered-first, and multiprocessing registers one
 # that joins every non-daemon child (our replica workers) forever. Importing it
@@ -104,12 +115,25 @@ class vLLMOffline(LoRAMixin, dspy.LM):
     After a shutdown every call fails with ``LMClosedError``.
     """
 
-    _adapter_routing = True  # with enable_lora: AdapterRouter around the routing policy
-
     def __init__(self, model: str | None = None, *, sampling_params: dict[str, Any] | None = None,
                  chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
                  health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, tool_call_parser: str | None = AUTO,
                  **kwargs: Any):
+        from ..backends import make_backend
+        from ..serving.routing import RoundRobinRouter
+
+        # One engine here, never restarted (a dead in-process engine means a new LM).
+        layout = _Layout(make_backend("inprocess", start_timeout=start_timeout), RoundRobinRouter(), max_restarts=0)
+        self._open(model, layout, sampling_params=sampling_params, chat_template_kwargs=chat_template_kwargs,
+                   start_timeout=start_timeout, health_timeout=health_timeout, tool_call_parser=tool_call_parser,
+                   **kwargs)
+
+    def _open(self, model: str | None, layout: _Layout, *, sampling_params: dict[str, Any] | None = None,
+              chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
+              health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, tool_call_parser: str | None = AUTO,
+              **kwargs: Any) -> None:
+        """The one construction path of both classes: check every argument, start the
+        layout's replicas, then become a ``dspy.LM`` over them."""
         from ..models import resolve_model
 
         dspy_kwargs, engine_kwargs = _split_kwargs(dict(kwargs))
@@ -127,7 +151,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         name = None if model is not None else _default_name(path)
         spec = ModelSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
                          chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name)
-        runtime = self._start(spec, start_timeout=start_timeout, health_timeout=health_timeout)
+        runtime = self._start(spec, layout, health_timeout=health_timeout)
         _LIVE.add(runtime)
         self._runtime = runtime
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
@@ -136,18 +160,10 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         super().__init__(model=runtime.label, engine=DSPyEngine(runtime), async_engine=AsyncDSPyEngine(runtime),
                          provider=LoRAProvider(runtime), **dspy_kwargs)
 
-    def _layout(self, start_timeout: float | None):
-        """(backend, router, max_restarts): one engine here, never restarted."""
-        from ..backends import make_backend
-        from ..serving.routing import RoundRobinRouter
-
-        return make_backend("inprocess", start_timeout=start_timeout), RoundRobinRouter(), 0
-
-    def _start(self, spec: ModelSpec, *, start_timeout: float | None, health_timeout: float | None) -> Runtime:
-        """The one start path of both classes: the backend starts every replica
-        (all ready, or none left running), the pool takes them."""
-        backend, router, max_restarts = self._layout(start_timeout)
-        if spec.max_lora_rank is not None and self._adapter_routing and not isinstance(router, AdapterRouter):
+    def _start(self, spec: ModelSpec, layout: _Layout, *, health_timeout: float | None) -> Runtime:
+        """The backend starts every replica (all ready, or none left running), the pool takes them."""
+        backend, router, max_restarts = layout.backend, layout.router, layout.max_restarts
+        if spec.max_lora_rank is not None and layout.adapter_routing and not isinstance(router, AdapterRouter):
             router = AdapterRouter(router, max_loras=int(spec.engine_kwargs.get("max_loras") or 1))
         try:
             pool = ReplicaPool.start(backend, spec, router, max_restarts=max_restarts, health_timeout=health_timeout)
@@ -198,7 +214,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         else:
             per_request = _per_prompt_sampling(per_prompt, merged, len(prompts))
         # Refuse bad input before submitting any: nothing runs half-done.
-        requests = [runtime.prompt_request(p, s) for p, s in zip(prompts, per_request)]
+        requests = [runtime.renderer.prompt_request(p, s) for p, s in zip(prompts, per_request)]
         adapter = adapter if adapter is not None else self.adapter
         if adapter is not None:
             runtime.pool.adapters.get(adapter)  # not loaded: ConfigurationError before any request
@@ -350,6 +366,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
                  adapter_routing: bool = True,
                  **kwargs: Any):
         from ..backends import BACKENDS, make_backend
+        from ..backends.placement import replica_share
         from ..serving.routing import make_router
 
         if backend not in BACKENDS:
@@ -358,47 +375,25 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         total_memory = kwargs.get("gpu_memory_utilization")
         # Placement is decided (and refused) here, before any engine starts.
-        self._backend = make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
-                                     num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout,
-                                     placement_timeout=placement_timeout, replicas_per_gpu=replicas_per_gpu)
-        self._router = make_router(routing)
-        self._max_restarts = max_restarts
-        self._adapter_routing = bool(adapter_routing)
+        layout = _Layout(make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                                      num_replicas=num_replicas, ray_address=ray_address,
+                                      start_timeout=start_timeout, placement_timeout=placement_timeout,
+                                      replicas_per_gpu=replicas_per_gpu),
+                         make_router(routing), max_restarts=max_restarts, adapter_routing=bool(adapter_routing))
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         try:
             if replicas_per_gpu > 1:
-                kwargs["gpu_memory_utilization"] = _replica_share(model, total_memory, replicas_per_gpu, kwargs)
-            super().__init__(model, start_timeout=start_timeout, **kwargs)
+                kwargs["gpu_memory_utilization"] = replica_share(model, total_memory, replicas_per_gpu, kwargs)
+            self._open(model, layout, start_timeout=start_timeout, **kwargs)
         except BaseException:
-            self._backend.shutdown()  # a Ray connection made for us
+            layout.backend.shutdown()  # a Ray connection made for us
             raise
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
                                 "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
                                 "backend": backend, "ray_address": ray_address, "max_restarts": max_restarts,
                                 "replicas_per_gpu": replicas_per_gpu, "gpu_memory_utilization": total_memory})
 
-    def _layout(self, start_timeout: float | None):
-        return self._backend, self._router, self._max_restarts
-
     @property
     def num_replicas(self) -> int:
         return len(self._runtime.replicas)
-
-
-def _replica_share(model: str | None, total: float | None, replicas_per_gpu: int, engine_kwargs: dict) -> float:
-    """Each replica's gpu_memory_utilization, refused before any start when the model
-    (estimated from its config.json) and one max_model_len sequence would not fit."""
-    from ..models import estimate_memory, resolve_model
-    from ..backends.placement import gpu_memory_bytes, replica_memory
-
-    estimate = estimate_memory(resolve_model(model))
-    min_kv = 0
-    if estimate is not None and engine_kwargs.get("max_model_len"):
-        min_kv = estimate[1] * int(engine_kwargs["max_model_len"])
-    share = replica_memory(total, replicas_per_gpu, gpu_bytes=gpu_memory_bytes(),
-                           model_bytes=estimate[0] if estimate else None, min_kv_bytes=min_kv)
-    logger.info("replicas_per_gpu=%d: each replica gets gpu_memory_utilization=%g (%g per GPU in all); a GPU's "
-                "next replica takes requests once the ones before hold %d in flight", replicas_per_gpu, share,
-                total if total is not None else 0.9, SPILL_AT)
-    return share
