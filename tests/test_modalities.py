@@ -10,6 +10,7 @@ from dspy.lm15 import Message, Request, TextPart, ToolResultPart
 
 from vllm_dspy_adapter.errors import UnsupportedInputError, UnsupportedModalityError
 from vllm_dspy_adapter.lm.modalities import check_modalities, request_modalities, supported_from_info
+from vllm_dspy_adapter.protocol import ReplicaInfo
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
 WAV = base64.b64encode(b"RIFF" + b"\0" * 40).decode()
@@ -57,9 +58,10 @@ def test_images_pass_for_a_vision_model_and_inside_tool_results():
 
 
 def test_engine_info_without_a_modality_list_means_images_for_multimodal_models():
-    assert supported_from_info({"is_multimodal": False}) == ()
-    assert supported_from_info({"is_multimodal": True}) == ("image",)
-    assert supported_from_info({"is_multimodal": True, "modalities": ["audio", "image"]}) == ("audio", "image")
+    assert supported_from_info(ReplicaInfo(max_model_len=8, is_multimodal=False)) == ()
+    assert supported_from_info(ReplicaInfo(max_model_len=8, is_multimodal=True)) == ("image",)
+    assert supported_from_info(ReplicaInfo(max_model_len=8, is_multimodal=True,
+                                           modalities=("audio", "image"))) == ("audio", "image")
 
 
 def test_the_error_pickles_across_processes():

@@ -147,7 +147,7 @@ def test_missing_gguf_names_pip_commands(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
-def test_prepare_once_builds_once_under_concurrency(tmp_path):
+def test_prepare_folder_builds_once_under_concurrency(tmp_path):
     calls = []
 
     def build(out: Path) -> None:
@@ -157,51 +157,51 @@ def test_prepare_once_builds_once_under_concurrency(tmp_path):
 
     target = tmp_path / "model"
     results = []
-    threads = [threading.Thread(target=lambda: results.append(models._prepare_once(target, build, what="t")))
+    threads = [threading.Thread(target=lambda: results.append(models.prepare_folder(target, build, what="t")))
                for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert results == [target] * 4
+    assert results == [str(target)] * 4
     assert (target / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
 
 
-def test_prepare_once_failure_leaves_nothing(tmp_path):
+def test_prepare_folder_failure_leaves_nothing(tmp_path):
     def build(out: Path) -> None:
         (out / "partial").write_text("x")
         raise RuntimeError("boom")
 
     target = tmp_path / "model"
     with pytest.raises(RuntimeError, match="boom"):
-        models._prepare_once(target, build, what="t")
+        models.prepare_folder(target, build, what="t")
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == [".model.lock"]
 
 
-def test_prepare_once_removes_stale_temporary_folders(tmp_path):
+def test_prepare_folder_removes_stale_temporary_folders(tmp_path):
     stale = tmp_path / ".model.tmp-killed"
     stale.mkdir()
     (stale / "half-written").write_text("x")
-    models._prepare_once(tmp_path / "model", lambda out: None, what="t")
+    models.prepare_folder(tmp_path / "model", lambda out: None, what="t", required=())
     assert not stale.exists()
     assert (tmp_path / "model").is_dir()
 
 
-def test_prepare_once_refuses_foreign_folder(tmp_path):
+def test_prepare_folder_refuses_foreign_folder(tmp_path):
     target = tmp_path / "model"
     target.mkdir()
     (target / "weights.bin").write_text("someone else's")
     with pytest.raises(FileExistsError, match="not prepared by vllm-dspy-adapter"):
-        models._prepare_once(target, lambda out: None, what="t")
+        models.prepare_folder(target, lambda out: None, what="t", required=())
     assert (target / "weights.bin").exists()
 
 
-def test_prepare_once_logs_one_time_message(tmp_path, caplog):
+def test_prepare_folder_logs_one_time_message(tmp_path, caplog):
     caplog.set_level("INFO", logger=models.__name__)
-    models._prepare_once(tmp_path / "m", lambda out: None, what="thing")
+    models.prepare_folder(tmp_path / "m", lambda out: None, what="thing", required=())
     assert any("preparing thing" in r.getMessage() and "(one time)" in r.getMessage()
                for r in caplog.records)
 

@@ -104,6 +104,31 @@ def prepare_default_model(cache_dir: str | None = None) -> str:
                              what="default model " + DEFAULT_MODEL_NAME))
 
 
+def prepare_folder(target: str | os.PathLike, build: Callable[[Path], None], *, what: str,
+                   required: tuple[str, ...] = ("config.json",)) -> str:
+    """Build a model folder once, as the default model is built: ``build(tmp)`` writes it
+    into a temporary folder (transformers' progress bars off) that becomes ``target`` only
+    when it holds every ``required`` file, under a file lock, so a crash leaves nothing
+    half-written and concurrent callers build once. Returns ``target``; a folder already
+    complete is returned at once. For other folders of the same kind (the benchmarks'
+    Qwen3-shaped folders with dummy weights)."""
+    target = Path(target).expanduser().resolve()
+    if _is_complete(target):
+        return str(target)
+
+    def checked_build(out: Path) -> None:
+        with _quiet_transformers():
+            build(out)
+        _check_folder(out, required)
+
+    return str(_prepare_once(target, checked_build, what=what))
+
+
+def is_prepared(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a complete folder made by ``prepare_folder`` (or the default model's)."""
+    return _is_complete(Path(folder).expanduser())
+
+
 # --------------------------------------------------------------------------- #
 # resolve_model helpers
 # --------------------------------------------------------------------------- #

@@ -174,7 +174,9 @@ class Engine:
         try:
             if self.async_llm is None or not self.alive:
                 raise ReplicaDeadError(f"{self.name}: engine is dead: {self._dead or 'EngineCore died'}")
-            prompt, params = self._prepare(request, streamed=sink is not None)
+            prompt, params = to_vllm_inputs(request, self.tokenize, model=self.spec.model,
+                                            max_model_len=self.max_model_len, model_defaults=self.model_defaults,
+                                            is_multimodal=self.is_multimodal, streamed=sink is not None)
             lora = self._lora_for(request)
         except BaseException as exc:
             failed: concurrent.futures.Future = concurrent.futures.Future()
@@ -251,11 +253,6 @@ class Engine:
                 await asyncio.sleep(PROBE_S)
         except Exception:  # the engine died: the watchdog reports it
             logger.debug("%s: probe stopped", self.name, exc_info=True)
-
-    def _prepare(self, request: GenerationRequest, streamed: bool = False):
-        return to_vllm_inputs(request, self.tokenize, model=self.spec.model, max_model_len=self.max_model_len,
-                              model_defaults=self.model_defaults, is_multimodal=self.is_multimodal,
-                              streamed=streamed)
 
     async def _generate(self, prompt, params, request_id: str, stream=None, lora=None) -> Generation:
         task = asyncio.current_task()

@@ -13,9 +13,9 @@ error that names the modality and the model; the LM keeps serving.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
 from ..errors import UnsupportedModalityError
+from ..protocol import ReplicaInfo
 
 __all__ = ["HANDLED", "check_modalities", "request_modalities", "supported_from_info"]
 
@@ -27,14 +27,12 @@ _MEDIA = ("image", "audio", "video")
 HANDLED = frozenset({"image"})
 
 
-def supported_from_info(info: Any) -> tuple[str, ...]:
-    """The modalities a replica's ``ReplicaInfo`` reports (or a dict of the same
-    fields); without a list, a multimodal model is taken to take images."""
-    get = info.get if isinstance(info, dict) else (lambda name, default=None: getattr(info, name, default))
-    modalities = get("modalities")
-    if modalities is not None:
-        return tuple(modalities)
-    return ("image",) if get("is_multimodal") else ()
+def supported_from_info(info: ReplicaInfo) -> tuple[str, ...]:
+    """The modalities a replica's ``ReplicaInfo`` reports; without a list, a multimodal
+    model is taken to take images."""
+    if info.modalities is not None:
+        return tuple(info.modalities)
+    return ("image",) if info.is_multimodal else ()
 
 
 def request_modalities(request) -> list[tuple[str, str]]:

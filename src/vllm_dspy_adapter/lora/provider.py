@@ -83,7 +83,12 @@ class LoRATrainingJob(TrainingJob):
             return TrainingStatus.failed if isinstance(result, BaseException) else TrainingStatus.succeeded
         return self._training_status
 
-    def _on_step(self, step: int, total: int, loss: float) -> None:
+    def should_stop(self) -> bool:
+        """Polled by the training loop between two steps: True once ``cancel()`` was called."""
+        return self._stop.is_set()
+
+    def on_step(self, step: int, total: int, loss: float) -> None:
+        """Called by the training loop after each step."""
         self.progress = (step, total, loss)
 
 
@@ -140,15 +145,15 @@ class LoRAProvider(Provider):
                                      f"the LM with max_lora_rank={config.rank}.")
         name = adapter_kwargs.get("adapter_name") or _default_name(host.base_model_path, train_data, kwargs)
         path = adapter_kwargs.get("output_dir") or default_adapter_dir(name)
-        stop = getattr(job, "_stop", None)
-        if isinstance(job, LoRATrainingJob):
-            job._training_status = TrainingStatus.running
+        ours = job if isinstance(job, LoRATrainingJob) else None  # DSPy's plain TrainingJob has no hooks
+        if ours is not None:
+            ours._training_status = TrainingStatus.running
         logger.info("LoRA fine-tuning %r on %d examples into %s", name, len(train_data), path)
         try:
             result = train_lora(host.base_model_path, train_data, path, config,
                                 chat_template_kwargs=host.chat_template_kwargs,
-                                should_stop=stop.is_set if stop is not None else None,
-                                on_step=getattr(job, "_on_step", None))
+                                should_stop=ours.should_stop if ours is not None else None,
+                                on_step=ours.on_step if ours is not None else None)
         except BaseException:
             if isinstance(job, LoRATrainingJob) and job._training_status == TrainingStatus.running:
                 job._training_status = TrainingStatus.failed  # a cancel keeps "cancelled"
