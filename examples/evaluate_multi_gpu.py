@@ -10,22 +10,12 @@ so the same file runs in CI. The model is the embedded default
 
 import argparse
 import os
-import random
 import time
 
 import dspy
 
-from vllm_dspy_adapter import vLLMOfflineMultiGPU
-from vllm_dspy_adapter import visible_gpu_count
-
-
-def arithmetic_devset(n: int, seed: int = 0) -> list[dspy.Example]:
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(n):
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        examples.append(dspy.Example(question=f"What is {a} + {b}?", answer=str(a + b)).with_inputs("question"))
-    return examples
+from vllm_dspy_adapter import vLLMOfflineMultiGPU, visible_gpu_count
+from vllm_dspy_adapter.cli import arithmetic_devset  # "What is a + b?" questions with known answers
 
 
 def answer_match(example, prediction, trace=None) -> bool:

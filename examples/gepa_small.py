@@ -14,22 +14,12 @@ a 135M model will not improve much, the point is the plumbing.
 
 import argparse
 import os
-import random
 import time
 
 import dspy
 
-from vllm_dspy_adapter import vLLMOfflineMultiGPU
-from vllm_dspy_adapter import visible_gpu_count
-
-
-def arithmetic(n: int, seed: int) -> list[dspy.Example]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(1, 20), rng.randint(1, 20)
-        out.append(dspy.Example(question=f"What is {a} + {b}?", answer=str(a + b)).with_inputs("question"))
-    return out
+from vllm_dspy_adapter import vLLMOfflineMultiGPU, visible_gpu_count
+from vllm_dspy_adapter.cli import arithmetic_devset as arithmetic  # "What is a + b?" with known answers
 
 
 def metric_with_feedback(gold, pred, trace=None, pred_name=None, pred_trace=None):

@@ -50,3 +50,18 @@ def default_model():
     from vllm_dspy_adapter.models import resolve_model
 
     return resolve_model(None)
+
+
+def assert_streams_in_pieces(lm):
+    """A streamed request on a replica outside this process (worker process, Ray actor):
+    pieces arrive, and they add up to the whole-answer path's answer."""
+    from dspy.lm15 import Config, Message, Request
+
+    engine = lm.engine
+    request = Request(model="m", messages=(Message.user("Count from one to twenty in words."),),
+                      config=Config(max_tokens=32, temperature=0.0))
+    events = list(engine.stream(request))
+    pieces = [e.delta.text for e in events if e.type == "delta" and e.delta.type == "text"]
+    assert events[0].type == "start" and events[-1].type == "end"
+    assert len(pieces) >= 3, pieces
+    assert "".join(pieces) == engine.complete(request).text

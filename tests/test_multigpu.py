@@ -10,7 +10,7 @@ import time
 import dspy
 import pytest
 
-from conftest import ENGINE_KWARGS, ROOT, engine_children, prompts, wait_for
+from conftest import ENGINE_KWARGS, ROOT, assert_streams_in_pieces, engine_children, prompts, wait_for
 from vllm_dspy_adapter import ConfigurationError, LMClosedError, NoHealthyReplicaError, vLLMOfflineMultiGPU
 
 pytestmark = pytest.mark.engine
@@ -133,16 +133,7 @@ def test_idle_replica_whose_engine_dies_comes_back_without_a_request(lm):
 def test_streams_arrive_in_pieces_from_a_worker_process(lm):
     """A streamed request on a replica in a worker process: pieces over the pipe,
     the same answer as the whole-answer path."""
-    from dspy.lm15 import Config, Message, Request
-
-    engine = lm.engine
-    request = Request(model="m", messages=(Message.user("Count from one to twenty in words."),),
-                      config=Config(max_tokens=32, temperature=0.0))
-    events = list(engine.stream(request))
-    pieces = [e.delta.text for e in events if e.type == "delta" and e.delta.type == "text"]
-    assert events[0].type == "start" and events[-1].type == "end"
-    assert len(pieces) >= 3, pieces
-    assert "".join(pieces) == engine.complete(request).text
+    assert_streams_in_pieces(lm)
 
 
 def test_stats_show_every_replica(lm):

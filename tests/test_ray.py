@@ -13,7 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from conftest import ENGINE_KWARGS, prompts, wait_for  # noqa: E402
+from conftest import ENGINE_KWARGS, assert_streams_in_pieces, prompts, wait_for  # noqa: E402
 from vllm_dspy_adapter import ConfigurationError, vLLMOfflineMultiGPU  # noqa: E402
 from vllm_dspy_adapter.backends.placement import RayNode, free_core_offset, plan_ray_placement  # noqa: E402
 
@@ -165,16 +165,7 @@ def test_one_replica_per_node_and_evaluate_uses_both(lm, cluster):
 def test_streams_arrive_in_pieces_from_a_ray_actor(lm):
     """A streamed request on a Ray replica: pieces polled from the actor,
     the same answer as the whole-answer path."""
-    from dspy.lm15 import Config, Message, Request
-
-    engine = lm.engine
-    request = Request(model="m", messages=(Message.user("Count from one to twenty in words."),),
-                      config=Config(max_tokens=32, temperature=0.0))
-    events = list(engine.stream(request))
-    pieces = [e.delta.text for e in events if e.type == "delta" and e.delta.type == "text"]
-    assert events[0].type == "start" and events[-1].type == "end"
-    assert len(pieces) >= 3, pieces
-    assert "".join(pieces) == engine.complete(request).text
+    assert_streams_in_pieces(lm)
 
 
 @pytest.mark.engine

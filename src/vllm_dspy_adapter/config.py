@@ -60,7 +60,7 @@ class ModelSpec:
         """The model string DSPy caches under: the model and every setting that
         changes outputs, hashed so that two LMs differing in any of them never
         share cache entries."""
-        name = self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
+        name = self.display_name
         identity = {
             "model": self.model if self.model_name is None else self.model_name,
             "engine": {k: v for k, v in sorted(self.engine_kwargs.items()) if k not in PERFORMANCE_ONLY_ARGS},
@@ -69,6 +69,11 @@ class ModelSpec:
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:10]
         return f"vllm/{name}@{digest}"
+
+    @property
+    def display_name(self) -> str:
+        """The model's short name for labels and messages: ``model_name``, else the path's basename."""
+        return self.model_name or os.path.basename(os.path.normpath(self.model)) or self.model
 
     @property
     def max_lora_rank(self) -> int | None:

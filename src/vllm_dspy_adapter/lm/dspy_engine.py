@@ -28,6 +28,7 @@ from ..errors import (
     UnsupportedModalityError,
 )
 from .dspy_stream import astream_events, stream_events, submit_off_loop
+from .render import SUPPORTED_PARAMS
 from .modalities import supported_from_info
 from .renderer import Prepared, Renderer
 from ..serving.pool import ReplicaPool
@@ -35,10 +36,6 @@ from ..protocol import Backend, Replica, ReplicaInfo
 
 __all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "SUPPORTED_PARAMS"]
 
-SUPPORTED_PARAMS = frozenset({
-    "temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "logprobs", "top_logprobs", "response_format", "n",
-})
 
 # Our errors as the lm15 errors DSPy maps to its public ones. None of them is a
 # lm15 ServerError: DSPy would retry those with back-off, and a dead or closed

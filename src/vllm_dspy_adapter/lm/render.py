@@ -103,6 +103,13 @@ def request_to_messages(request) -> tuple[list[dict[str, Any]], list[Any]]:
     return messages, images
 
 
+# lm15 Config fields that are SamplingParams fields of the same name and meaning.
+SAME_NAMED = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty")
+# Every Config field a request may set (the engine's supported_params): those, stop, logprobs and
+# response_format (converted below), and n, top_logprobs (which DSPy itself handles around the call).
+SUPPORTED_PARAMS = frozenset({*SAME_NAMED, "stop", "logprobs", "top_logprobs", "response_format", "n"})
+
+
 def config_to_sampling(config, *, allowed: frozenset[str] | set[str] | None = None) -> dict[str, Any]:
     """``Request.config`` (an lm15 ``Config``) to ``SamplingParams`` keyword arguments.
 
@@ -112,7 +119,7 @@ def config_to_sampling(config, *, allowed: frozenset[str] | set[str] | None = No
     that DSPy forwards in ``Config.extensions`` are accepted when they are in it.
     """
     out: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty"):
+    for name in SAME_NAMED:
         value = getattr(config, name)
         if value is not None:
             out[name] = value

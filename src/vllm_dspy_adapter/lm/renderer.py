@@ -6,7 +6,6 @@ modalities it takes. Pure with respect to serving: no pool, no replica, no lifet
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ class Renderer:
         self.spec = spec
         self.tokenizer = spec.load_tokenizer()  # the driver's one tokenizer (cached per process)
         self.label = spec.label()
-        self.model_name = spec.model_name or os.path.basename(os.path.normpath(spec.model)) or spec.model
+        self.model_name = spec.display_name
         self.modalities = modalities
         self.sampling_fields = vllm_api.sampling_field_names()
         self._lock = threading.Lock()
