@@ -401,7 +401,7 @@ def test_ensure_wheel_says_when_the_index_is_unreachable(monkeypatch, tmp_path):
         return subprocess.CompletedProcess(command, 1, "", "WARNING: Retrying ... NewConnectionError(...)\n"
                                                             "ERROR: No matching distribution found for vllm==0.26.0")
 
-    monkeypatch.setattr(vllm_check.subprocess, "run", offline_pip)
+    monkeypatch.setattr(vllm_check.sources.subprocess, "run", offline_pip)
     with pytest.raises(vllm_check.WheelUnavailable, match="could not reach the package index") as info:
         vllm_check.ensure_wheel(vllm_api.SUPPORTED[0], tmp_path)
     assert info.value.offline
