@@ -168,3 +168,17 @@ def test_a_restarted_process_replica_gets_the_adapter_again():
     finally:
         for replica in pool.replicas:
             replica.shutdown(timeout=2)
+
+
+def test_an_answer_of_another_model_is_never_handed_back():
+    # Defence in depth for issue 22: a replica whose engine ran a request with another
+    # adapter than the one asked (or the base) has its answer dropped, with a clear error.
+    pool, replicas = make_pool(1)
+    pool.load_adapter(ADAPTER)
+    [future] = submit(pool, adapter="tone")
+    replica = replicas[0]
+    (request_id, request), = replica.requests.items()
+    replica.requests.clear()
+    replica.reply_from(replica.incarnation, request_id, GenerationRequest(prompt=request.prompt))  # the base ran it
+    with pytest.raises(ConfigurationError, match="ran a request for adapter 'tone' with None"):
+        future.result(timeout=5)

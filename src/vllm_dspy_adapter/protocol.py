@@ -72,6 +72,7 @@ class Generation:
     logprobs: list[TokenLogprobData] | None = None
     replica: int = 0
     request_id: str = ""
+    adapter: str | None = None  # the LoRA adapter the engine ran it with (its name); None: the base model
 
 
 # ------------------------------------------------------------------ the contracts

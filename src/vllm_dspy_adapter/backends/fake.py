@@ -20,7 +20,7 @@ def echo(request: GenerationRequest, request_id: str) -> Generation:
     """The fake's answer: ``echo:<prompt>``."""
     text = request.prompt if isinstance(request.prompt, str) else " ".join(map(str, request.prompt))
     return Generation(text=f"echo:{text}", finish_reason="stop", num_prompt_tokens=len(text.split()),
-                      num_output_tokens=1, request_id=request_id)
+                      num_output_tokens=1, request_id=request_id, adapter=request.adapter)
 
 
 class FakeReplica(ReplicaHandle):

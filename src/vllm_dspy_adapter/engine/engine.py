@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import threading
@@ -79,6 +80,7 @@ class Engine:
         self._in_flight = 0
         self._peak_unfinished = 0
         self._peak_in_flight = 0
+        self._served: dict[str, int] = {}  # requests finished, by the model that ran them ("base" or an adapter)
         self._totals = {"requests": 0, "failed": 0, "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
         self._dead: BaseException | None = None
         self._closing = False
@@ -90,7 +92,7 @@ class Engine:
         self.on_cpu = False
         self.async_llm = None  # the vLLM AsyncLLM, once started
         self._unfinished = 0
-        self._loras: dict[str, Any] = {}  # adapter name -> vLLM LoRARequest, loaded in this engine
+        self._loras: dict[str, _Loaded] = {}  # adapter name -> its id and vLLM LoRARequest, loaded here
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
         self._thread.start()
@@ -178,6 +180,7 @@ class Engine:
                                             max_model_len=self.max_model_len, model_defaults=self.model_defaults,
                                             is_multimodal=self.is_multimodal, streamed=sink is not None)
             lora = self._lora_for(request)
+            adapter = request.adapter if lora is not None else None
         except BaseException as exc:
             failed: concurrent.futures.Future = concurrent.futures.Future()
             failed.set_exception(exc)
@@ -186,7 +189,8 @@ class Engine:
             self._in_flight += 1
             self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
             self._held.add(request_id)
-        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, sink, lora), self._loop)
+        return asyncio.run_coroutine_threadsafe(self._generate(prompt, params, request_id, sink, lora, adapter),
+                                                self._loop)
 
     def cancel(self, request_id: str) -> None:
         """The caller gave up on ``request_id``: stop it (thread-safe, returns at once).
@@ -254,7 +258,10 @@ class Engine:
         except Exception:  # the engine died: the watchdog reports it
             logger.debug("%s: probe stopped", self.name, exc_info=True)
 
-    async def _generate(self, prompt, params, request_id: str, stream=None, lora=None) -> Generation:
+    async def _generate(self, prompt, params, request_id: str, stream=None, lora=None,
+                        adapter: str | None = None) -> Generation:
+        """One request on the loop. ``lora`` is vLLM's request for ``adapter`` (its name), the
+        adapter the engine runs it with, which the ``Generation`` records."""
         task = asyncio.current_task()
         self._tasks[request_id] = task
         final = None
@@ -320,6 +327,7 @@ class Engine:
             raise ReplicaDeadError(f"{self.name}: request {request_id} did not finish: {why}")
         generation = deltas.generation(request_id) if deltas is not None and deltas.count else (
             to_generation(final, request_id))
+        generation.adapter = adapter  # what vLLM ran it with (the pool refuses an answer of another model)
         self._count(generation=generation)
         return generation
 
@@ -332,6 +340,8 @@ class Engine:
             self._totals["prompt_tokens"] += generation.num_prompt_tokens
             self._totals["output_tokens"] += generation.num_output_tokens
             self._totals["cached_tokens"] += generation.num_cached_tokens
+            served = generation.adapter or "base"
+            self._served[served] = self._served.get(served, 0) + 1
 
     # ------------------------------------------------------------ LoRA adapters
 
@@ -342,7 +352,7 @@ class Engine:
         if lora is None:  # never send vLLM an adapter it did not accept: a bad one kills its engine core
             raise UnsupportedInputError(f"{self.name}: adapter {request.adapter!r} is not loaded here "
                                         f"(loaded: {sorted(self._loras) or 'none'}); use lm.load_adapter first.")
-        return lora
+        return lora.request
 
     async def _add_lora(self, adapter) -> None:
         lora = vllm_api.make_lora_request(adapter.name, adapter.lora_id, adapter.path)
@@ -352,9 +362,9 @@ class Engine:
             raise ConfigurationError(f"{self.name}: vLLM refused adapter {adapter.name!r} ({adapter.path}): "
                                      f"{exc}") from None
         old = self._loras.get(adapter.name)
-        self._loras[adapter.name] = lora
-        if old is not None and old.lora_int_id != lora.lora_int_id:
-            await vllm_api.remove_lora(self.async_llm, old.lora_int_id)
+        self._loras[adapter.name] = _Loaded(adapter.lora_id, lora)
+        if old is not None and old.lora_id != adapter.lora_id:
+            await vllm_api.remove_lora(self.async_llm, old.lora_id)
 
     def add_adapter(self, adapter, timeout: float = 120.0) -> None:
         """Load a checked ``lora.AdapterSpec`` into this engine (replacing one of the
@@ -362,9 +372,9 @@ class Engine:
         asyncio.run_coroutine_threadsafe(self._add_lora(adapter), self._loop).result(timeout=timeout)
 
     def remove_adapter(self, name: str, timeout: float = 60.0) -> None:
-        lora = self._loras.pop(name, None)
-        if lora is not None:
-            asyncio.run_coroutine_threadsafe(vllm_api.remove_lora(self.async_llm, lora.lora_int_id),
+        loaded = self._loras.pop(name, None)
+        if loaded is not None:
+            asyncio.run_coroutine_threadsafe(vllm_api.remove_lora(self.async_llm, loaded.lora_id),
                                              self._loop).result(timeout)
 
     def adapter_names(self) -> list[str]:
@@ -373,12 +383,14 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             totals = dict(self._totals)
+            served = dict(self._served)
             in_flight = self._in_flight
         hit_rate = totals["cached_tokens"] / totals["prompt_tokens"] if totals["prompt_tokens"] else None
         return {**totals, "in_flight": in_flight, "peak_in_flight": self._peak_in_flight,
                 "peak_unfinished": self._peak_unfinished, "unfinished": self._unfinished,
                 "cancelled": self.cancelled, "engine_ticks": self.ticks,
-                "prefix_cache_hit_rate": hit_rate, "alive": self.alive, "adapters": self.adapter_names()}
+                "prefix_cache_hit_rate": hit_rate, "alive": self.alive, "adapters": self.adapter_names(),
+                "served_by": served}
 
     # ---------------------------------------------------------------- lifetime
 
@@ -459,6 +471,14 @@ class Engine:
                 logger.debug("%s: cancelling the loop's tasks failed", self.name, exc_info=True)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """An adapter loaded in this engine: our id for it and the vLLM request that names it."""
+
+    lora_id: int
+    request: Any
 
 
 async def _cancel_other_tasks() -> None:

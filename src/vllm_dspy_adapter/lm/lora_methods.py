@@ -55,6 +55,20 @@ class LoRAMixin:
         """The adapter this LM's requests carry; None for the base model."""
         return self.engine.adapter
 
+    @property
+    def _cache_responses(self) -> bool:
+        """DSPy's switch for its response cache (read by ``dspy.clients.execution.prepare``
+        on every call, before the cache lookup that runs before any engine). Off while
+        this LM's adapter is not loaded (unloaded, or not loaded in this process:
+        DSPy's disk cache outlives it) and after shutdown, so that such a call reaches
+        the engine, which refuses it, instead of being answered from the cache under
+        the adapter's label."""
+        runtime = self._runtime
+        if runtime.closed:
+            return False
+        adapter = self.adapter
+        return adapter is None or adapter in runtime.pool.adapters
+
     def copy(self, **kwargs: Any):
         """``dspy.LM.copy``; ``model=`` may name an adapter's label (what ``with_adapter``
         and DSPy's ``lm.finetune`` pass): the copy then serves that adapter."""

@@ -204,5 +204,5 @@ def generation_to_response(generation: Generation, *, model: str, reasoning: boo
         finish_reason=to_finish_reason(generation.finish_reason),
         usage=usage,
         logprobs=logprobs,
-        provider_data={"replica": generation.replica},
+        provider_data={"replica": generation.replica, "adapter": generation.adapter},
     )

@@ -124,7 +124,7 @@ class EventAssembler:
         if calls and finish == "stop":
             finish = "tool_call"
         out.append(StreamEndEvent(finish_reason=finish, usage=usage,
-                                  provider_data={"replica": generation.replica}))
+                                  provider_data={"replica": generation.replica, "adapter": generation.adapter}))
         return out
 
     def next_part_index(self) -> int:

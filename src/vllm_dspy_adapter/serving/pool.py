@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
+from ..errors import ConfigurationError, LMClosedError, NoHealthyReplicaError, ReplicaDeadError, StreamInterruptedError
 from ..lora.registry import AdapterRegistry, AdapterSpec
 from ..config import ModelSpec
 from ..protocol import Backend, Generation, GenerationRequest, Replica
@@ -158,7 +158,10 @@ class ReplicaPool:
         try:
             self._route(job)
         except Exception as exc:  # noqa: BLE001 - the caller gets it through the future
-            logger.exception("routing a request failed")
+            if isinstance(exc, (ConfigurationError, NoHealthyReplicaError, LMClosedError)):
+                logger.debug("request refused: %s", exc)  # the caller's answer, not a fault of ours
+            else:
+                logger.exception("routing a request failed")
             _settle(job.future, error=exc)
 
     def _route(self, job: _Job) -> None:
@@ -304,6 +307,11 @@ class ReplicaPool:
         if exc is None:
             generation: Generation = inner.result()
             generation.replica = index
+            if generation.adapter != job.request.adapter:  # never hand back another model's answer
+                _settle(job.future, error=ConfigurationError(
+                    f"{self.replicas[index].name} ran a request for adapter {job.request.adapter!r} with "
+                    f"{generation.adapter!r}; its answer was dropped."))
+                return
             _settle(job.future, result=generation)
         elif not isinstance(exc, ReplicaDeadError):
             _settle(job.future, error=exc)  # the request's own fault: no other replica would do better

@@ -1,0 +1,273 @@
+"""Issue 22: an LM made by ``with_adapter(name)`` answers nothing once ``name`` is unloaded.
+
+The scenario of the issue on real CPU replicas of the default model: two
+replicas (worker processes), ``enable_lora=True``, two random rank-8 PEFT
+adapters written here (``acc-ft`` stays loaded, ``acc-b`` is unloaded), and
+DSPy's response cache ON (DSPy's default; here in a temporary folder, so the
+test neither reads nor fills ``~/.dspy_cache``).
+
+The root cause the issue hit: DSPy's ``execute()`` looks a call up in its
+response cache *before* it reaches our engine, under the LM's ``model``, which
+for an adapter LM is the adapter's label (``<base>+lora:acc-b@<digest>``). That
+label stays the same after the unload (and in a later process: DSPy's disk cache
+outlives it), so every call the adapter answered once is answered again from
+the cache: no request reaches a replica and nothing refuses. A Predict on the
+ChatAdapter whose output was cut at ``max_tokens`` shows it as "two LM calls
+that ended at max_tokens" (the ChatAdapter's and the JSONAdapter fallback's,
+both cache hits). ``test_*_asked_before_the_unload`` tests fail on the code of
+the issue; ``test_*_fresh`` tests pin down that a new question was already
+refused.
+
+Every refusal must also happen before any replica sees the request (replica
+counters unchanged), and every Generation and DSPy response must say which
+adapter served it (``test_every_generation_and_response_records_the_adapter``
+fails until ``Generation`` has an ``adapter`` field).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+
+import dspy
+import pytest
+
+from conftest import ENGINE_KWARGS
+
+pytestmark = pytest.mark.engine
+
+UNLOADED, KEPT = "acc-b", "acc-ft"
+REFUSED = f"No adapter named '{UNLOADED}' is loaded"
+MAX_TOKENS = 16
+
+
+def write_adapter(model_dir: str, out_dir: str, *, seed: int, rank: int = 8, scale: float = 0.1) -> str:
+    """A PEFT-format LoRA for ``model_dir``'s shapes with random A and B, large enough
+    (``scale``) that its greedy answers differ from the base model's."""
+    import torch
+    from safetensors.torch import save_file
+
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        config = json.load(fh)
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
+              "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, (fan_in, fan_out) in shapes.items():
+            part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator).mul_(scale).bfloat16()
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator).mul_(scale).bfloat16()
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
+                   "target_modules": list(shapes), "task_type": "CAUSAL_LM",
+                   "base_model_name_or_path": model_dir}, fh)
+    return out_dir
+
+
+def _served(lm) -> list[tuple[int, int, int]]:
+    """Per replica: requests routed to it, answered by its engine, failed there."""
+    return [(s["routed"], s.get("requests", 0), s.get("failed", 0)) for s in lm.stats()]
+
+
+# ---------------------------------------------------------------------------- the paths
+
+class SecretWord(dspy.Signature):
+    """Answer the question."""
+
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+def _predict(tuned, text, *, adapter=None, module="Predict", **config):
+    settings = {"lm": tuned}
+    if adapter is not None:
+        settings["adapter"] = adapter()
+    with dspy.context(**settings):
+        return getattr(dspy, module)(SecretWord, **config)(question=text)
+
+
+async def _apredict(tuned, text):
+    with dspy.context(lm=tuned):
+        return await dspy.Predict(SecretWord).acall(question=text)
+
+
+def _paths():
+    """name -> call(lm, tuned, text): every way a program reaches the adapter's LM."""
+    return {
+        "plain call": lambda lm, tuned, text: tuned(messages=[{"role": "user", "content": text}]),
+        "plain call n=2": lambda lm, tuned, text: tuned(text, n=2, temperature=0.7),
+        "acall": lambda lm, tuned, text: asyncio.run(tuned.acall(text)),
+        "forward": lambda lm, tuned, text: tuned.forward(messages=[{"role": "user", "content": text}]),
+        "copy(temperature=)": lambda lm, tuned, text: tuned.copy(temperature=0.3)(text),
+        "Predict ChatAdapter": lambda lm, tuned, text: _predict(tuned, text, adapter=dspy.ChatAdapter),
+        "Predict JSONAdapter": lambda lm, tuned, text: _predict(tuned, text, adapter=dspy.JSONAdapter),
+        "Predict default adapter": lambda lm, tuned, text: _predict(tuned, text),
+        "Predict n=2": lambda lm, tuned, text: _predict(tuned, text, n=2),
+        "ChainOfThought": lambda lm, tuned, text: _predict(tuned, text, module="ChainOfThought"),
+        "Predict.acall": lambda lm, tuned, text: asyncio.run(_apredict(tuned, text)),
+        "batch_generate(adapter=)": lambda lm, tuned, text: lm.batch_generate(
+            [[{"role": "user", "content": text}]], adapter=UNLOADED, max_tokens=MAX_TOKENS, progress=False),
+        "tuned.batch_generate": lambda lm, tuned, text: tuned.batch_generate(
+            [[{"role": "user", "content": text}]], max_tokens=MAX_TOKENS, progress=False),
+    }
+
+
+PATHS = ["plain call", "plain call n=2", "acall", "forward", "copy(temperature=)", "Predict ChatAdapter",
+         "Predict JSONAdapter", "Predict default adapter", "Predict n=2", "ChainOfThought", "Predict.acall",
+         "batch_generate(adapter=)", "tuned.batch_generate"]
+
+
+def _question(path: str, salt: str) -> str:
+    return f"After the unload, the secret word? [{path}] ({salt})"
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def dspy_cache(tmp_path_factory):
+    """DSPy's response cache on (memory and disk), in a folder of this test only."""
+    old = dspy.cache
+    dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=True,
+                         disk_cache_dir=str(tmp_path_factory.mktemp("dspy-cache")))
+    yield dspy.cache
+    dspy.cache = old
+
+
+@pytest.fixture(scope="module")
+def scenario(default_model, tmp_path_factory, dspy_cache):
+    """The issue's steps 1-2: load, answer through every path, unload. Yields
+    (lm, tuned LM of the unloaded adapter, salt, what each path answered before)."""
+    from dspy.utils.exceptions import AdapterParseError
+
+    from vllm_dspy_adapter import vLLMOfflineMultiGPU
+
+    lm = vLLMOfflineMultiGPU(num_replicas=2, enable_lora=True, max_loras=1, max_lora_rank=8, temperature=0.0,
+                             max_tokens=MAX_TOKENS, **ENGINE_KWARGS)  # cache: DSPy's default (on)
+    try:
+        folder = tmp_path_factory.mktemp("adapters")
+        lm.load_adapter(KEPT, write_adapter(default_model, str(folder / KEPT), seed=1))
+        tuned = lm.load_adapter(UNLOADED, write_adapter(default_model, str(folder / UNLOADED), seed=2))
+        assert tuned.adapter == UNLOADED and tuned.model != lm.model
+        salt = uuid.uuid4().hex[:8]
+        # Step 1: the adapter answers, and not as the base model does.
+        probe = f"Say one word. ({salt})"
+        assert tuned(probe)[0] != lm(probe)[0], "the adapter answers as the base model: its weights did not apply"
+        # While it is loaded, every path answers once (and DSPy caches what the LM calls return).
+        before = {}
+        for name, call in _paths().items():
+            try:
+                before[name] = call(lm, tuned, _question(name, salt))
+            except AdapterParseError as exc:  # the adapter's noise cut at max_tokens: the LM calls did answer
+                before[name] = exc
+        # Step 2: unload; listed nowhere.
+        lm.unload_adapter(UNLOADED)
+        assert [a["name"] for a in lm.adapters()] == [KEPT]
+        assert all(UNLOADED not in s["adapters"] and KEPT in s["adapters"] for s in lm.stats()), lm.stats()
+        yield lm, tuned, salt, before
+    finally:
+        lm.shutdown()
+
+
+def _assert_refused(lm, call, what: str) -> None:
+    """``call()`` fails with the unload refusal, and no replica saw the request."""
+    served = _served(lm)
+    try:
+        out = call()
+    except Exception as exc:  # noqa: BLE001 - checked below
+        where = " (no request reached a replica: an answer from DSPy's response cache)" if _served(lm) == served else ""
+        assert REFUSED in str(exc), (f"{what}: failed, but not with the unload refusal{where}: "
+                                     f"{type(exc).__name__}: {str(exc)[:300]}")
+        assert _served(lm) == served, f"{what}: the refused request reached a replica: {served} -> {_served(lm)}"
+        return
+    after = _served(lm)
+    where = ("no request reached a replica: DSPy's response cache answered" if after == served
+             else f"replicas (routed, served, failed) {served} -> {after}")
+    raise AssertionError(f"{what}: answered after {UNLOADED!r} was unloaded ({where}): {str(out)[:200]!r}")
+
+
+# ---------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_refuses_a_question_asked_before_the_unload(scenario, path):
+    """The issue's step 4: what the adapter answered once must not come back (from
+    DSPy's cache, under the adapter's label) once the adapter is unloaded."""
+    lm, tuned, salt, _ = scenario
+    _assert_refused(lm, lambda: _paths()[path](lm, tuned, _question(path, salt)), f"{path} (asked before)")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_every_path_refuses_a_fresh_question(scenario, path):
+    lm, tuned, _, _ = scenario
+    _assert_refused(lm, lambda: _paths()[path](lm, tuned, _question(path, uuid.uuid4().hex)), f"{path} (fresh)")
+
+
+def test_the_issue_scenario_predict_after_unload(scenario):
+    """Step 4 verbatim: Predict(SecretWord) under dspy.context(lm=tuned) on the
+    question it answered while the adapter was loaded: refused, and no LM call is
+    recorded as answered."""
+    lm, tuned, salt, _ = scenario
+    text = _question("Predict default adapter", salt)
+    answered = len(tuned.history)
+    _assert_refused(lm, lambda: _predict(tuned, text), "Predict(SecretWord)")
+    assert len(tuned.history) == answered, [h.get("outputs") for h in tuned.history[answered:]]
+
+
+def test_the_kept_adapter_and_the_base_still_answer(scenario):
+    lm, _, salt, _ = scenario
+    kept = lm.with_adapter(KEPT).copy(cache=False)
+    served = sum(r[1] for r in _served(lm))
+    assert kept(f"Say one word. ({salt}-kept)")[0]
+    assert lm.copy(cache=False)(f"Say one word. ({salt}-base)")[0]
+    assert sum(r[1] for r in _served(lm)) == served + 2
+
+
+def test_every_generation_and_response_records_the_adapter_that_served_it(scenario):
+    """Expected to fail until ``Generation`` has an ``adapter`` field (what the
+    engine applied) and DSPy responses carry it in ``provider_data``: today nothing
+    records which model answered, so a request answered by another model than the
+    one asked for cannot be told from a right one."""
+    from vllm_dspy_adapter.protocol import Generation
+
+    lm, _, salt, _ = scenario
+    fields = getattr(Generation, "__dataclass_fields__", {})
+    assert "adapter" in fields, ("Generation has no 'adapter' field: which adapter served a request is not "
+                                 f"recorded (fields: {sorted(fields)})")
+    kept_out = lm.batch_generate([f"one ({salt})", f"two ({salt})"], adapter=KEPT, return_outputs=True,
+                                 progress=False, max_tokens=4)
+    base_out = lm.batch_generate([f"three ({salt})"], return_outputs=True, progress=False, max_tokens=4)
+    assert [g.adapter for g in kept_out] == [KEPT, KEPT]
+    assert [g.adapter for g in base_out] == [None]
+
+    kept = lm.with_adapter(KEPT).copy(cache=False)
+    kept(f"Say one word. ({salt}-record)")
+    base = lm.copy(cache=False)
+    base(f"Say one word. ({salt}-record-base)")
+    for llm, expected in ((kept, KEPT), (base, None)):
+        responses = llm.history[-1]["response"]
+        responses = responses if isinstance(responses, (list, tuple)) else [responses]
+        data = [getattr(r, "provider_data", None) or {} for r in responses]
+        assert all("adapter" in d for d in data), f"responses' provider_data do not say which adapter served: {data}"
+        assert [d["adapter"] for d in data] == [expected] * len(data), data
+
+
+def test_a_shut_down_lm_answers_nothing_from_the_cache(scenario):
+    """Last (it shuts the module's LM down): after shutdown() every call fails with
+    LMClosedError (vLLMOffline's docstring), a call DSPy has cached too."""
+    lm, _, salt, _ = scenario
+    base = lm.copy()
+    text = f"Say one word. ({salt}-closed)"
+    base(text)  # cached under the base label
+    lm.shutdown()
+    with pytest.raises(Exception, match="shut down"):
+        base(text)
