@@ -24,8 +24,9 @@ import time
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def write_random_adapter(model_dir: str, out_dir: str, rank: int, seed: int) -> str:
-    """A PEFT-format LoRA for ``model_dir``'s shapes, with random A and B."""
+def write_random_adapter(model_dir: str, out_dir: str, rank: int, seed: int, scale: float = 0.01) -> str:
+    """A PEFT-format LoRA for ``model_dir``'s shapes, with random A and B of standard
+    deviation ``scale`` (0.1 makes a small model's greedy answers differ from the base's)."""
     import torch
     from safetensors.torch import save_file
 
@@ -42,8 +43,8 @@ def write_random_adapter(model_dir: str, out_dir: str, rank: int, seed: int) -> 
         for name, (fan_in, fan_out) in shapes.items():
             part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             key = f"base_model.model.model.layers.{layer}.{part}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator).mul_(0.01).bfloat16()
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator).mul_(0.01).bfloat16()
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator).mul_(scale).bfloat16()
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator).mul_(scale).bfloat16()
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:

@@ -27,8 +27,6 @@ fails until ``Generation`` has an ``adapter`` field).
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import uuid
 
 import dspy
@@ -46,33 +44,9 @@ MAX_TOKENS = 16
 def write_adapter(model_dir: str, out_dir: str, *, seed: int, rank: int = 8, scale: float = 0.1) -> str:
     """A PEFT-format LoRA for ``model_dir``'s shapes with random A and B, large enough
     (``scale``) that its greedy answers differ from the base model's."""
-    import torch
-    from safetensors.torch import save_file
+    from benchmarks.lora_bench import write_random_adapter
 
-    with open(os.path.join(model_dir, "config.json")) as fh:
-        config = json.load(fh)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or hidden // heads
-    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv * head_dim),
-              "v_proj": (hidden, kv * head_dim), "o_proj": (heads * head_dim, hidden),
-              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(config["num_hidden_layers"]):
-        for name, (fan_in, fan_out) in shapes.items():
-            part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            key = f"base_model.model.model.layers.{layer}.{part}.{name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator).mul_(scale).bfloat16()
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator).mul_(scale).bfloat16()
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
-        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0, "bias": "none",
-                   "target_modules": list(shapes), "task_type": "CAUSAL_LM",
-                   "base_model_name_or_path": model_dir}, fh)
-    return out_dir
+    return write_random_adapter(model_dir, out_dir, rank=rank, seed=seed, scale=scale)
 
 
 def _served(lm) -> list[tuple[int, int, int]]:
