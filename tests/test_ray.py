@@ -192,6 +192,25 @@ def engine_processes(entry):
 
 
 @pytest.mark.engine
+def test_an_acall_timed_out_is_aborted_in_the_ray_actors_engine(lm):
+    import asyncio
+    import uuid
+
+    def total(key):
+        return sum(int(s.get(key) or 0) for s in lm.stats())
+
+    before = total("cancelled")
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(lm.acall(f"Write a very long story. {uuid.uuid4().hex}", max_tokens=1500), 1.5)
+
+    asyncio.run(main())
+    assert wait_for(lambda: total("unfinished") == 0 and total("in_flight") == 0, 10, interval=0.2), lm.stats()
+    assert total("cancelled") == before + 1
+
+
+@pytest.mark.engine
 def test_dead_engine_is_replaced_on_its_node_and_loses_no_result(lm, caplog):
     victim = replica(lm, 0)
     node_id, old = victim["node_id"], engine_processes(victim)
