@@ -138,7 +138,7 @@ def test_heuristic_scan_catches_the_old_call_without_a_table(supported_wheels, t
     sources = [_wheel(supported_wheels, r) for r in vllm_api.SUPPORTED]
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "replica.py").write_text("def peak(llm):\n    return llm.get_num_unfinished_requests()\n")
-    flags = vllm_check.scan(tmp_path / "old", sources, optional=())
+    flags = vllm_check.scan(tmp_path / "old", sources)  # the default table: AVOIDED names are flagged
     assert [f.name for f in flags] == ["get_num_unfinished_requests"]
     assert flags[0].absent == ("vllm 0.26.0",) and flags[0].where == ("old/replica.py:2",)
 

@@ -12,7 +12,8 @@ below touch: modules, classes, functions, methods and attributes, the fields of
 keyword arguments it passes (``Class.method(keyword)``). ``vllm_check`` reads each supported
 release's own Python sources (its wheel, no install) and fails, naming the release and the
 name, when one is missing; ``python -m vllm_dspy_adapter doctor`` runs the same check on the
-installed vLLM. ``DIFFERENCES`` says where the releases differ and which path each takes.
+installed vLLM. ``DIFFERENCES`` says where the releases differ and which path each takes;
+``AVOIDED`` lists names the adapter must not use because some supported release lacks them.
 
 Where releases differ, the path is chosen from ``vllm.__version__`` (``release()``), never by
 probing for attributes, so the table below is the whole truth.
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "SUPPORTED", "MIN_VERSION", "USED", "DIFFERENCES", "Release", "Difference", "release", "installed_version",
+    "SUPPORTED", "MIN_VERSION", "USED", "DIFFERENCES", "AVOIDED", "Release", "Difference", "release",
+    "installed_version",
     "engine_arg_names", "sampling_field_names", "make_sampling_params", "make_lora_request", "start_async_llm",
     "EngineFacts", "model_modalities", "has", "check_sampling_params", "OPTIONAL", "generate", "abort", "is_sleeping", "errored",
     "add_lora", "remove_lora", "shutdown", "output_handler", "is_engine_dead", "tool_parser_names",
@@ -124,13 +126,18 @@ DIFFERENCES: tuple[Difference, ...] = (
         "vllm.parser.response_template.validate_tokenizer_response_template", "0.32.0",
         "tool_call_parser='auto' first asks the tokenizer's response_template metadata",
         "'auto' decides from the tool-call markers the chat template writes"),
+)
+# Names the adapter uses only where present (checked per release against `since`).
+OPTIONAL = frozenset(d.name for d in DIFFERENCES)
+
+# Names the adapter never uses because not every supported release has them; vllm_check's scan
+# flags a use of any of them (main once called the first one, and every request failed on 0.26).
+AVOIDED: tuple[Difference, ...] = (
     Difference(
         f"{_LLM}.get_num_unfinished_requests", "0.29.0",
         "not used: stats()['peak_unfinished'] is counted by the adapter in every release",
         "the same: the adapter's own count (from the request's hand-off to vLLM to its last output)"),
 )
-# Names the adapter uses only where present (checked per release against `since`).
-OPTIONAL = frozenset(d.name for d in DIFFERENCES)
 
 
 def installed_version() -> str | None:
