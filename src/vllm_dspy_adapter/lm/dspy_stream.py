@@ -1,9 +1,9 @@
 """DSPy 3.4's ``Engine.stream`` / ``AsyncEngine.stream`` over the pool: real token streaming.
 
-A streamed request carries a ``streams.StreamChannel`` to its replica, which runs
+A streamed request carries a ``stream_channel.StreamChannel`` to its replica, which runs
 it with vLLM's DELTA outputs and puts each new piece of text on the channel (an
 in-process engine directly; a worker process in per-step batches over its pipe).
-Here the pieces become lm15 stream events (``streams.EventAssembler``): one start
+Here the pieces become lm15 stream events (``stream_events.EventAssembler``): one start
 event at once, thinking and text deltas as they are decoded, one end event with
 finish reason and usage. DSPy's stream guard, ``dspy.streamify`` and its
 ``StreamListener``s read them as they would a hosted provider's stream.

@@ -8,7 +8,7 @@ chat template with the generation prompt), so the adapter is trained on exactly
 the token sequence it will be served; the loss covers only the answer and the
 template's end-of-turn tokens.
 
-Nothing here knows about vLLM; ``finetune.py`` wraps it for DSPy and loads the
+Nothing here knows about vLLM; ``provider.py`` wraps it for DSPy and loads the
 result into the running replicas. Heavy libraries (torch, transformers, peft)
 are imported inside the functions.
 """

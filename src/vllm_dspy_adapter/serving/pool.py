@@ -13,7 +13,7 @@ replica deaths and stalls.
   tick of its engine or a reply) is declared dead: killed, its requests
   resubmitted, restarted like a crashed one.
 - Several replicas on one GPU (devices ``cuda:0#0``, ``cuda:0#1``, ...): the
-  router chooses among ``open_replicas`` (router.py) only, so a GPU's next replica
+  router chooses among ``open_replicas`` (routing.py) only, so a GPU's next replica
   takes requests once its first holds ``spill_at`` in flight.
 - After ``close()`` every call fails with ``LMClosedError``.
 - LoRA adapters (``load_adapter``): loaded on every live replica or on none; a
