@@ -31,6 +31,7 @@ __all__ = [
     "StreamInterruptedError",
     "NoHealthyReplicaError",
     "LMClosedError",
+    "TrainingStepError",
     "is_context_length_message",
 ]
 
@@ -92,6 +93,12 @@ class LMClosedError(VllmDspyAdapterError):
 
 
 _CONTEXT_RE = re.compile(r"longer than the maximum model length|maximum context length|exceeds the max", re.I)
+
+
+class TrainingStepError(VllmDspyAdapterError):
+    """One training step failed (out of memory, a non-finite loss or weights). The
+    trainer is back at its state before the step and the adapter version served
+    before it keeps serving; the job can take the next step."""
 
 
 def is_context_length_message(message: str) -> bool:

@@ -34,7 +34,7 @@ from .renderer import Prepared, Renderer
 from ..serving.pool import ReplicaPool
 from ..protocol import Backend, Replica, ReplicaInfo
 
-__all__ = ["DSPyEngine", "AsyncDSPyEngine", "Runtime", "SUPPORTED_PARAMS"]
+__all__ = ["AdapterBinding", "DSPyEngine", "AsyncDSPyEngine", "Runtime", "SUPPORTED_PARAMS"]
 
 
 # Our errors as the lm15 errors DSPy maps to its public ones. None of them is a
@@ -102,6 +102,24 @@ class Runtime:
         self.pool.load_adapter(adapter, timeout=timeout)
         return adapter
 
+    def retire_adapter(self, name: str, timeout: float = 60.0) -> bool:
+        """Unload adapter ``name`` once no request holds it (``ReplicaPool.retire_adapter``)."""
+        return self.pool.retire_adapter(name, timeout=timeout)
+
+    def trainer_placement(self):
+        """Where the replicas run and what they hold, for the GRPO trainer's placement
+        (``lora.trainer_device``)."""
+        from ..backends.placement import gpu_memory_bytes, visible_gpu_count
+        from ..lora.trainer_device import ServingPlacement
+        from ..models import estimate_memory
+
+        gpus = visible_gpu_count()
+        estimate = estimate_memory(self.spec.model)
+        return ServingPlacement(replica_devices=tuple(r.device for r in self.replicas), gpu_count=gpus,
+                                gpu_memory_utilization=self.spec.engine_kwargs.get("gpu_memory_utilization"),
+                                model_bytes=estimate[0] if estimate else None,
+                                gpu_bytes=gpu_memory_bytes() if gpus else None)
+
     def adapter_model(self, name: str) -> str:
         """The model label of an LM serving adapter ``name`` (what ``lm.copy(model=...)`` takes)."""
         return self.pool.adapters.get(name).label(self.label)
@@ -123,6 +141,22 @@ class Runtime:
         self.backend.shutdown()
 
 
+class AdapterBinding:
+    """The adapter an LM's engines put on each request, and its label, as one value.
+
+    The sync and async engine of an LM (and every shallow ``copy`` of it, which shares
+    them) hold the same binding, so ``switch`` moves all their requests to another
+    adapter in one assignment: a request reads the pair once, just before it is
+    submitted, and runs and is labelled with that pair (``dspy.GRPO`` updates the
+    student LM in place, see ``lm.switch_adapter``)."""
+
+    def __init__(self, adapter: str | None, label: str):
+        self.current: tuple[str | None, str] = (adapter, label)
+
+    def switch(self, adapter: str | None, label: str) -> None:
+        self.current = (adapter, label)
+
+
 class DSPyEngine:
     """DSPy's synchronous engine over a runtime. Called from every DSPy thread at
     once: each call becomes one request of the running replicas and waits for it."""
@@ -132,12 +166,21 @@ class DSPyEngine:
     supports_function_calling = False
     supported_params = SUPPORTED_PARAMS
 
-    def __init__(self, runtime: Runtime, adapter: str | None = None):
+    def __init__(self, runtime: Runtime, adapter: str | None = None, binding: AdapterBinding | None = None):
         self.runtime = runtime
         # DSPy reads this to choose native tool calls over tools described in text.
         self.supports_function_calling = runtime.renderer.tool_parser is not None
-        self.adapter = adapter  # a LoRA adapter every request carries (lm.with_adapter), or None
-        self.label = runtime.adapter_model(adapter) if adapter is not None else runtime.label
+        # The LoRA adapter every request carries (lm.with_adapter), or None; shared with the LM's other engine.
+        self.binding = binding or AdapterBinding(
+            adapter, runtime.adapter_model(adapter) if adapter is not None else runtime.label)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.binding.current[0]
+
+    @property
+    def label(self) -> str:
+        return self.binding.current[1]
 
     def _submit(self, request, sink=None) -> tuple[concurrent.futures.Future, Prepared]:
         from dspy.clients.engines.base import validate_request
@@ -145,7 +188,7 @@ class DSPyEngine:
         validate_request(request)
         try:
             prepared = self.runtime.renderer.build(request)
-            prepared.request.adapter = self.adapter
+            prepared.request.adapter, prepared.label = self.binding.current  # once, just before submitting
             return self.runtime.pool.submit(prepared.request, sink=sink), prepared
         except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
@@ -159,7 +202,7 @@ class DSPyEngine:
         except BaseException:  # Ctrl-C, a pool shutting down: abort the request, never leave it running
             future.cancel()
             raise
-        return self.runtime.renderer.to_response(generation, prepared.plan, self.label)
+        return self.runtime.renderer.to_response(generation, prepared.plan, prepared.label)
 
     def stream(self, request):
         """Real token streaming: vLLM's DELTA outputs for this request only
@@ -179,7 +222,7 @@ class AsyncDSPyEngine(DSPyEngine):
             generation = await asyncio.wrap_future(future)
         except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
-        return self.runtime.renderer.to_response(generation, prepared.plan, self.label)
+        return self.runtime.renderer.to_response(generation, prepared.plan, prepared.label)
 
     def stream(self, request):
         """See ``DSPyEngine.stream``; waits on the caller's event loop, no thread per stream."""

@@ -44,7 +44,7 @@ def _settle(channel: StreamChannel, future: concurrent.futures.Future) -> None:
 def _open(engine, request, future_prepared) -> tuple[StreamChannel, Any, EventAssembler]:
     channel, (future, prepared) = future_prepared
     future.add_done_callback(lambda f: _settle(channel, f))
-    assembler = EventAssembler(model=engine.label, starts_in_thinking=prepared.starts_in_thinking,
+    assembler = EventAssembler(model=prepared.label or engine.label, starts_in_thinking=prepared.starts_in_thinking,
                                hold_text=prepared.plan is not None)
     return channel, prepared, assembler
 

@@ -50,6 +50,19 @@ class LoRAMixin:
         runtime = self._runtime
         return self.copy(model=runtime.label if name is None else runtime.adapter_model(name))
 
+    def switch_adapter(self, name: str | None) -> None:
+        """Move this LM's requests to adapter ``name`` (None: the base model) in place: this
+        LM and every copy sharing its engines (``lm.copy(temperature=...)``, not
+        ``with_adapter``) send each request from now on with it, and ``model`` becomes its
+        label. A request already submitted finishes with the adapter it was sent with.
+        This is how a ``dspy.GRPO`` run's student LM follows each new adapter version
+        (DSPy's GRPO updates the student's LM in place). ``ConfigurationError`` if
+        ``name`` is not loaded."""
+        runtime = self._runtime
+        label = runtime.label if name is None else runtime.adapter_model(name)
+        self.engine.binding.switch(name, label)
+        self.model = label
+
     @property
     def adapter(self) -> str | None:
         """The adapter this LM's requests carry; None for the base model."""
@@ -64,7 +77,7 @@ class LoRAMixin:
         the engine, which refuses it, instead of being answered from the cache under
         the adapter's label."""
         runtime = self._runtime
-        if runtime.closed:
+        if runtime.closed or self.model != self.engine.label:  # a copy whose engines switched adapter under it
             return False
         adapter = self.adapter
         return adapter is None or adapter in runtime.pool.adapters
@@ -80,6 +93,7 @@ class LoRAMixin:
                 raise ConfigurationError(
                     f"{type(self).__name__}.copy(model={model!r}): the model of a running LM cannot change. "
                     f"Use the base model's label {runtime.label!r} or a loaded adapter's (lm.adapters()).")
-            kwargs["engine"] = DSPyEngine(runtime, name)
-            kwargs["async_engine"] = AsyncDSPyEngine(runtime, name)
+            engine = DSPyEngine(runtime, name)
+            kwargs["engine"] = engine
+            kwargs["async_engine"] = AsyncDSPyEngine(runtime, binding=engine.binding)
         return super().copy(**kwargs)

@@ -157,7 +157,8 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
         from ..lora.provider import LoRAProvider
 
-        super().__init__(model=runtime.label, engine=DSPyEngine(runtime), async_engine=AsyncDSPyEngine(runtime),
+        engine = DSPyEngine(runtime)
+        super().__init__(model=runtime.label, engine=engine, async_engine=AsyncDSPyEngine(runtime, binding=engine.binding),
                          provider=LoRAProvider(runtime), **dspy_kwargs)
 
     def _start(self, spec: ModelSpec, layout: _Layout, *, health_timeout: float | None) -> Runtime:

@@ -30,6 +30,7 @@ class Prepared:
     request: GenerationRequest
     plan: ToolPlan | None = None
     starts_in_thinking: bool = False
+    label: str = ""  # the model label of the adapter the request was sent with (DSPyEngine._submit)
 
 
 class Renderer:

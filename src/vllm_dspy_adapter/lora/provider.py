@@ -34,6 +34,7 @@ from dspy.clients.provider import Provider, TrainingJob
 from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from ..errors import ConfigurationError
+from .reinforce import GRPOJob
 from .training import LoRATrainConfig, train_lora
 
 __all__ = ["LoRAHost", "LoRAProvider", "LoRATrainingJob", "default_adapter_dir"]
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 _ADAPTER_KEYS = ("adapter_name", "output_dir")
 
 
-class LoRAHost(Protocol):
+class LoRAHost(Protocol):  # with ReinforceHost's methods too when the LM serves dspy.GRPO
     """What the provider needs from the LM that serves the adapter."""
 
     base_model_path: str  # the local folder the engines loaded
@@ -111,6 +112,8 @@ class LoRAProvider(Provider):
         super().__init__()
         self.finetunable = True
         self.TrainingJob = LoRATrainingJob
+        self.reinforceable = True  # lm.reinforce / dspy.GRPO (reinforce.py)
+        self.ReinforceJob = GRPOJob.bound(host)
         self._host = host
 
     @staticmethod
@@ -133,7 +136,7 @@ class LoRAProvider(Provider):
         fmt = train_data_format.value if isinstance(train_data_format, TrainDataFormat) else train_data_format
         if fmt not in (None, TrainDataFormat.CHAT.value):
             raise ConfigurationError(f"LoRA fine-tuning takes chat data (TrainDataFormat.CHAT); got {fmt!r}. "
-                                     "dspy.GRPO and reinforce() are not supported by this provider.")
+                                     "dspy.GRPO's data goes through lm.reinforce(), not lm.finetune().")
         config = LoRATrainConfig.from_kwargs(kwargs)
         # Every refusal happens before any training step is spent.
         if host.max_lora_rank is None:

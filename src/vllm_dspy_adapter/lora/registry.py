@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigurationError
 
-__all__ = ["AdapterSpec", "read_adapter", "AdapterRegistry", "LORA_ENGINE_ARGS"]
+__all__ = ["AdapterSpec", "check_adapter_name", "read_adapter", "AdapterRegistry", "LORA_ENGINE_ARGS"]
 
 # vLLM engine arguments about LoRA: they set capacity, not what the base model answers.
 LORA_ENGINE_ARGS = frozenset({"enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "fully_sharded_loras",
@@ -46,15 +46,21 @@ class AdapterSpec:
         return f"{base_label}+lora:{self.name}@{self.digest[:10]}"
 
 
+def check_adapter_name(name: str) -> str:
+    """``ConfigurationError`` unless ``name`` is a valid adapter name."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigurationError(f"Adapter name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
+                                 "(at most 100 characters, starting with a letter or digit).")
+    return name
+
+
 def read_adapter(name: str, path: str, *, max_lora_rank: int | None, lora_id: int = 1) -> AdapterSpec:
     """Check a PEFT adapter folder against the LM's limits; raise ``ConfigurationError``
     naming the problem and the fix."""
     if max_lora_rank is None:
         raise ConfigurationError("This LM was built without LoRA support: construct it with enable_lora=True "
                                  "(and max_lora_rank >= your adapters' rank, max_loras = adapters served at once).")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigurationError(f"Adapter name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
-                                 "(at most 100 characters, starting with a letter or digit).")
+    check_adapter_name(name)
     path = os.path.abspath(os.path.expanduser(str(path)))
     config_file = os.path.join(path, "adapter_config.json")
     if not os.path.isdir(path):

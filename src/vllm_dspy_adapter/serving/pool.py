@@ -90,6 +90,8 @@ class ReplicaPool:
         self._closed = threading.Event()
         self.adapters = AdapterRegistry()
         self._adapter_lock = threading.Lock()  # one load or unload at a time
+        self._adapter_users: dict[str, int] = {}  # requests not yet answered, by adapter (retire_adapter)
+        self._users_changed = threading.Condition(self._lock)
         if health_timeout is not None:
             threading.Thread(target=self._watch_stalls, name="pool-stall-check", daemon=True).start()
 
@@ -135,6 +137,7 @@ class ReplicaPool:
         cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
         job = _Job(request, concurrent.futures.Future(), cost, stream=sink)
         job.future.add_done_callback(lambda f: self._caller_gave_up(job) if f.cancelled() else None)
+        self._hold_adapter(job)
         self._dispatch(job)
         return job.future
 
@@ -204,6 +207,50 @@ class ReplicaPool:
 
     # ---------------------------------------------------------------- adapters
 
+    def _hold_adapter(self, job: _Job) -> None:
+        """Count the request as a user of its adapter until its future is done, so that
+        ``retire_adapter`` unloads the adapter only when no request holds it. Checked and
+        counted under the lock ``retire_adapter`` takes: a request either holds the adapter
+        before it is retired, or finds it gone and fails fast in ``_route``."""
+        name = job.request.adapter
+        if name is None:
+            return
+        with self._lock:
+            if name not in self.adapters:
+                return
+            self._adapter_users[name] = self._adapter_users.get(name, 0) + 1
+
+        def release(_future) -> None:
+            with self._users_changed:
+                self._adapter_users[name] -= 1
+                if not self._adapter_users[name]:
+                    del self._adapter_users[name]
+                    self._users_changed.notify_all()
+
+        job.future.add_done_callback(release)
+
+    def adapter_users(self, name: str) -> int:
+        """Requests for adapter ``name`` submitted and not yet answered."""
+        with self._lock:
+            return self._adapter_users.get(name, 0)
+
+    def retire_adapter(self, name: str, timeout: float = 60.0) -> bool:
+        """Unload adapter ``name`` once no request holds it (waiting at most ``timeout``
+        seconds). From the moment it is idle, new requests for it fail fast. Returns
+        False, leaving it loaded, if requests still held it at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._users_changed:
+            while self._adapter_users.get(name, 0) > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._users_changed.wait(min(left, 1.0))
+            if self.adapters.pop(name) is None:
+                return True  # unloaded meanwhile
+        with self._adapter_lock:
+            self._remove_everywhere(name, timeout=max(1.0, deadline - time.monotonic()))
+        return True
+
     def load_adapter(self, adapter: AdapterSpec, timeout: float = 300.0) -> None:
         """Load ``adapter`` on every live replica (in parallel), or on none: if one
         refuses it, it is unloaded from the others and the error raised."""
@@ -230,10 +277,13 @@ class ReplicaPool:
         with self._adapter_lock:
             self.adapters.get(name)  # unknown: ConfigurationError
             self.adapters.pop(name)
-            self._on_each([r for r in self.replicas if r.alive], lambda r: r.remove_adapter(name, timeout=timeout),
-                          timeout, log_only=True)
-            with self._lock:
-                self.router.drop(name)
+            self._remove_everywhere(name, timeout)
+
+    def _remove_everywhere(self, name: str, timeout: float) -> None:
+        self._on_each([r for r in self.replicas if r.alive], lambda r: r.remove_adapter(name, timeout=timeout),
+                      timeout, log_only=True)
+        with self._lock:
+            self.router.drop(name)
 
     def _restore(self, adapter: AdapterSpec, old: AdapterSpec | None) -> None:
         if old is None:

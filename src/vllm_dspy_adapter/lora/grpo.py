@@ -1,0 +1,206 @@
+"""GRPO on given completions: the options, the advantages and the loss (pure);
+``grpo_trainer.GRPOTrainer`` holds the model and takes the steps.
+
+``dspy.GRPO`` hands the provider groups of rollouts the replicas already generated:
+``[{"messages": [...], "completion": {"role": "assistant", "content": ...},
+"reward": r}, ...]``, one group per (example, predictor), ``num_generations``
+completions each. ``GRPOTrainer.step(groups)`` (grpo_trainer.py) turns them into one GRPO update:
+
+- advantages are group-relative: ``(r - mean(group)) / (std(group) + eps)``
+  (``scale_rewards=False``: ``r - mean`` only, as Dr. GRPO);
+- the loss per completion token is TRL's GRPO loss: the clipped surrogate
+  ``-min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)`` with
+  ``ratio = exp(logp - logp_old)``, plus ``beta`` times the k3 estimator of the KL
+  to the reference, ``exp(ref - logp) - (ref - logp) - 1``; averaged over each
+  completion's tokens, then over completions;
+- the reference is the base model: the same PEFT model with its adapter switched
+  off (``disable_adapter()``), so it costs no second copy of the weights;
+- ``logp_old`` is the policy that generated the rollouts: the adapter version
+  being served. When the trainer is ahead of it (``update_interval > 1``), its
+  saved LoRA weights are put back for one no-grad pass; otherwise it is the
+  current policy before the update;
+- log-probabilities are taken on logits divided by the sampling ``temperature``,
+  on the prompt rendered exactly as it was served (``render_chat``) followed by
+  the completion and the template's end of turn.
+
+Why not TRL: its ``GRPOTrainer`` generates the completions itself (its own
+``generate`` or a vLLM server) from a prompt dataset and a reward function; it has
+no entry point for completions and rewards produced elsewhere, and its loss is a
+method of that trainer. The formula above is TRL's, in ~30 lines; PEFT does the
+adapter. A step that fails (out of memory, a non-finite loss, gradient or weight)
+puts the adapter and optimiser back as they were and raises ``TrainingStepError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..chat_template import render_chat
+from ..errors import ConfigurationError, TrainingStepError
+from .training import DEFAULT_TARGET_MODULES
+
+__all__ = ["GRPOConfig", "StepMetrics", "group_advantages", "grpo_loss", "check_groups", "tokenize_completion"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GRPOConfig:
+    """What ``train_kwargs`` may set for ``lm.reinforce`` / ``dspy.GRPO``.
+
+    DSPy names none of these except ``num_generations`` (it sets it to
+    ``num_rollouts_per_grpo_step``); the loss options are TRL's names, ``beta``'s
+    default is Arbor's (0.04), ``temperature`` defaults to the student LM's."""
+
+    # the loss
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon (a symmetric clip)
+    temperature: float | None = None  # None: the LM's sampling temperature (1.0 if it has none or 0)
+    scale_rewards: bool = True
+    # the optimiser
+    learning_rate: float = 1e-5
+    gradient_accumulation_steps: int = 1
+    batch_size: int = 8  # completions per forward pass
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    # the adapter
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES
+    # the job
+    update_interval: int = 1  # steps between two adapter versions loaded into the replicas
+    groups_per_step: int = 1  # batch ids the job asks DSPy for per step
+    num_generations: int | None = None  # set by dspy.GRPO; informative
+    max_seq_length: int = 2048
+    seed: int = 0
+    device: str | None = None  # None: the replicas' GPU when there is one, else "cpu"
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    adapter_name: str = "grpo"  # versions are served as <adapter_name>-v1, -v2, ...
+    output_dir: str | None = None  # None: $DSPY_FINETUNEDIR/lora/<adapter_name>
+    swap_timeout: float = 120.0  # seconds to load a version, and for requests to release the old one
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any] | None) -> GRPOConfig:
+        import difflib
+
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in kwargs or {}:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigurationError(f"Unknown GRPO train_kwargs option {name!r}.{hint} Known: {sorted(known)}")
+        config = cls(**dict(kwargs or {}))
+        config.check()
+        return config
+
+    def check(self) -> None:
+        positive = {"learning_rate": self.learning_rate, "epsilon": self.epsilon, "rank": self.rank,
+                    "alpha": self.alpha, "batch_size": self.batch_size, "max_seq_length": self.max_seq_length,
+                    "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "update_interval": self.update_interval, "groups_per_step": self.groups_per_step,
+                    "swap_timeout": self.swap_timeout}
+        for name, value in positive.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigurationError(f"GRPO option {name} must be a positive number; got {value!r}")
+        for name in ("gradient_accumulation_steps", "update_interval", "groups_per_step", "batch_size", "rank"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigurationError(f"GRPO option {name} must be an integer; got {getattr(self, name)!r}")
+        if not isinstance(self.beta, (int, float)) or self.beta < 0:
+            raise ConfigurationError(f"GRPO option beta (the KL weight) must be >= 0; got {self.beta!r}")
+        if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigurationError(f"GRPO option temperature must be > 0 (the rollouts' sampling temperature); "
+                                     f"got {self.temperature!r}")
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise ConfigurationError(f"GRPO option epsilon_high must be > 0; got {self.epsilon_high!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigurationError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ConfigurationError("target_modules must be a non-empty list of module names, "
+                                     f"such as {list(DEFAULT_TARGET_MODULES)}")
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    kl: float
+    reward_mean: float
+    completions: int
+    tokens: int
+    updates: int  # optimiser steps taken
+    seconds: float
+
+
+def check_groups(groups: Any) -> list[list[dict[str, Any]]]:
+    """DSPy's GRPO groups, checked before any training: a clear error naming the bad item."""
+    if not isinstance(groups, list) or not groups:
+        raise ConfigurationError("GRPO step: no groups to train on (expected a non-empty list of groups).")
+    out = []
+    for g, group in enumerate(groups):
+        if not isinstance(group, list) or not group:
+            raise ConfigurationError(f"GRPO group {g} is {str(group)[:80]!r}; expected a non-empty list of "
+                                     "{'messages', 'completion', 'reward'} dicts.")
+        for i, item in enumerate(group):
+            where = f"GRPO group {g}, completion {i}"
+            if not isinstance(item, dict) or not isinstance(item.get("messages"), list) or not item["messages"]:
+                raise ConfigurationError(f"{where}: expected {{'messages': [...], 'completion': {{...}}, "
+                                         f"'reward': float}}, got {str(item)[:120]!r}")
+            completion = item.get("completion")
+            if not isinstance(completion, dict) or not isinstance(completion.get("content"), str):
+                raise ConfigurationError(f"{where}: 'completion' must be {{'role': 'assistant', 'content': str}}")
+            reward = item.get("reward")
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+                raise ConfigurationError(f"{where}: reward {reward!r} is not a finite number; make the metric "
+                                         "return a float for every rollout.")
+        out.append(group)
+    return out
+
+
+def group_advantages(rewards: Sequence[float], *, scale: bool = True, eps: float = 1e-4) -> list[float]:
+    """``(r - mean) / (std + eps)`` within one group (population std, as TRL); all-equal
+    rewards give zeros (nothing to learn from that group but the KL term)."""
+    mean = sum(rewards) / len(rewards)
+    centred = [r - mean for r in rewards]
+    if not scale:
+        return centred
+    std = math.sqrt(sum(c * c for c in centred) / len(rewards))
+    return [c / (std + eps) for c in centred]
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon: float, epsilon_high: float):
+    """TRL's GRPO loss per completion: ``(per_token * mask).sum(1) / mask.sum(1)``, and the
+    mean k3 KL per completion. ``logp``/``old_logp``/``ref_logp``/``mask``: [B, T];
+    ``advantages``: [B]."""
+    import torch
+
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages.unsqueeze(1)
+    surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv)
+    delta = ref_logp - logp
+    kl = torch.exp(delta) - delta - 1
+    per_token = -surrogate + beta * kl
+    tokens = mask.sum(1).clamp(min=1)
+    return (per_token * mask).sum(1) / tokens, (kl * mask).sum(1) / tokens
+
+
+def tokenize_completion(tokenizer, item: dict[str, Any], chat_template_kwargs: dict[str, Any] | None,
+                        max_seq_length: int) -> tuple[list[int], int]:
+    """``(ids, n_prompt)``: the served prompt, then the completion and the template's end of turn."""
+    messages = item["messages"]
+    prompt = render_chat(tokenizer, messages, chat_template_kwargs)
+    answer_message = {"role": "assistant", "content": item["completion"]["content"]}
+    full = tokenizer.apply_chat_template([*messages, answer_message], tokenize=False, **(chat_template_kwargs or {}))
+    answer = full[len(prompt):] if full.startswith(prompt) else answer_message["content"] + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    if len(prompt_ids) + 1 >= max_seq_length:
+        raise ConfigurationError(f"A GRPO prompt has {len(prompt_ids)} tokens, at or over max_seq_length="
+                                 f"{max_seq_length}: raise it in train_kwargs.")
+    return (prompt_ids + answer_ids)[:max_seq_length], len(prompt_ids)
+

@@ -1,0 +1,255 @@
+"""The GRPO trainer: a PEFT LoRA on the base model, kept in memory across steps.
+
+``GRPOTrainer(base_model, config)`` loads the model once; ``step(groups)`` takes
+one GRPO update on DSPy's groups (the loss and its reasons: ``grpo.py``);
+``save(folder)`` writes the adapter in PEFT's format (what vLLM and
+``lm.load_adapter`` load) and records it as the version being served, the
+behaviour policy of the next rollouts; ``close()`` frees the model (and the GPU
+memory it held). Heavy libraries are imported inside the methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from typing import Any
+
+from ..errors import ConfigurationError, TrainingStepError
+from .grpo import GRPOConfig, StepMetrics, check_groups, group_advantages, grpo_loss, tokenize_completion
+
+__all__ = ["GRPOTrainer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _device_and_dtype(config: GRPOConfig):
+    import torch
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigurationError(f"Unknown dtype {name!r}; use 'float32', 'bfloat16' or 'float16'.")
+    return device, dtype
+
+
+class GRPOTrainer:
+    """One LoRA trained by GRPO steps (see the module docstring)."""
+
+    def __init__(self, base_model: str, config: GRPOConfig, *, temperature: float = 1.0,
+                 chat_template_kwargs: dict[str, Any] | None = None):
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.temperature = float(temperature)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.device, dtype = _device_and_dtype(config)
+        started = time.monotonic()
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(base_model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (
+            self.tokenizer.eos_token_id or 0)
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
+        model.config.use_cache = False
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+        try:
+            self.model = get_peft_model(model, lora)
+        except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
+            raise ConfigurationError(f"LoRA target_modules {list(config.target_modules)} do not match this model: "
+                                     f"{exc}. Pass train_kwargs={{'target_modules': [...]}}.") from exc
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self._served = self._adapter_state()  # the policy the replicas sample from (the base at first: B = 0)
+        self._ahead = False  # trained since the served version was saved
+        self.steps = 0
+        logger.info("GRPO trainer ready on %s in %.1f s (%d trainable parameters)", self.device,
+                    time.monotonic() - started, sum(p.numel() for p in self.params))
+
+    # ------------------------------------------------------------------ state
+
+    def _adapter_state(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def _load_adapter_state(self, state: dict[str, Any]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)
+
+    # ------------------------------------------------------------ log-probs
+
+    def _batches(self, sequences: list[tuple[list[int], int]]):
+        size = self.config.batch_size
+        for start in range(0, len(sequences), size):
+            yield start, sequences[start:start + size]
+
+    def _tensors(self, batch: list[tuple[list[int], int]]):
+        import torch
+
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s, _ in batch], device=self.device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in batch], device=self.device)
+        # completion mask over the predicted positions 1..width-1
+        mask = torch.tensor([[1.0 if n <= j < len(s) else 0.0 for j in range(1, width)] for s, n in batch],
+                            device=self.device)
+        return ids, attention, mask
+
+    def _logps(self, ids, attention):
+        import torch
+
+        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / self.temperature
+        return torch.gather(torch.log_softmax(logits, dim=-1), 2, ids[:, 1:].unsqueeze(2)).squeeze(2)
+
+    def _reference_and_old(self, sequences):
+        """Per batch: the base model's log-probs (adapter off) and the served policy's."""
+        import torch
+
+        refs, olds = [], []
+        with torch.no_grad():
+            if self._ahead:
+                current = self._adapter_state()
+                self._load_adapter_state(self._served)
+            try:
+                for _, batch in self._batches(sequences):
+                    ids, attention, _ = self._tensors(batch)
+                    olds.append(self._logps(ids, attention))
+                    with self.model.disable_adapter():
+                        refs.append(self._logps(ids, attention))
+            finally:
+                if self._ahead:
+                    self._load_adapter_state(current)
+        return refs, olds
+
+    def mean_completion_logp(self, groups: list[list[dict[str, Any]]]) -> list[float]:
+        """The current adapter's mean per-token log-probability of each completion, in order
+        (what a GRPO step should raise for rewarded completions)."""
+        import torch
+
+        sequences = [tokenize_completion(self.tokenizer, item, self.chat_template_kwargs, self.config.max_seq_length)
+                     for group in check_groups(groups) for item in group]
+        out: list[float] = []
+        with torch.no_grad():
+            for _, batch in self._batches(sequences):
+                ids, attention, mask = self._tensors(batch)
+                logp = self._logps(ids, attention)
+                out += ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+        return out
+
+    # ----------------------------------------------------------------- a step
+
+    def step(self, groups: list[list[dict[str, Any]]]) -> StepMetrics:
+        """One GRPO update on the groups; ``TrainingStepError`` (state restored) on failure."""
+        import torch
+
+        groups = check_groups(groups)  # bad input: refused before any work
+        config = self.config
+        started = time.monotonic()
+        sequences, advantages, rewards = [], [], []
+        for group in groups:
+            group_rewards = [float(item["reward"]) for item in group]
+            rewards += group_rewards
+            advantages += group_advantages(group_rewards, scale=config.scale_rewards)
+            sequences += [tokenize_completion(self.tokenizer, item, self.chat_template_kwargs, config.max_seq_length)
+                          for item in group]
+        saved_adapter, saved_optimizer = self._adapter_state(), copy.deepcopy(self.optimizer.state_dict())
+        try:
+            metrics = self._update(sequences, torch.tensor(advantages, dtype=torch.float32, device=self.device))
+        except BaseException as exc:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._load_adapter_state(saved_adapter)
+            self.optimizer.load_state_dict(saved_optimizer)
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise TrainingStepError(
+                    f"GRPO step {self.steps + 1} ran out of memory on {self.device}: {str(exc).splitlines()[0]}. "
+                    "Lower train_kwargs batch_size (completions per pass), or the replicas' "
+                    "gpu_memory_utilization, or give the trainer its own GPU (train_kwargs={'device': 'cuda:N'}). "
+                    "The adapter served before this step keeps serving.") from exc
+            raise
+        loss, kl, updates, tokens = metrics
+        self.steps += 1
+        self._ahead = True
+        result = StepMetrics(loss=loss, kl=kl, reward_mean=sum(rewards) / len(rewards), completions=len(sequences),
+                             tokens=tokens, updates=updates, seconds=time.monotonic() - started)
+        logger.info("GRPO step %d: loss %.4f, kl %.4f, mean reward %.3f, %d completions, %d optimiser step(s), "
+                    "%.1f s", self.steps, loss, kl, result.reward_mean, len(sequences), updates, result.seconds)
+        return result
+
+    def _update(self, sequences, advantages) -> tuple[float, float, int, int]:
+        import torch
+
+        config = self.config
+        refs, olds = self._reference_and_old(sequences)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = total_kl = 0.0
+        tokens = updates = 0
+        pending = 0  # batches accumulated since the last optimiser step
+        window = config.batch_size * config.gradient_accumulation_steps
+        n_batches = math.ceil(len(sequences) / config.batch_size)
+        for b, (start, batch) in enumerate(self._batches(sequences)):
+            ids, attention, mask = self._tensors(batch)
+            per_seq, kl = grpo_loss(self._logps(ids, attention), olds[b], refs[b],
+                                    advantages[start:start + len(batch)], mask, beta=config.beta,
+                                    epsilon=config.epsilon, epsilon_high=config.epsilon_high or config.epsilon)
+            loss = per_seq.sum()
+            if not torch.isfinite(loss):
+                raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite ({float(loss)}); no "
+                                        "update was applied and the adapter served before this step keeps serving. "
+                                        "Lower train_kwargs learning_rate, or raise max_grad_norm's clipping.")
+            first = (b // config.gradient_accumulation_steps) * window
+            in_window = min(window, len(sequences) - first)
+            (loss / in_window).backward()
+            total_loss += float(loss.detach())
+            total_kl += float(kl.detach().sum())
+            tokens += int(mask.sum())
+            pending += 1
+            if pending == config.gradient_accumulation_steps or b == n_batches - 1:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
+                if not torch.isfinite(norm):
+                    raise TrainingStepError(f"GRPO step {self.steps + 1}: the gradient is not finite; no update was "
+                                            "kept. Lower train_kwargs learning_rate.")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                updates += 1
+                pending = 0
+        if not all(torch.isfinite(p).all() for p in self.params):
+            raise TrainingStepError(f"GRPO step {self.steps + 1} made the adapter's weights non-finite; the update "
+                                    "was undone. Lower train_kwargs learning_rate.")
+        return total_loss / len(sequences), total_kl / len(sequences), updates, tokens
+
+    # --------------------------------------------------------------- output
+
+    def write(self, folder: str) -> str:
+        """Write the current adapter to ``folder`` in PEFT's format."""
+        os.makedirs(folder, exist_ok=True)
+        self.model.save_pretrained(folder)
+        return folder
+
+    def save(self, folder: str) -> str:
+        """``write``, and record it as the version the replicas will serve (the behaviour
+        policy of the next rollouts)."""
+        self.write(folder)
+        self._served = self._adapter_state()
+        self._ahead = False
+        return folder
+
+    def close(self) -> None:
+        """Free the model, the optimiser and their memory (idempotent)."""
+        import gc
+
+        import torch
+
+        self.model = self.optimizer = self._served = None
+        self.params = []
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()

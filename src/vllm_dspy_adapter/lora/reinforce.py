@@ -1,0 +1,247 @@
+"""DSPy's ``ReinforceJob`` for our LMs: ``dspy.GRPO`` on the replicas that serve the program.
+
+DSPy's contract (``dspy/clients/provider.py``, ``dspy/teleprompt/grpo.py``):
+``lm.reinforce(train_kwargs)`` builds ``provider.ReinforceJob(lm=lm, train_kwargs=...)``
+and calls ``initialize()``; ``dspy.GRPO`` then loops: it waits until
+``get_status()["pending_batch_ids"]`` lists a batch id it has not filled, generates
+rollouts with the student LM (the same object), and calls ``step(train_data=
+[{"batch_id", "group"}], train_data_format=TrainDataFormat.GRPO_CHAT)``, one group
+per pending id; at the end ``terminate()``. It expects the job to update the
+student LM in place.
+
+``GRPOJob`` keeps one ``GRPOTrainer`` (PEFT model in memory) from ``initialize``
+to ``terminate``. Every ``update_interval`` steps it publishes a version: saves
+the adapter to ``<output_dir>/v<N>``, loads it on every replica as
+``<adapter_name>-v<N>`` (all or none), switches the student LM to it
+(``switch_adapter``: one assignment, every request after it carries the new
+version), then unloads the previous version once no request holds it
+(``retire_adapter``). No replica restarts; a replica restarted meanwhile loads
+the registered, current version. A failed step (``TrainingStepError``) or a
+failed load leaves the last published version serving. Ctrl-C during a step
+terminates the job (frees the trainer) and goes on up.
+
+The job reaches the LM through two small interfaces (``ReinforceHost``: the LM's
+replicas; ``StudentLM``: the LM object DSPy hands over), so it is tested with fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, ClassVar, Protocol
+
+from dspy.clients.provider import ReinforceJob
+from dspy.clients.utils_finetune import TrainDataFormat
+
+from ..errors import ConfigurationError, TrainingStepError
+from .grpo import GRPOConfig, StepMetrics, check_groups
+from .registry import check_adapter_name
+from .trainer_device import ServingPlacement, check_room, choose_trainer_device
+
+__all__ = ["GRPOJob", "ReinforceHost", "StudentLM"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReinforceHost(Protocol):
+    """What the job needs from the replicas that serve the student."""
+
+    base_model_path: str
+    chat_template_kwargs: dict[str, Any]
+    max_lora_rank: int | None
+
+    def trainer_placement(self) -> ServingPlacement: ...
+
+    def load_adapter(self, name: str, path: str, timeout: float = 300.0) -> Any: ...
+
+    def retire_adapter(self, name: str, timeout: float = 60.0) -> bool: ...
+
+    def adapter_model(self, name: str) -> str: ...
+
+
+class StudentLM(Protocol):
+    """The LM object DSPy's GRPO hands the job (``lm.reinforce``)."""
+
+    model: str
+    kwargs: dict[str, Any]
+
+    def switch_adapter(self, name: str | None) -> None: ...
+
+
+class GRPOJob(ReinforceJob):
+    """A GRPO run training a LoRA on the student's own replicas (module docstring).
+    ``host`` is bound per LM by ``GRPOJob.bound(host)`` (the provider's ``ReinforceJob``)."""
+
+    host: ClassVar[ReinforceHost | None] = None
+
+    @classmethod
+    def bound(cls, host: ReinforceHost) -> type[GRPOJob]:
+        return type(cls.__name__, (cls,), {"host": host, "__module__": cls.__module__})
+
+    def __init__(self, lm: StudentLM, train_kwargs: dict[str, Any] | None = None):
+        super().__init__(lm=lm, train_kwargs=train_kwargs)
+        self.config = GRPOConfig.from_kwargs(train_kwargs)  # a bad option fails before anything loads
+        check_adapter_name(f"{self.config.adapter_name}-v1")
+        self.job_id = f"grpo-{uuid.uuid4().hex[:8]}"
+        self.trainer = None
+        self.version = 0
+        self.adapter: str | None = None  # the version serving now
+        self.steps = 0
+        self.last_step: StepMetrics | None = None
+        self.swap_seconds: list[float] = []
+        self._retiring: list[str] = []  # old versions still held by requests at their deadline
+        self._next_batch = 0
+        self._pending: list[int] = []
+        self._status = "not_started"
+        self._lock = threading.Lock()  # one step / checkpoint / terminate at a time
+
+    # ------------------------------------------------------------ lifetime
+
+    def initialize(self) -> None:
+        host, config = self.host, self.config
+        if host is None:
+            raise ConfigurationError("GRPOJob is not bound to an LM: use lm.reinforce(train_kwargs) on a "
+                                     "vLLMOffline / vLLMOfflineMultiGPU.")
+        if host.max_lora_rank is None:
+            raise ConfigurationError("dspy.GRPO trains a LoRA adapter and serves it live: build the LM with "
+                                     "enable_lora=True (and max_lora_rank >= train_kwargs rank).")
+        if config.rank > host.max_lora_rank:
+            raise ConfigurationError(f"GRPO LoRA rank {config.rank} exceeds this LM's max_lora_rank="
+                                     f"{host.max_lora_rank}: pass train_kwargs={{'rank': {host.max_lora_rank}}} or "
+                                     f"build the LM with max_lora_rank={config.rank}.")
+        placement = host.trainer_placement()
+        device = choose_trainer_device(config.device, placement)
+        check_room(device, placement)
+        temperature = config.temperature or self.lm.kwargs.get("temperature") or 1.0
+        from .grpo_trainer import GRPOTrainer
+
+        config.device = device
+        logger.info("GRPO job %s: training LoRA %r on %s (replicas on %s), temperature %g", self.job_id,
+                    config.adapter_name, device, ", ".join(placement.replica_devices), temperature)
+        self.trainer = GRPOTrainer(host.base_model_path, config, temperature=float(temperature),
+                                   chat_template_kwargs=host.chat_template_kwargs)
+        self.output_dir = config.output_dir or _default_dir(config.adapter_name)
+        self._issue_batches()
+        self._status = "running"
+
+    def terminate(self) -> None:
+        """Free the trainer; the student LM keeps serving the last published version."""
+        with self._lock:
+            self._close("terminated")
+
+    def cancel(self) -> None:
+        self.terminate()
+
+    def _close(self, status: str) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+            self.trainer = None
+        self._pending = []
+        self._retire_waiting(timeout=5.0)
+        if self._status == "running":
+            self._status = status
+        logger.info("GRPO job %s %s after %d step(s); serving %s", self.job_id, status, self.steps,
+                    self.adapter or "the base model")
+
+    # ------------------------------------------------------------ status
+
+    def get_status(self) -> dict[str, Any]:
+        """DSPy's ``GRPOStatus`` plus ``version``, ``adapter``, ``steps``, ``swap_seconds`` and
+        ``last_step`` (loss, kl, reward mean, seconds of the last step)."""
+        return {"job_id": self.job_id, "status": self._status, "current_model": self.lm.model,
+                "checkpoints": dict(self.checkpoints), "last_checkpoint": self.last_checkpoint,
+                "pending_batch_ids": list(self._pending), "version": self.version, "adapter": self.adapter,
+                "steps": self.steps, "swap_seconds": list(self.swap_seconds),
+                "last_step": None if self.last_step is None else vars(self.last_step)}
+
+    def status(self) -> str:
+        return self._status
+
+    def _issue_batches(self) -> None:
+        start = self._next_batch
+        self._next_batch += self.config.groups_per_step
+        self._pending = list(range(start, self._next_batch))
+
+    # ------------------------------------------------------------ a step
+
+    def step(self, train_data: list[dict[str, Any]], train_data_format: TrainDataFormat | str | None = None) -> None:
+        fmt = train_data_format.value if isinstance(train_data_format, TrainDataFormat) else train_data_format
+        if fmt not in (None, TrainDataFormat.GRPO_CHAT.value):
+            raise ConfigurationError(f"GRPO steps take TrainDataFormat.GRPO_CHAT data; got {fmt!r}.")
+        if not isinstance(train_data, list) or not all(isinstance(d, dict) and "group" in d for d in train_data):
+            raise ConfigurationError("GRPO step: train_data must be [{'batch_id': int, 'group': [...]}, ...] "
+                                     "(what dspy.GRPO sends).")
+        groups = check_groups([d["group"] for d in train_data])
+        with self._lock:
+            if self.trainer is None:
+                raise ConfigurationError(f"GRPO job {self.job_id} is {self._status}: "
+                                         "call lm.reinforce(...) for a new one.")
+            try:
+                self.last_step = self.trainer.step(groups)
+                self.steps += 1
+                self._issue_batches()
+                if self.steps % self.config.update_interval == 0:
+                    self._publish()
+            except KeyboardInterrupt:
+                self._close("cancelled")
+                raise
+
+    def _publish(self) -> None:
+        """Save, load on every replica, switch the student, retire the previous version."""
+        config, host = self.config, self.host
+        version = self.version + 1
+        name, folder = f"{config.adapter_name}-v{version}", os.path.join(self.output_dir, f"v{version}")
+        self.trainer.save(folder)
+        started = time.monotonic()
+        try:
+            host.load_adapter(name, folder, timeout=config.swap_timeout)
+        except Exception as exc:
+            raise TrainingStepError(f"GRPO step {self.steps}: version {version} could not be loaded on the replicas "
+                                    f"({exc}); {self.adapter or 'the base model'} keeps serving.") from exc
+        self.lm.switch_adapter(name)
+        loaded = time.monotonic() - started
+        old, self.adapter, self.version = self.adapter, name, version
+        if old is not None:
+            self._retiring.append(old)
+        self._retire_waiting(timeout=config.swap_timeout)
+        self.swap_seconds.append(loaded)
+        logger.info("GRPO job %s: %s serving after step %d (loaded on every replica in %.2f s)", self.job_id, name,
+                    self.steps, loaded)
+
+    def _retire_waiting(self, timeout: float) -> None:
+        still = []
+        for old in self._retiring:
+            if old == self.adapter:
+                continue
+            try:
+                if not self.host.retire_adapter(old, timeout=timeout):
+                    logger.warning("GRPO: %s still held by requests after %g s; unloaded later", old, timeout)
+                    still.append(old)
+            except Exception as exc:  # noqa: BLE001 - unloading is cleanup; the new version serves already
+                logger.warning("GRPO: unloading %s failed: %s", old, exc)
+        self._retiring = still
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, checkpoint_name: str) -> str:
+        """Write the trainer's current adapter to ``<output_dir>/checkpoints/<name>`` (a PEFT
+        folder: ``lm.load_adapter(name, folder)`` serves it later); returns the folder."""
+        check_adapter_name(checkpoint_name)
+        with self._lock:
+            if self.trainer is None:
+                raise ConfigurationError(f"GRPO job {self.job_id} is {self._status}: nothing to checkpoint.")
+            folder = os.path.join(self.output_dir, "checkpoints", checkpoint_name)
+            self.trainer.write(folder)
+        self.checkpoints[checkpoint_name] = folder
+        self.last_checkpoint = checkpoint_name
+        return folder
+
+
+def _default_dir(name: str) -> str:
+    """``$DSPY_FINETUNEDIR/lora/<name>`` (DSPy's fine-tuning folder)."""
+    from dspy.clients.utils_finetune import get_finetune_directory
+
+    return os.path.join(get_finetune_directory(), "lora", name)
