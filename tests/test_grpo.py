@@ -1,0 +1,233 @@
+"""GRPO without an engine: the loss and its parts (pure), the trainer's placement
+(pure), and the real trainer and job on the default model (PEFT on the CPU) with a
+fake host standing in for the replicas. The real loop, dspy.GRPO on the real
+engine, is in test_grpo_engine.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+dspy = pytest.importorskip("dspy")
+pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+
+from dspy.clients.utils_finetune import TrainDataFormat  # noqa: E402
+
+from vllm_dspy_adapter.errors import ConfigurationError, TrainingStepError  # noqa: E402
+from vllm_dspy_adapter.lora.grpo import GRPOConfig, check_groups, group_advantages, grpo_loss  # noqa: E402
+from vllm_dspy_adapter.lora.reinforce import GRPOJob  # noqa: E402
+from vllm_dspy_adapter.lora.trainer_device import ServingPlacement, check_room, choose_trainer_device  # noqa: E402
+
+GIB = 1 << 30
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+def test_advantages_are_group_relative():
+    adv = group_advantages([1.0, 0.0, 0.0, 1.0])
+    assert adv[0] > 0 > adv[1] and math.isclose(sum(adv), 0.0, abs_tol=1e-9)
+    assert math.isclose(adv[0], 1.0, rel_tol=1e-3)  # (1 - 0.5) / 0.5
+    assert group_advantages([2.0, 2.0]) == [0.0, 0.0]  # no spread: nothing to learn
+    assert group_advantages([3.0, 1.0], scale=False) == [1.0, -1.0]
+
+
+def test_loss_is_the_clipped_surrogate_plus_beta_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0]])
+    mask = torch.tensor([[1.0, 1.0]])
+    adv = torch.tensor([2.0])
+    # On-policy and at the reference: ratio 1, KL 0, loss = -A.
+    loss, kl = grpo_loss(logp, logp, logp, adv, mask, beta=0.04, epsilon=0.2, epsilon_high=0.2)
+    assert torch.allclose(loss, torch.tensor([-2.0])) and torch.allclose(kl, torch.tensor([0.0]))
+    # A ratio of e (far above 1 + epsilon) with A > 0 is clipped to 1.2.
+    loss, _ = grpo_loss(logp, logp - 1.0, logp, adv, mask, beta=0.0, epsilon=0.2, epsilon_high=0.2)
+    assert torch.allclose(loss, torch.tensor([-2.4]))
+    # k3 KL: exp(d) - d - 1 with d = ref - logp = 0.5 on each token.
+    _, kl = grpo_loss(logp, logp, logp + 0.5, adv, mask, beta=1.0, epsilon=0.2, epsilon_high=0.2)
+    assert torch.allclose(kl, torch.tensor([math.exp(0.5) - 1.5]))
+    # Padding (mask 0) does not count.
+    loss, _ = grpo_loss(logp, logp, logp, adv, torch.tensor([[1.0, 0.0]]), beta=0.0, epsilon=0.2, epsilon_high=0.2)
+    assert torch.allclose(loss, torch.tensor([-2.0]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learnig_rate": 1e-4}, "Did you mean 'learning_rate'"),
+    ({"beta": -1}, "beta"),
+    ({"update_interval": 0}, "update_interval"),
+    ({"temperature": 0}, "temperature"),
+])
+def test_bad_train_kwargs_are_refused_by_name(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        GRPOConfig.from_kwargs(kwargs)
+
+
+def test_groups_with_a_bad_item_are_refused_before_training():
+    good = {"messages": [{"role": "user", "content": "hi"}], "completion": {"role": "assistant", "content": "x"},
+            "reward": 1.0}
+    assert check_groups([[good]]) == [[good]]
+    with pytest.raises(ConfigurationError, match="reward nan is not a finite number"):
+        check_groups([[good, {**good, "reward": float("nan")}]])
+    with pytest.raises(ConfigurationError, match="completion"):
+        check_groups([[{**good, "completion": "x"}]])
+    with pytest.raises(ConfigurationError, match="no groups"):
+        check_groups([])
+
+
+def _placement(devices, gpus=1, util=0.9, model_gib=16, gpu_gib=80):
+    return ServingPlacement(replica_devices=tuple(devices), gpu_count=gpus, gpu_memory_utilization=util,
+                            model_bytes=model_gib * GIB, gpu_bytes=gpu_gib * GIB if gpus else None)
+
+
+def test_trainer_device_follows_the_replicas():
+    assert choose_trainer_device(None, _placement(["cpu:0-1"], gpus=0)) == "cpu"  # the CPU build trains on the CPU
+    assert choose_trainer_device(None, _placement(["cuda:0"], gpus=1)) == "cuda:0"  # one GPU: shared
+    assert choose_trainer_device(None, _placement(["cuda:0", "cuda:1"], gpus=3)) == "cuda:2"  # a free one
+    assert choose_trainer_device("cuda:1", _placement(["cuda:0"], gpus=2)) == "cuda:1"
+    with pytest.raises(ConfigurationError, match="sees 2 GPU"):
+        choose_trainer_device("cuda:5", _placement(["cuda:0"], gpus=2))
+    with pytest.raises(ConfigurationError, match="not a device"):
+        choose_trainer_device("gpu1", _placement(["cuda:0"], gpus=2))
+
+
+def test_a_shared_gpu_must_leave_the_trainer_room():
+    # 8B in bf16 (16 GiB) beside replicas holding 90% of 80 GiB: refused, naming the setting that fits.
+    with pytest.raises(ConfigurationError, match=r"gpu_memory_utilization=0\.72 or less"):
+        check_room("cuda:0", _placement(["cuda:0"], util=0.9))
+    check_room("cuda:0", _placement(["cuda:0"], util=0.7))  # fits
+    check_room("cuda:1", _placement(["cuda:0"], gpus=2, util=0.9))  # a GPU of its own
+    check_room("cpu", _placement(["cpu:0-1"], gpus=0))
+    # Two replicas per GPU at 0.4 each hold 0.8 of it.
+    with pytest.raises(ConfigurationError, match="2 replica"):
+        check_room("cuda:0", _placement(["cuda:0#0", "cuda:0#1"], util=0.4))
+
+
+# ------------------------------------------------------ the real trainer and job
+
+QUESTION = [{"role": "user", "content": "Answer with one word: is the sky blue?"}]
+
+
+def _group(good="yes", bad="no", n=2):
+    return [{"messages": QUESTION, "completion": {"role": "assistant", "content": text}, "reward": reward}
+            for _ in range(n) for text, reward in ((good, 1.0), (bad, 0.0))]
+
+
+class FakeHost:
+    """The replicas, as the job sees them: records loads and retirements."""
+
+    def __init__(self, path, refuse_loads=False):
+        self.base_model_path = path
+        self.chat_template_kwargs = {}
+        self.max_lora_rank = 8
+        self.loaded, self.retired = {}, []
+        self.refuse_loads = refuse_loads
+
+    def trainer_placement(self):
+        return ServingPlacement(("cpu:0-1",), gpu_count=0, gpu_memory_utilization=None, model_bytes=None,
+                                gpu_bytes=None)
+
+    def load_adapter(self, name, path, timeout=300.0):
+        if self.refuse_loads:
+            raise ConfigurationError("refused")
+        assert os.path.isfile(os.path.join(path, "adapter_config.json"))
+        self.loaded[name] = path
+
+    def retire_adapter(self, name, timeout=60.0):
+        self.retired.append(name)
+        self.loaded.pop(name)
+        return True
+
+    def adapter_model(self, name):
+        return f"base+{name}"
+
+
+class FakeStudent:
+    def __init__(self):
+        self.model, self.kwargs, self.adapter = "base", {"temperature": 1.0}, None
+
+    def switch_adapter(self, name):
+        self.adapter, self.model = name, f"base+{name}"
+
+
+def _job(host, **train_kwargs):
+    job = GRPOJob.bound(host)(lm=FakeStudent(), train_kwargs={"learning_rate": 2e-4, "beta": 0.0, **train_kwargs})
+    job.initialize()
+    return job
+
+
+def test_a_step_raises_the_rewarded_completions_log_probability(default_model, tmp_path):
+    job = _job(FakeHost(default_model), output_dir=str(tmp_path))
+    try:
+        groups = [_group()]
+        before = job.trainer.mean_completion_logp(groups)
+        job.step([{"batch_id": 0, "group": groups[0]}], TrainDataFormat.GRPO_CHAT)
+        after = job.trainer.mean_completion_logp(groups)
+        rewarded = [a - b for a, b, item in zip(after, before, groups[0]) if item["reward"] == 1.0]
+        unrewarded = [a - b for a, b, item in zip(after, before, groups[0]) if item["reward"] == 0.0]
+        assert min(rewarded) > 0 > max(unrewarded), (rewarded, unrewarded)
+    finally:
+        job.terminate()
+
+
+def test_versions_are_published_switched_and_retired(default_model, tmp_path):
+    host = FakeHost(default_model)
+    job = _job(host, output_dir=str(tmp_path), update_interval=1, groups_per_step=2, adapter_name="t")
+    try:
+        assert job.get_status()["pending_batch_ids"] == [0, 1] and job.lm.adapter is None
+        job.step([{"batch_id": 0, "group": _group()}, {"batch_id": 1, "group": _group("si", "non")}],
+                 TrainDataFormat.GRPO_CHAT)
+        status = job.get_status()
+        assert status["pending_batch_ids"] == [2, 3] and status["version"] == 1
+        assert job.lm.adapter == "t-v1" and status["current_model"] == "base+t-v1" and list(host.loaded) == ["t-v1"]
+        job.step([{"batch_id": 2, "group": _group()}], TrainDataFormat.GRPO_CHAT)
+        assert job.lm.adapter == "t-v2" and list(host.loaded) == ["t-v2"] and host.retired == ["t-v1"]
+        folder = job.save_checkpoint("ckpt-a")
+        assert os.path.isfile(os.path.join(folder, "adapter_model.safetensors"))
+        assert job.get_status()["checkpoints"] == {"ckpt-a": folder}
+        with pytest.raises(ConfigurationError, match="GRPO_CHAT"):
+            job.step([{"batch_id": 4, "group": _group()}], TrainDataFormat.CHAT)
+    finally:
+        job.terminate()
+    assert job.trainer is None and job.get_status()["status"] == "terminated"
+    assert job.lm.adapter == "t-v2"  # the last version keeps serving
+    with pytest.raises(ConfigurationError, match="terminated"):
+        job.step([{"batch_id": 4, "group": _group()}], TrainDataFormat.GRPO_CHAT)
+
+
+def test_a_non_finite_step_fails_and_the_last_good_version_keeps_serving(default_model, tmp_path):
+    # A learning rate this large makes the first update's weights enormous: the next loss is not finite.
+    host = FakeHost(default_model)
+    job = _job(host, output_dir=str(tmp_path), learning_rate=1e30, max_grad_norm=None)
+    try:
+        groups = [_group()]
+        job.step([{"batch_id": 0, "group": groups[0]}], TrainDataFormat.GRPO_CHAT)  # finite loss, huge update
+        assert job.lm.adapter == "grpo-v1"
+        before = job.trainer.mean_completion_logp(groups)
+        with pytest.raises(TrainingStepError, match="not finite|non-finite"):
+            job.step([{"batch_id": 1, "group": groups[0]}], TrainDataFormat.GRPO_CHAT)
+        assert job.lm.adapter == "grpo-v1" and list(host.loaded) == ["grpo-v1"] and job.get_status()["version"] == 1
+        after = job.trainer.mean_completion_logp(groups)  # the trainer is back where it was
+        assert [a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(after, before)] == [True] * len(before)
+    finally:
+        job.terminate()
+
+
+def test_a_version_the_replicas_refuse_leaves_the_previous_one(default_model, tmp_path):
+    host = FakeHost(default_model, refuse_loads=True)
+    job = _job(host, output_dir=str(tmp_path))
+    try:
+        with pytest.raises(TrainingStepError, match="the base model keeps serving"):
+            job.step([{"batch_id": 0, "group": _group()}], TrainDataFormat.GRPO_CHAT)
+        assert job.lm.adapter is None and job.get_status()["version"] == 0
+    finally:
+        job.terminate()
+
+
+def test_reinforce_refuses_an_lm_without_lora(default_model):
+    host = FakeHost(default_model)
+    host.max_lora_rank = None
+    with pytest.raises(ConfigurationError, match="enable_lora=True"):
+        GRPOJob.bound(host)(lm=FakeStudent(), train_kwargs={}).initialize()
