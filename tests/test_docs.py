@@ -39,6 +39,7 @@ SCRIPTS = {
     "gepa_small.py": "gepa_small: done",
     "streaming_chat.py": "streaming_chat: done",
     "lora_finetune.py": "lora_finetune: done",
+    "grpo_small.py": "grpo_small: done",
 }
 SCRIPT_TIMEOUT = 600
 

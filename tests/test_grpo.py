@@ -231,3 +231,16 @@ def test_reinforce_refuses_an_lm_without_lora(default_model):
     host.max_lora_rank = None
     with pytest.raises(ConfigurationError, match="enable_lora=True"):
         GRPOJob.bound(host)(lm=FakeStudent(), train_kwargs={}).initialize()
+
+
+def test_a_new_job_on_the_same_lm_frees_the_one_given_up_on(default_model, tmp_path):
+    job_class = GRPOJob.bound(FakeHost(default_model))
+    first = job_class(lm=FakeStudent(), train_kwargs={"output_dir": str(tmp_path)})
+    first.initialize()
+    second = job_class(lm=FakeStudent(), train_kwargs={"output_dir": str(tmp_path)})
+    second.initialize()
+    try:
+        assert first.trainer is None and first.get_status()["status"] == "terminated"
+        assert second.trainer is not None and second.get_status()["status"] == "running"
+    finally:
+        second.terminate()

@@ -182,3 +182,26 @@ def test_an_answer_of_another_model_is_never_handed_back():
     replica.reply_from(replica.incarnation, request_id, GenerationRequest(prompt=request.prompt))  # the base ran it
     with pytest.raises(ConfigurationError, match="ran a request for adapter 'tone' with None"):
         future.result(timeout=5)
+
+
+def test_a_retired_adapter_is_unloaded_only_once_no_request_holds_it():
+    import concurrent.futures
+
+    pool, replicas = make_pool(n=2)
+    pool.load_adapter(ADAPTER, timeout=5)
+    held = submit(pool, "tone", n=2)
+    assert pool.adapter_users("tone") == 2
+    assert pool.retire_adapter("tone", timeout=0.2) is False  # still held at the deadline: left loaded
+    assert "tone" in pool.adapters and not any(("remove", "tone") in r.calls for r in replicas)
+    with concurrent.futures.ThreadPoolExecutor(1) as executor:
+        retiring = executor.submit(pool.retire_adapter, "tone", 10.0)
+        assert not retiring.done()
+        for replica in replicas:
+            replica.finish_all()
+        assert retiring.result(timeout=10) is True
+    assert all(f.result(timeout=1).adapter == "tone" for f in held)  # the held requests finished with it
+    assert pool.adapter_users("tone") == 0 and "tone" not in pool.adapters
+    assert all(("remove", "tone") in r.calls for r in replicas)
+    [late] = submit(pool, "tone")
+    with pytest.raises(ConfigurationError, match="No adapter named 'tone'"):
+        late.result(timeout=1)

@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, ClassVar, Protocol
 
 from dspy.clients.provider import ReinforceJob
@@ -76,10 +77,11 @@ class GRPOJob(ReinforceJob):
     ``host`` is bound per LM by ``GRPOJob.bound(host)`` (the provider's ``ReinforceJob``)."""
 
     host: ClassVar[ReinforceHost | None] = None
+    live: ClassVar[weakref.WeakSet] = weakref.WeakSet()  # per bound class: the LM's running jobs
 
     @classmethod
     def bound(cls, host: ReinforceHost) -> type[GRPOJob]:
-        return type(cls.__name__, (cls,), {"host": host, "__module__": cls.__module__})
+        return type(cls.__name__, (cls,), {"host": host, "live": weakref.WeakSet(), "__module__": cls.__module__})
 
     def __init__(self, lm: StudentLM, train_kwargs: dict[str, Any] | None = None):
         super().__init__(lm=lm, train_kwargs=train_kwargs)
@@ -112,6 +114,9 @@ class GRPOJob(ReinforceJob):
             raise ConfigurationError(f"GRPO LoRA rank {config.rank} exceeds this LM's max_lora_rank="
                                      f"{host.max_lora_rank}: pass train_kwargs={{'rank': {host.max_lora_rank}}} or "
                                      f"build the LM with max_lora_rank={config.rank}.")
+        for earlier in list(self.live):  # one trainer per LM: a run given up on (Ctrl-C) frees its memory now
+            logger.warning("GRPO job %s was still running on this LM: terminating it", earlier.job_id)
+            earlier.terminate()
         placement = host.trainer_placement()
         device = choose_trainer_device(config.device, placement)
         check_room(device, placement)
@@ -126,6 +131,7 @@ class GRPOJob(ReinforceJob):
         self.output_dir = config.output_dir or _default_dir(config.adapter_name)
         self._issue_batches()
         self._status = "running"
+        self.live.add(self)
 
     def terminate(self) -> None:
         """Free the trainer; the student LM keeps serving the last published version."""
@@ -136,6 +142,7 @@ class GRPOJob(ReinforceJob):
         self.terminate()
 
     def _close(self, status: str) -> None:
+        self.live.discard(self)
         if self.trainer is not None:
             self.trainer.close()
             self.trainer = None
