@@ -2,6 +2,7 @@
 
 - ``pool``: ``ReplicaPool``: routing, resubmission when a replica dies, background
   restarts, the stall check (``health_timeout``);
+- ``pool_adapters``: the pool's LoRA adapters: load on all or none, unload, retire once idle;
 - ``routing``: the routing policies (pure): prefix, least_loaded, round_robin;
 - ``adapter_routing``: ``AdapterRouter`` (pure): an adapter's requests where it is resident.
 
