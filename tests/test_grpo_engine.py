@@ -115,6 +115,7 @@ def test_dspy_grpo_runs_two_steps_and_swaps_the_adapter_live(default_model, tmp_
     assert up_rewarded > 0 and up_rewarded > up_others
 
 
+@pytest.mark.timeout(1500)  # two engines, two training steps and a restart on a shared 2-core machine
 def test_two_replicas_swap_live_and_a_restarted_replica_gets_the_current_version(default_model, tmp_path):
     from vllm_dspy_adapter import vLLMOfflineMultiGPU
 
