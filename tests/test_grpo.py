@@ -244,3 +244,15 @@ def test_a_new_job_on_the_same_lm_frees_the_one_given_up_on(default_model, tmp_p
         assert second.trainer is not None and second.get_status()["status"] == "running"
     finally:
         second.terminate()
+
+
+def test_update_interval_publishes_every_nth_step(default_model, tmp_path):
+    host = FakeHost(default_model)
+    job = _job(host, output_dir=str(tmp_path), update_interval=2)
+    try:
+        job.step([{"batch_id": 0, "group": _group()}], TrainDataFormat.GRPO_CHAT)
+        assert job.lm.adapter is None and not host.loaded and job.get_status()["pending_batch_ids"] == [1]
+        job.step([{"batch_id": 1, "group": _group()}], TrainDataFormat.GRPO_CHAT)  # old policy: the served base
+        assert job.lm.adapter == "grpo-v1" and list(host.loaded) == ["grpo-v1"]
+    finally:
+        job.terminate()

@@ -2,9 +2,9 @@
 
 ``GRPOTrainer(base_model, config)`` loads the model once; ``step(groups)`` takes
 one GRPO update on DSPy's groups (the loss and its reasons: ``grpo.py``);
-``save(folder)`` writes the adapter in PEFT's format (what vLLM and
-``lm.load_adapter`` load) and records it as the version being served, the
-behaviour policy of the next rollouts; ``close()`` frees the model (and the GPU
+``write(folder)`` writes the adapter in PEFT's format (what vLLM and
+``lm.load_adapter`` load); ``mark_served()`` records it as the version being
+served, the behaviour policy of the next rollouts; ``close()`` frees the model (and the GPU
 memory it held). Heavy libraries are imported inside the methods.
 """
 
@@ -234,13 +234,11 @@ class GRPOTrainer:
         self.model.save_pretrained(folder)
         return folder
 
-    def save(self, folder: str) -> str:
-        """``write``, and record it as the version the replicas will serve (the behaviour
-        policy of the next rollouts)."""
-        self.write(folder)
+    def mark_served(self) -> None:
+        """Record the current adapter as the version the replicas serve (the behaviour
+        policy of the next rollouts): call it once a ``write`` is loaded."""
         self._served = self._adapter_state()
         self._ahead = False
-        return folder
 
     def close(self) -> None:
         """Free the model, the optimiser and their memory (idempotent)."""

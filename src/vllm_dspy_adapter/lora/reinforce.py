@@ -201,7 +201,7 @@ class GRPOJob(ReinforceJob):
         config, host = self.config, self.host
         version = self.version + 1
         name, folder = f"{config.adapter_name}-v{version}", os.path.join(self.output_dir, f"v{version}")
-        self.trainer.save(folder)
+        self.trainer.write(folder)
         started = time.monotonic()
         try:
             host.load_adapter(name, folder, timeout=config.swap_timeout)
@@ -209,6 +209,7 @@ class GRPOJob(ReinforceJob):
             raise TrainingStepError(f"GRPO step {self.steps}: version {version} could not be loaded on the replicas "
                                     f"({exc}); {self.adapter or 'the base model'} keeps serving.") from exc
         self.lm.switch_adapter(name)
+        self.trainer.mark_served()
         loaded = time.monotonic() - started
         old, self.adapter, self.version = self.adapter, name, version
         if old is not None:
