@@ -157,9 +157,9 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
         from ..lora.provider import LoRAProvider
 
-        engine = DSPyEngine(runtime)
-        super().__init__(model=runtime.label, engine=engine, async_engine=AsyncDSPyEngine(runtime, binding=engine.binding),
-                         provider=LoRAProvider(runtime), **dspy_kwargs)
+        engine = DSPyEngine(runtime)  # the async engine shares its adapter binding (switch_adapter)
+        super().__init__(model=runtime.label, engine=engine, provider=LoRAProvider(runtime),
+                         async_engine=AsyncDSPyEngine(runtime, binding=engine.binding), **dspy_kwargs)
 
     def _start(self, spec: ModelSpec, layout: _Layout, *, health_timeout: float | None) -> Runtime:
         """The backend starts every replica (all ready, or none left running), the pool takes them."""

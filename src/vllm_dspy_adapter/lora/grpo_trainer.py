@@ -202,8 +202,8 @@ class GRPOTrainer:
                                     epsilon=config.epsilon, epsilon_high=config.epsilon_high or config.epsilon)
             loss = per_seq.sum()
             if not torch.isfinite(loss):
-                raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite ({float(loss.detach())}); no "
-                                        "update was applied and the adapter served before this step keeps serving. "
+                raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite "
+                                        f"({float(loss.detach())}); no update was applied and the adapter served before this step keeps serving. "
                                         "Lower train_kwargs learning_rate, or raise max_grad_norm's clipping.")
             first = (b // config.gradient_accumulation_steps) * window
             in_window = min(window, len(sequences) - first)
