@@ -203,8 +203,8 @@ class GRPOTrainer:
             loss = per_seq.sum()
             if not torch.isfinite(loss):
                 raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite "
-                                        f"({float(loss.detach())}); no update was applied and the adapter served before this step keeps serving. "
-                                        "Lower train_kwargs learning_rate, or raise max_grad_norm's clipping.")
+                                        f"({float(loss.detach())}); no update was applied and the adapter served "
+                                        "before this step keeps serving. Lower train_kwargs learning_rate.")
             first = (b // config.gradient_accumulation_steps) * window
             in_window = min(window, len(sequences) - first)
             (loss / in_window).backward()
