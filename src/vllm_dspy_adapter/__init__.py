@@ -17,6 +17,7 @@ from .errors import (
     PromptTooLongError,
     ReplicaDeadError,
     ReplicaStartError,
+    TrainingStepError,
     UnsupportedInputError,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "PromptTooLongError",
     "ReplicaDeadError",
     "ReplicaStartError",
+    "TrainingStepError",
     "UnsupportedInputError",
     "__version__",
 ]

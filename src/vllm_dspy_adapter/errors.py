@@ -11,6 +11,7 @@
 | ``ReplicaStartError`` | a replica failed to start; nothing is left running | continues without it | the error itself |
 | ``NoHealthyReplicaError`` | every replica is dead and none could be restarted | fails fast | a provider error (no retry) |
 | ``LMClosedError`` | the LM was shut down | fails fast | a provider error (no retry) |
+| ``TrainingStepError`` | a GRPO step ran out of memory or went non-finite | undoes the step; the last version serves | the error itself (from ``job.step``) |
 
 Errors cross process boundaries (a worker reports them to the driver), so every
 class pickles from its message alone.
