@@ -55,6 +55,7 @@ class ModelSpec:
     sampling: dict[str, Any] = field(default_factory=dict)
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     model_name: str | None = None  # a short name for labels; defaults to the path's basename
+    cache_events: bool = False  # the engines publish their KV-cache events ("cache" routing)
 
     def label(self) -> str:
         """The model string DSPy caches under: the model and every setting that
@@ -81,6 +82,12 @@ class ModelSpec:
         if not self.engine_kwargs.get("enable_lora"):
             return None
         return int(self.engine_kwargs.get("max_lora_rank") or 16)  # vLLM's default
+
+    def tokenize(self, prompt: str, *, chat: bool) -> list[int]:
+        """The one tokenising rule of a text prompt, the engines' and the router's: a
+        chat-rendered prompt already holds its special tokens (BOS where the template
+        wants one); a raw prompt gets them as ``LLM.generate`` gives them."""
+        return self.load_tokenizer().encode(prompt, add_special_tokens=not chat)
 
     def with_engine_kwargs(self, **updates: Any) -> ModelSpec:
         return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, **updates})

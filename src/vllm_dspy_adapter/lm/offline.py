@@ -51,6 +51,7 @@ class _Layout:
     router: Router
     max_restarts: int  # 0: a dead replica stays dead
     adapter_routing: bool = True  # with enable_lora: AdapterRouter around the routing policy
+    cache_events: bool = False  # the engines publish KV-cache events (the "cache" policy reads them)
 
 # atexit runs handlers last-registered-first, and multiprocessing registers one
 # that joins every non-daemon child (our replica workers) forever. Importing it
@@ -150,7 +151,8 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         check_sampling_kwargs(sampling_params or {})
         name = None if model is not None else _default_name(path)
         spec = ModelSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
-                         chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name)
+                         chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name,
+                         cache_events=layout.cache_events)
         runtime = self._start(spec, layout, health_timeout=health_timeout)
         _LIVE.add(runtime)
         self._runtime = runtime
@@ -375,11 +377,14 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         total_memory = kwargs.get("gpu_memory_utilization")
         # Placement is decided (and refused) here, before any engine starts.
+        router = make_router(routing)
         layout = _Layout(make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
                                       num_replicas=num_replicas, ray_address=ray_address,
                                       start_timeout=start_timeout, placement_timeout=placement_timeout,
                                       replicas_per_gpu=replicas_per_gpu),
-                         make_router(routing), max_restarts=max_restarts, adapter_routing=bool(adapter_routing))
+                         router, max_restarts=max_restarts, adapter_routing=bool(adapter_routing),
+                         # Ray actors cannot hand the events over: the pool falls back (and says so)
+                         cache_events=router.wants_cache_events and backend != "ray")
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         try:
