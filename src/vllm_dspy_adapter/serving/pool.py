@@ -409,7 +409,8 @@ class ReplicaPool:
     def stats(self) -> list[dict[str, Any]]:
         out = []
         for replica, load in zip(self.replicas, self.loads()):
-            out.append({"replica": replica.index, "device": replica.device, "routed": self._routed[replica.index],
+            out.append({"replica": replica.index, "device": replica.device, "routing": self.router.name,
+                        "routed": self._routed[replica.index],
                         "resubmitted": self._resubmitted[replica.index], "outstanding_tokens": load.outstanding,
                         **replica.stats()})
         return out
