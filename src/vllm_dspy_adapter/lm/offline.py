@@ -22,6 +22,7 @@ from typing import Any
 import dspy
 
 from ..serving.adapter_routing import AdapterRouter
+from ..serving.batching import group_by_prefix
 from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from ..errors import ConfigurationError, LMClosedError
@@ -195,7 +196,8 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         one dict of such fields per prompt (for example each prompt's own
         ``max_tokens``), applied on top of ``sampling``. Every prompt is
         submitted at once and routed like a DSPy call, so no replica waits for a
-        static share. Returns strings, or ``GenerationOutput`` objects with
+        static share; prompts that share a prefix are submitted together, the
+        first one first, to one replica, so vLLM computes the shared part once. Returns strings, or ``GenerationOutput`` objects with
         ``return_outputs=True``. A failed prompt raises after every other prompt
         has finished (with ``raise_on_error=False`` its slot holds the exception).
         ``adapter``: a loaded LoRA adapter for every prompt (default: this LM's own,
@@ -222,7 +224,11 @@ class vLLMOffline(LoRAMixin, dspy.LM):
             runtime.pool.adapters.get(adapter)  # not loaded: ConfigurationError before any request
             for request in requests:
                 request.adapter = adapter
-        futures = [runtime.pool.submit(r) for r in requests]
+        # Prompts sharing a prefix go together, first one first, to one replica (serving/batching.py).
+        futures: list[Any] = [None] * len(requests)
+        for group in group_by_prefix([r.prompt for r in requests]):
+            for i, future in zip(group, runtime.pool.submit_group([requests[i] for i in group])):
+                futures[i] = future
         results: list[Any] = [None] * len(futures)
         bar = _progress_bar(len(futures), progress)
         started, out_tokens = time.monotonic(), 0

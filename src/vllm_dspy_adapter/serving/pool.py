@@ -59,6 +59,7 @@ class _Job:
     attempts: int = 0
     stream: Any = None  # a lm.stream_channel.StreamChannel for a streamed request
     replica: int | None = None  # where the current attempt runs
+    pin: int | None = None  # submit_group: the replica its group's first request went to (first attempt only)
     attempt_id: str = ""  # the current attempt's request id on that replica
 
 
@@ -134,18 +135,34 @@ class ReplicaPool:
         piece of text on it. A streamed request whose replica dies before its
         first piece is resubmitted like any other; after it, it fails with
         ``StreamInterruptedError`` (what was shown cannot be taken back)."""
-        job = _Job(request, concurrent.futures.Future(), 0, stream=sink)
+        return self._submit_job(request, sink).future
+
+    def submit_group(self, requests: Sequence[GenerationRequest]) -> list[concurrent.futures.Future]:
+        """Requests that share a prefix (``batching.group_by_prefix``): the first is routed
+        by the policy, the others go to the same replica right after it (where it is
+        alive and may take them), so vLLM computes the shared blocks once and the rest
+        hit them. A request resubmitted after a death is routed like any other."""
+        futures: list[concurrent.futures.Future] = []
+        home = None
+        for request in requests:
+            job = self._submit_job(request, None, pin=home)
+            home = job.replica if home is None else home
+            futures.append(job.future)
+        return futures
+
+    def _submit_job(self, request: GenerationRequest, sink, pin: int | None = None) -> _Job:
+        job = _Job(request, concurrent.futures.Future(), 0, stream=sink, pin=pin)
         if (self.router.wants_token_ids and request.token_ids is None and isinstance(request.prompt, str)
                 and not request.images):
             try:  # here, in the caller's thread: the engine then uses these ids as they are
                 request.token_ids = self._tokenize(request.prompt, request.chat)
             except Exception as exc:  # noqa: BLE001 - the caller gets it through the future
                 _settle(job.future, error=exc)
-                return job.future
+                return job
         job.cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
         job.future.add_done_callback(lambda f: self._caller_gave_up(job) if f.cancelled() else None)
         self._dispatch(job)
-        return job.future
+        return job
 
     def _caller_gave_up(self, job: _Job) -> None:
         """The caller cancelled its future (``asyncio`` cancellation of ``acall``, a stream
@@ -191,7 +208,11 @@ class ReplicaPool:
                     if events:
                         self.router.observe(replica.index, events)
             candidates = open_replicas(loads, self.spill_at)
-            index = self.router.choose(prompt, candidates, adapter=adapter)
+            if job.pin is not None and any(load.index == job.pin for load in candidates):
+                index = job.pin  # its group's first request is there: the shared blocks are too
+            else:
+                index = self.router.choose(prompt, candidates, adapter=adapter)
+            job.pin = None
             self._outstanding[index] += job.cost
             if self._in_flight[index] == 0:
                 self._busy_since[index] = time.monotonic()
