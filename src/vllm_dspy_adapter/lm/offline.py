@@ -23,7 +23,7 @@ import dspy
 
 from ..serving.adapter_routing import AdapterRouter
 from ..serving.batching import group_by_prefix
-from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
+from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs, lora_defaults
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from ..errors import ConfigurationError, LMClosedError
 from .lora_methods import LoRAMixin
@@ -150,6 +150,9 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         path = resolve_model(model)
         check_engine_kwargs(engine_kwargs)
         check_sampling_kwargs(sampling_params or {})
+        engine_kwargs, chosen = lora_defaults(engine_kwargs)  # not in _init_args: a saved LM chooses again
+        if chosen is not None:
+            logger.info("%s", chosen)
         name = None if model is not None else _default_name(path)
         spec = ModelSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
                          chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name,
