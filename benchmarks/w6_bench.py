@@ -30,6 +30,7 @@ import time
 from dataclasses import replace
 
 OURS = ("cache", "prefix", "round_robin", "least_loaded")
+ENGINE_ARGS: dict = {}  # --engine-arg, recorded in every row
 
 
 def chat_requests(tokenizer, shape, run_key: str):
@@ -145,10 +146,16 @@ def measure(system, label: str, k: int, mode: str, requests, threads: int) -> di
     prompt = sum(p1 - p0 for (p0, _), (p1, _) in zip(before, after))
     cached = sum(c1 - c0 for (_, c0), (_, c1) in zip(before, after))
     out_tokens = sum(r.max_tokens for r in requests)  # ignore_eos: every request writes all of them
-    return {"system": label, "replicas": k, "mode": mode, "threads": threads if mode == "threads" else None,
+    return {"system": label, "replicas": k, "mode": mode, "engine_args": ENGINE_ARGS, "threads": threads if mode == "threads" else None,
             "requests": len(requests), "seconds": round(seconds, 2), "req_s": round(len(requests) / seconds, 3),
             "out_tok_s": round(out_tokens / seconds, 1), "hit_rate": round(cached / prompt, 3) if prompt else None,
             "hit_rate_per_replica": hits}
+
+
+def warm_up(system, tokenizer, shape, k: int) -> None:
+    """One small unmeasured batch after a start (the first steps of an engine are slow)."""
+    small = replace(shape, groups=2 * k, questions=2, output_len=8)
+    system.batch(chat_requests(tokenizer, small, f"warm-up-{k}"))
 
 
 def table(rows: list[dict]) -> str:
@@ -173,8 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-prefixes", type=int, default=12, help="prefixes one replica's KV cache holds")
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--prefix-len", type=int, default=2048)
+    parser.add_argument("--question-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--one-lm", action="store_true", help="ours: one LM start per k, policies switched on it")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra vLLM engine argument for every engine, ours and raw (the knob sweeps: "
+                             "max_num_seqs=512, max_num_batched_tokens=16384, ...)")
     parser.add_argument("--out", help="folder for w6.jsonl")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -185,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     on_gpu = visible_gpu_count() > 0
-    shape = W6Shape(groups=args.groups, questions=args.questions)
+    shape = W6Shape(groups=args.groups, questions=args.questions, prefix_len=args.prefix_len,
+                    question_len=args.question_len, output_len=args.output_len)
     engine = {"max_model_len": args.max_model_len, "load_format": "dummy"}
     if args.smoke:
         from .smoke_model import tiny_model_path
@@ -202,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     engine.update(squeeze(shape, args.kv_prefixes, model, on_gpu))
+    from .options import _engine_arg
+
+    ENGINE_ARGS.update(dict(_engine_arg(text) for text in args.engine_arg))
+    ENGINE_ARGS.update({k: v for k, v in os.environ.items() if k == "VLLM_USE_FLASHINFER_SAMPLER"})
+    engine.update({k: v for k, v in ENGINE_ARGS.items() if not k.startswith("VLLM_")})
     systems = args.systems.split(",")
     modes = args.modes.split(",")
     rows: list[dict] = []
@@ -221,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in starts:
             system = OursW6(model, engine, k, group[0], on_gpu)
             try:
+                warm_up(system, tokenizer, shape, k)
                 for policy in group:
                     system.use(policy)
                     for mode in modes:
@@ -232,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if "raw" in systems:
             raw = RawW6(model, engine, k, on_gpu)
             try:
+                warm_up(raw, tokenizer, shape, k)
                 for mode in modes:
                     emit(measure(raw, "raw", k, mode, chat_requests(tokenizer, shape, f"{k}-{mode}"), args.threads))
             finally:
