@@ -14,6 +14,8 @@ in flight). Modes (``--modes``): ``batch`` (every request at once: ``batch_gener
 groups by prefix) and ``threads`` (``--threads`` DSPy-style threads calling ``lm(messages=...)``).
 Requests are chat messages: the prefix is the system message, the question the user's,
 both decoded from random token ids; every run draws fresh ones (same for every system).
+``--replay FILE``: the calls a real optimiser made (``benchmarks.record_optimiser``: GEPA
+on the default model, CPU build) instead of the generated shape, in their recorded order.
 Each row: ``@@W6 {json}`` on stdout and appended to ``--out``/w6.jsonl; a table with
 each system's ratio to round robin ends the run.
 """
@@ -31,9 +33,12 @@ from dataclasses import replace
 
 OURS = ("cache", "prefix", "round_robin", "least_loaded")
 ENGINE_ARGS: dict = {}  # --engine-arg, recorded in every row
+REPLAY: list[str] = []  # --replay FILE
 
 
 def chat_requests(tokenizer, shape, run_key: str):
+    if REPLAY:
+        return replay_requests(REPLAY[0], run_key)
     from .workloads import Request, w6
 
     workload = w6(tokenizer, shape, run_key)
@@ -43,6 +48,21 @@ def chat_requests(tokenizer, shape, run_key: str):
         out.append(Request(max_tokens=r.max_tokens, group=r.group, messages=[
             {"role": "system", "content": tokenizer.decode(prefix)},
             {"role": "user", "content": tokenizer.decode(question)}]))
+    return out
+
+
+def replay_requests(path: str, run_key: str):
+    """The calls ``benchmarks.record_optimiser`` recorded, in their order; the first message
+    carries the run key, so that a run never hits the cache of the one before it."""
+    from .workloads import Request
+
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            call = json.loads(line)
+            messages = [dict(m) for m in call["messages"]]
+            messages[0]["content"] = f"(run {run_key}) " + messages[0]["content"]
+            out.append(Request(max_tokens=int(call.get("max_tokens") or 128), messages=messages))
     return out
 
 
@@ -155,7 +175,7 @@ def measure(system, label: str, k: int, mode: str, requests, threads: int) -> di
 def warm_up(system, tokenizer, shape, k: int) -> None:
     """One small unmeasured batch after a start (the first steps of an engine are slow)."""
     small = replace(shape, groups=2 * k, questions=2, output_len=8)
-    system.batch(chat_requests(tokenizer, small, f"warm-up-{k}"))
+    system.batch(chat_requests(tokenizer, small, f"warm-up-{k}")[:4 * k])
 
 
 def table(rows: list[dict]) -> str:
@@ -188,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra vLLM engine argument for every engine, ours and raw (the knob sweeps: "
                              "max_num_seqs=512, max_num_batched_tokens=16384, ...)")
+    parser.add_argument("--replay", help="send the calls recorded by benchmarks.record_optimiser instead")
     parser.add_argument("--out", help="folder for w6.jsonl")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -219,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     from .options import _engine_arg
 
     ENGINE_ARGS.update(dict(_engine_arg(text) for text in args.engine_arg))
+    if args.replay:
+        REPLAY.append(args.replay)
     ENGINE_ARGS.update({k: v for k, v in os.environ.items() if k == "VLLM_USE_FLASHINFER_SAMPLER"})
     engine.update({k: v for k, v in ENGINE_ARGS.items() if not k.startswith("VLLM_")})
     systems = args.systems.split(",")
