@@ -110,6 +110,8 @@ class RawW6:
     def __init__(self, model, engine, k: int, on_gpu: bool):
         from .systems import RawAsync
 
+        if on_gpu and k > 1:  # RawAsync splits the GPU only without kv_cache_memory_bytes: split it here too
+            engine = {**engine, "gpu_memory_utilization": engine.get("gpu_memory_utilization", 0.9) / k}
         self.raw = RawAsync(model, engine, dp=1, ignore_eos=True, engines_per_gpu=k)
         self.totals = [[0, 0] for _ in range(k)]
         raw, totals = self.raw, self.totals
