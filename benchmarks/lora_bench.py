@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="replicas, one per GPU (CPU replicas without GPUs)")
     parser.add_argument("--adapters", default="0,1,4,16", help="adapter counts to run (0: the base model)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-loras", type=int, default=4, help="adapters in one replica's GPU slots")
+    parser.add_argument("--max-loras", type=int, default=4,
+                        help="adapters in one replica's GPU slots; 0: not set (the LM's default, 16)")
     parser.add_argument("--routing", default="adapter,plain", help="with several replicas: adapter and/or plain")
     parser.add_argument("--requests", type=int, default=512, help="requests per replica")
     parser.add_argument("--threads", type=int, default=256)
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = dict(max_model_len=args.max_model_len, enforce_eager=args.smoke, load_format=args.load_format)
     placement = {"num_gpus": args.gpus} if on_gpu else {"num_replicas": args.gpus}
     for routing in routings:
-        with vLLMOfflineMultiGPU(model, **placement, routing="least_loaded", enable_lora=True, max_loras=args.max_loras,
+        with vLLMOfflineMultiGPU(model, **placement, routing="least_loaded", enable_lora=True,
+                                 **({"max_loras": args.max_loras} if args.max_loras else {}),
                                  max_lora_rank=args.rank, cache=False, adapter_routing=routing == "adapter",
                                  **engine) as lm:
             for count in counts:

@@ -53,14 +53,27 @@ def subset_router(base):
 
     class SubsetRouter(Router):
         def __init__(self, base):
-            self.base = make_router(base)
+            self.use(base)
             self.k: int | None = None
+
+        def use(self, base) -> None:
+            """Route with ``base`` from now on (W6's one-LM mode compares policies on one start)."""
+            self.base = make_router(base)
             self.name = self.base.name
+            self.wants_token_ids = self.base.wants_token_ids
+            self.wants_cache_events = self.base.wants_cache_events
 
         def choose(self, prompt, loads, adapter=None):
             if self.k is not None:
                 loads = [load for load in loads if load.index < self.k]
             return self.base.choose(prompt, loads, adapter=adapter)
+
+        def observe(self, replica: int, events: list) -> None:
+            self.base.observe(replica, events)
+
+        def fallback(self):
+            fallback = self.base.fallback()
+            return self if fallback is self.base else SubsetRouter(fallback)
 
         def forget(self, replica: int) -> None:
             self.base.forget(replica)

@@ -190,3 +190,34 @@ def w4_devset(settings) -> list:
 
 def w4_metric(example, prediction, trace=None) -> bool:
     return str(example.answer) in str(getattr(prediction, "answer", "") or "")
+
+
+# --------------------------------------------------------------------------- W6
+
+@dataclass
+class W6Shape:
+    """SGLang ``bench_serving``'s generated-shared-prefix shape (issue 20): the work GEPA,
+    MIPROv2 and BootstrapFewShot send (a few long candidate prefixes, many short questions)."""
+
+    groups: int = 64
+    questions: int = 16
+    prefix_len: int = 2048
+    question_len: int = 128
+    output_len: int = 256
+
+
+def w6(tokenizer, shape: W6Shape, run_key: str, seed: int = 0) -> Workload:
+    """``groups`` random prefixes x ``questions`` random questions each, shuffled (DSPy's
+    threads send a candidate's questions mixed with the others'), fresh per ``run_key``."""
+    rng = np.random.default_rng(seed_of("w6", seed, run_key))
+    prefixes = _random_ids(rng, tokenizer, (shape.groups, shape.prefix_len)).tolist()
+    questions = _random_ids(rng, tokenizer, (shape.groups * shape.questions, shape.question_len)).tolist()
+    reqs = [Request(max_tokens=shape.output_len, token_ids=prefixes[g] + questions[g * shape.questions + q], group=g)
+            for g in range(shape.groups) for q in range(shape.questions)]
+    order = rng.permutation(len(reqs))
+    return Workload("W6", [reqs[i] for i in order], meta={"groups": shape.groups, "questions": shape.questions})
+
+
+def w6_kv_tokens(shape: W6Shape, prefixes: int, running: int = 64) -> int:
+    """KV cache per replica for W6: room for ``prefixes`` prefixes plus ``running`` sequences' own tokens."""
+    return prefixes * shape.prefix_len + running * (shape.question_len + shape.output_len + 32)

@@ -76,3 +76,19 @@ def test_benchmark_smoke_w5_replicas_per_gpu(tmp_path):
         assert r["output_tokens"] == r["planned_output_tokens"] > 0, r
     names = {t["target"] for t in results["targets"]}
     assert any("W5-batch" in n and "best k=2 / k=1" in n for n in names), names
+
+
+@pytest.mark.engine
+def test_benchmark_smoke_w6_optimiser(tmp_path):
+    """W6 (issue 20): two CPU replicas, ours under every routing policy on one LM start and
+    raw AsyncLLM engines, batch and threads; each row has its prefix-cache hit rates."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.w6_bench", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + "\n" + proc.stderr[-6000:]
+    rows = [json.loads(line) for line in (tmp_path / "w6.jsonl").read_text().splitlines()]
+    assert {(r["system"], r["mode"]) for r in rows} == {
+        (s, m) for s in ("cache", "prefix", "round_robin", "least_loaded", "raw") for m in ("batch", "threads")}
+    for r in rows:
+        assert r["requests"] == 12 and r["req_s"] > 0, r
+        assert len(r["hit_rate_per_replica"]) == 2 and r["hit_rate"] is not None, r
+    assert "x rr" in proc.stdout  # the closing table

@@ -53,3 +53,31 @@ def test_registry_names_what_is_loaded_when_asked_for_an_unknown_adapter(tmp_pat
     assert again.lora_id != spec.lora_id  # ids are never reused
     assert registry.put(again) is spec
     assert registry.pop("a") is again and registry.all() == []
+
+
+# ------------------------------------------------ max_loras chosen when the user sets none
+
+
+def test_enable_lora_without_max_loras_gets_sixteen_slots_and_says_why():
+    from vllm_dspy_adapter.config import LORA_SLOTS, lora_defaults
+
+    kwargs, message = lora_defaults({"enable_lora": True})
+    assert kwargs["max_loras"] == LORA_SLOTS == 16
+    assert "max_loras=16" in message and "2.2x" in message and "Pass max_loras" in message
+
+
+def test_a_users_max_loras_or_no_lora_is_left_alone_and_max_cpu_loras_caps_the_default():
+    from vllm_dspy_adapter.config import lora_defaults
+
+    assert lora_defaults({"enable_lora": True, "max_loras": 2}) == ({"enable_lora": True, "max_loras": 2}, None)
+    assert lora_defaults({"max_model_len": 512}) == ({"max_model_len": 512}, None)
+    assert lora_defaults({"enable_lora": True, "max_cpu_loras": 6})[0]["max_loras"] == 6
+
+
+def test_more_adapters_than_slots_warns_with_the_measured_cost_and_the_fix():
+    from vllm_dspy_adapter.config import lora_slots_warning
+
+    assert lora_slots_warning(4, 4) is None
+    warning = lora_slots_warning(16, 4)
+    assert "16 LoRA adapters" in warning and "max_loras=4" in warning and "max_loras=16" in warning
+    assert "7.07 req/s" in warning

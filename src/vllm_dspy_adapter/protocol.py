@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .config import ModelSpec
 
 __all__ = ["GenerationRequest", "Generation", "TokenLogprobData", "ReplicaInfo", "StreamPiece", "Replica", "Backend",
-           "OnDeath"]
+           "OnDeath", "BlocksStored", "BlocksRemoved", "CacheCleared", "CacheEventsLost", "CacheEvent"]
 
 
 @dataclass
@@ -38,10 +38,15 @@ class GenerationRequest:
     chat: bool = False
     images: list[Any] = field(default_factory=list)
     adapter: str | None = None  # the name of a LoRA adapter loaded with lm.load_adapter, or the base model
+    # The text prompt's token ids when the driver already tokenised it (cache-aware routing
+    # needs them; ``ModelSpec.tokenize`` is the one rule): the engine then uses them as they are.
+    token_ids: list[int] | None = None
 
     def estimated_prompt_tokens(self) -> int:
         # Routing needs a load estimate before any tokeniser runs; four
         # characters a token is close enough for English and code.
+        if self.token_ids is not None:
+            return len(self.token_ids)
         if isinstance(self.prompt, str):
             return max(1, len(self.prompt) // 4)
         return len(self.prompt)
@@ -99,6 +104,45 @@ class ReplicaInfo:
     modalities: tuple[str, ...] | None = None  # input modalities besides text ("image", ...); None: unknown
 
 
+# ------------------------------------------------------- KV-cache events (plain data)
+# What an engine's prefix cache did, from vLLM's KV-cache events (``kv_events_config``),
+# as plain data that crosses processes (a worker's heartbeat carries them). Block hashes
+# are vLLM's own (opaque, per engine); ``cache_routing`` keys blocks by their tokens.
+
+
+@dataclass(frozen=True)
+class BlocksStored:
+    """Full blocks entered the cache: ``hashes[i]`` holds ``token_ids[i*block_size:(i+1)*block_size]``,
+    chained after the block ``parent`` (None: the prompt's first block)."""
+
+    hashes: tuple[Any, ...]
+    parent: Any
+    token_ids: tuple[int, ...]
+    block_size: int
+    adapter: str | None = None  # the LoRA adapter the blocks were computed with (None: the base model)
+
+
+@dataclass(frozen=True)
+class BlocksRemoved:
+    hashes: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class CacheCleared:
+    """The engine dropped every cached block (a reset of its prefix cache)."""
+
+
+@dataclass(frozen=True)
+class CacheEventsLost:
+    """Some events never arrived (a gap in the stream, or its reader failed): what is known
+    of this engine's cache is no longer exact."""
+
+    reason: str
+
+
+CacheEvent = BlocksStored | BlocksRemoved | CacheCleared | CacheEventsLost
+
+
 OnDeath = Callable[["Replica", str], None]
 """``on_death(replica, cause)``: called once per death of a replica that was alive,
 from a background thread, after every request it held has failed with
@@ -144,6 +188,14 @@ class Replica(Protocol):
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         """Counters of its engine; never waits longer than ``timeout``."""
+
+    @property
+    def cache_events(self) -> bool:
+        """Whether it reports its engine's KV-cache events (``take_cache_events``)."""
+
+    def take_cache_events(self) -> list[CacheEvent]:
+        """The KV-cache events its engine reported since the last call, oldest first (empty
+        when ``cache_events`` is false); a restart starts with ``CacheCleared``."""
 
     @property
     def adapters(self) -> frozenset[str]:

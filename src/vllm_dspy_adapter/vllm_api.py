@@ -32,7 +32,8 @@ __all__ = [
     "engine_arg_names", "sampling_field_names", "make_sampling_params", "make_lora_request", "start_async_llm",
     "EngineFacts", "model_modalities", "has", "check_sampling_params", "OPTIONAL", "generate", "abort", "is_sleeping", "errored",
     "add_lora", "remove_lora", "shutdown", "output_handler", "is_engine_dead", "tool_parser_names",
-    "response_template_has_tools", "parser_class", "chat_completion_request",
+    "response_template_has_tools", "parser_class", "chat_completion_request", "kv_events_config",
+    "cache_event_decoder",
 ]
 
 
@@ -54,6 +55,8 @@ MIN_VERSION = "0.26.0"
 _LLM = "vllm.v1.engine.async_llm.AsyncLLM"
 _SP = "vllm.sampling_params.SamplingParams"
 _ARGS = "vllm.engine.arg_utils.AsyncEngineArgs"
+_KVC = "vllm.config.kv_events.KVEventsConfig"
+_KVE = "vllm.distributed.kv_events"
 
 # Every vLLM name this module touches. A name of the form "X.f(k)" is the keyword k of X.f.
 USED: tuple[str, ...] = (
@@ -104,6 +107,13 @@ USED: tuple[str, ...] = (
     "vllm.entrypoints.openai.chat_completion.protocol.ChatCompletionRequest.parallel_tool_calls",
     "vllm.entrypoints.openai.chat_completion.protocol.ChatCompletionRequest.skip_special_tokens",
     "vllm.entrypoints.openai.chat_completion.protocol.ChatCompletionRequest.structured_outputs",
+    # KV-cache events ("cache" routing): the engine core publishes them on a ZMQ PUB socket
+    f"{_ARGS}.kv_events_config", _KVC, f"{_KVC}.enable_kv_cache_events", f"{_KVC}.publisher", f"{_KVC}.endpoint",
+    f"{_KVC}.topic", f"{_KVE}.KVEventBatch", f"{_KVE}.EventBatch.events", f"{_KVE}.BlockStored",
+    f"{_KVE}.BlockStored.block_hashes", f"{_KVE}.BlockStored.parent_block_hash", f"{_KVE}.BlockStored.token_ids",
+    f"{_KVE}.BlockStored.block_size", f"{_KVE}.BlockStored.lora_name", f"{_KVE}.BlockStored.medium",
+    f"{_KVE}.BlockStored.group_idx", f"{_KVE}.BlockRemoved", f"{_KVE}.BlockRemoved.block_hashes",
+    f"{_KVE}.BlockRemoved.medium", f"{_KVE}.BlockRemoved.group_idx", f"{_KVE}.AllBlocksCleared",
 )
 
 
@@ -320,6 +330,46 @@ def output_handler(llm):
 
 def shutdown(llm) -> None:
     llm.shutdown()
+
+
+# ------------------------------------------------------------------ KV-cache events
+
+
+def kv_events_config(endpoint: str, topic: str = "kv"):
+    """The engine argument that makes the engine core publish its KV-cache events on
+    ``endpoint`` (a ZMQ PUB socket it binds; ``ipc://`` keeps them on this machine)."""
+    from vllm.config.kv_events import KVEventsConfig
+
+    return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint, topic=topic)
+
+
+def cache_event_decoder():
+    """``decode(payload) -> list[tuple]`` for one published ``KVEventBatch`` (the third
+    frame of a message), with vLLM's own msgspec types: ``("stored", hashes, parent,
+    token_ids, block_size, lora_name)``, ``("removed", hashes)``, ``("cleared",)``. Only
+    the device tier's blocks of the first KV-cache group count (an offloaded CPU copy
+    is no prefix hit for the scheduler)."""
+    import msgspec
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+
+    decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+    def device(event) -> bool:
+        return event.medium in (None, "GPU") and event.group_idx in (None, 0)
+
+    def decode(payload: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        for event in decoder.decode(payload).events:
+            if isinstance(event, BlockStored) and device(event):
+                out.append(("stored", tuple(event.block_hashes), event.parent_block_hash, tuple(event.token_ids),
+                            int(event.block_size), event.lora_name))
+            elif isinstance(event, BlockRemoved) and device(event):
+                out.append(("removed", tuple(event.block_hashes)))
+            elif isinstance(event, AllBlocksCleared):
+                out.append(("cleared",))
+        return out
+
+    return decode
 
 
 # ------------------------------------------------------------------ tool parsers

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 from ..errors import LMClosedError, ReplicaDeadError, ReplicaStartError
-from ..protocol import Generation, OnDeath, ReplicaInfo
+from ..protocol import CacheCleared, Generation, OnDeath, ReplicaInfo
 
 __all__ = ["ReplicaHandle", "start_all"]
 
@@ -61,8 +61,27 @@ class ReplicaHandle:
         self._stalls: list[str] = []  # when each stall was declared (UTC, ISO 8601)
         self._adapters: frozenset[str] = frozenset()  # LoRA adapters of the current incarnation's engine
         self._last_cause: str | None = None
+        self._cache_events: list = []  # KV-cache events reported and not taken yet (under _lock)
+        self.reports_cache_events = False  # set by a subclass whose engine publishes them
 
     # ------------------------------------------------------------- contract
+
+    @property
+    def cache_events(self) -> bool:
+        return self.reports_cache_events
+
+    def take_cache_events(self) -> list:
+        with self._lock:
+            events, self._cache_events = self._cache_events, []
+        return events
+
+    def _add_cache_events(self, incarnation: int, events) -> None:
+        """Events of the engine of ``incarnation`` (those of a replaced engine are dropped)."""
+        if not events:
+            return
+        with self._lock:
+            if incarnation == self._incarnation:
+                self._cache_events.extend(events)
 
     @property
     def alive(self) -> bool:
@@ -161,6 +180,7 @@ class ReplicaHandle:
             self.info = info
             self._incarnation += 1
             self._adapters = frozenset()  # a new engine: the pool loads the adapters again
+            self._cache_events = [CacheCleared()]  # a new engine: an empty cache
             self._alive = not self._closed
             self._touch()
             return self._incarnation

@@ -4,7 +4,7 @@
 ``FakeReplica`` runs the real ``ReplicaHandle`` (ids, incarnations, the one death path,
 cancellation) and keeps each request until the test answers it: ``finish_all``,
 ``reply_from`` (a reply of a given incarnation: late replies are dropped), ``crash``,
-``come_back``; ``progressing`` decides whether ``last_progress`` moves (the stall check);
+``come_back``, ``report_cache_events``; ``progressing`` decides whether ``last_progress`` moves (the stall check);
 ``aborted`` lists what ``cancel`` aborted. Answers echo the prompt (``echo``).
 """
 
@@ -54,6 +54,11 @@ class FakeReplica(ReplicaHandle):
 
     def reply_from(self, incarnation: int, request_id: str, request: GenerationRequest) -> None:
         self._complete(incarnation, request_id, result=echo(request, request_id))
+
+    def report_cache_events(self, events) -> None:
+        """The engine's KV-cache events, as a real replica reports them (sets ``cache_events``)."""
+        self.reports_cache_events = True
+        self._add_cache_events(self.incarnation, list(events))
 
     def crash(self, cause: str = "crashed") -> None:
         self._died(self.incarnation, cause)

@@ -34,6 +34,7 @@ class InProcessReplica(ReplicaHandle):
         self.start_timeout = start_timeout
         self.engine = None
         self._watch_stop = threading.Event()
+        self.reports_cache_events = spec.cache_events
 
     def start(self) -> None:
         from ..engine.engine import Engine
@@ -64,6 +65,12 @@ class InProcessReplica(ReplicaHandle):
         inner = self.engine.submit(request, request_id, sink=sink)  # pieces go straight to the channel
         inner.add_done_callback(lambda done: self._deliver(incarnation, request_id, done))
         return future
+
+    def take_cache_events(self) -> list:
+        engine = self.engine
+        if engine is not None:
+            self._add_cache_events(self._incarnation, engine.take_cache_events())
+        return super().take_cache_events()
 
     def _abort(self, request_id: str) -> None:
         engine = self.engine

@@ -101,6 +101,7 @@ class ProcessReplica(ReplicaHandle):
         self._stats_ids = itertools.count()
         self._process = None
         self._conn = None
+        self.reports_cache_events = spec.cache_events  # they come with the heartbeat
 
     # ---------------------------------------------------------------- start
 
@@ -175,8 +176,9 @@ class ProcessReplica(ReplicaHandle):
                     self._complete(incarnation, request_id, result=generation)
                 case Error(request_id, error):
                     self._complete(incarnation, request_id, error=error)
-                case Beat(ticks, engine_in_flight):
+                case Beat(ticks, engine_in_flight, cache_events):
                     self._pulse(ticks, engine_in_flight)
+                    self._add_cache_events(incarnation, cache_events)
                 case StatsReply(call_id, stats):
                     _answer(self._stats_waiting, call_id, stats)  # a late reply finds no waiter: dropped
                 case AdapterReply(call_id, error):

@@ -102,10 +102,12 @@ class StatsReply:
 
 @dataclass(frozen=True)
 class Beat:
-    """The heartbeat: the engine's pulse and how many requests the engine holds."""
+    """The heartbeat: the engine's pulse, how many requests the engine holds, and the
+    KV-cache events since the last beat (``protocol.CacheEvent``; none without ``cache_events``)."""
 
     ticks: int
     in_flight: int
+    cache_events: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ pieces of every streamed request ready at that moment (an engine step decodes
 one token for all of them at once), so a thousand concurrent streams cost one
 message per step, not a thousand. A request's pieces always precede its ``Done``.
 
-A heartbeat (``Beat(ticks, in_flight)``) goes out every ``heartbeat_s`` seconds
-with the engine's pulse (``Engine.ticks``) and the number of requests the engine
-holds: a frozen worker stops beating, a frozen engine stops ticking, and a worker
+A heartbeat (``Beat(ticks, in_flight, cache_events)``) goes out every ``heartbeat_s``
+seconds with the engine's pulse (``Engine.ticks``), the number of requests the engine
+holds and its KV-cache events since the last beat (for ``"cache"`` routing): a frozen worker stops beating, a frozen engine stops ticking, and a worker
 whose requests never reach its engine (a main thread stuck while the engine idles)
 beats with nothing in flight; the driver's stall check sees all three.
 """
@@ -153,7 +153,7 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
     def beat() -> None:
         try:
             while not dying.wait(heartbeat_s):
-                send(Beat(engine.ticks, engine.in_flight))
+                send(Beat(engine.ticks, engine.in_flight, tuple(engine.take_cache_events())))
         except BaseException as exc:  # no heartbeat means a stall: say why and go, not silently
             die(f"the worker's heartbeat failed: {type(exc).__name__}: {exc}")
 

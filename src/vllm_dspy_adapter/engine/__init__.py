@@ -3,6 +3,8 @@
 - ``engine``: ``Engine``: an ``AsyncLLM`` on a background event loop, thread-safe
   ``submit``, the watchdog and pulse, LoRA adapters loaded into it;
 - ``processes``: the processes an engine launched: found, measured (CPU pulse), killed;
+- ``cache_events``: the engine's KV-cache events, read from the ZMQ socket its engine core
+  publishes on (``ModelSpec.cache_events``), for the ``"cache"`` routing policy;
 - ``vllm_io``: a ``GenerationRequest`` to vLLM's prompt and ``SamplingParams``, vLLM's
   outputs to a ``Generation`` (whole or gathered from streamed deltas); the refusals.
 

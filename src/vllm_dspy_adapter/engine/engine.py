@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import ModelSpec
+from .cache_events import CacheEventReader, endpoint
 from .processes import EngineProcesses
 from ..errors import (
     ConfigurationError,
@@ -93,6 +94,8 @@ class Engine:
         self.async_llm = None  # the vLLM AsyncLLM, once started
         self._unfinished = 0
         self._loras: dict[str, _Loaded] = {}  # adapter name -> its id and vLLM LoRARequest, loaded here
+        self._cache_events: list = []  # KV-cache events not taken yet (under _lock); see cache_events.py
+        self._event_reader: CacheEventReader | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"vllm-dspy-{name}", daemon=True)
         self._thread.start()
@@ -120,7 +123,12 @@ class Engine:
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
         kwargs = {**engine_defaults(), **self.spec.engine_kwargs}
+        address = endpoint() if self.spec.cache_events else None
+        if address is not None:
+            kwargs["kv_events_config"] = vllm_api.kv_events_config(address)
         self.async_llm, facts = vllm_api.start_async_llm(self.spec.model, kwargs)
+        if address is not None:
+            self._event_reader = CacheEventReader(address, self._add_cache_events, self.name)
         self.facts = facts
         self.on_cpu = facts.on_cpu
         self.max_model_len = facts.max_model_len
@@ -156,10 +164,10 @@ class Engine:
         return self._dead is None and llm is not None and not vllm_api.errored(llm)
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
+        if request.token_ids is not None:  # the driver tokenised it already (cache routing), by the same rule
+            return list(request.token_ids)
         if isinstance(request.prompt, str):
-            # A chat-rendered prompt already holds its special tokens (BOS where the
-            # template wants one); a raw prompt gets them as LLM.generate gives them.
-            return self.tokenizer.encode(request.prompt, add_special_tokens=not request.chat)
+            return self.spec.tokenize(request.prompt, chat=request.chat)
         return list(request.prompt)
 
     def submit(self, request: GenerationRequest, request_id: str | None = None, *,
@@ -377,6 +385,17 @@ class Engine:
             asyncio.run_coroutine_threadsafe(vllm_api.remove_lora(self.async_llm, loaded.lora_id),
                                              self._loop).result(timeout)
 
+    def _add_cache_events(self, events: list) -> None:
+        if events:
+            with self._lock:
+                self._cache_events.extend(events)
+
+    def take_cache_events(self) -> list:
+        """The KV-cache events since the last call (always empty without ``ModelSpec.cache_events``)."""
+        with self._lock:
+            events, self._cache_events = self._cache_events, []
+        return events
+
     def adapter_names(self) -> list[str]:
         return sorted(self._loras)
 
@@ -401,6 +420,8 @@ class Engine:
 
     def shutdown(self) -> None:
         self._closing = True
+        if self._event_reader is not None:
+            self._event_reader.stop()
         llm = self.async_llm
         if llm is not None:
             self._cancel_output_handler(llm)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from typing import Any
 
-from ..config import ModelSpec
+from ..config import ModelSpec, lora_slots_warning
 from ..errors import (
     VllmDspyAdapterError,
     ConfigurationError,
@@ -33,6 +34,8 @@ from .modalities import supported_from_info
 from .renderer import Prepared, Renderer
 from ..serving.pool import ReplicaPool
 from ..protocol import Backend, Replica, ReplicaInfo
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AdapterBinding", "DSPyEngine", "AsyncDSPyEngine", "Runtime", "SUPPORTED_PARAMS"]
 
@@ -73,6 +76,7 @@ class Runtime:
         self.renderer = Renderer(spec, supported_from_info(self.info), tool_call_parser)
         self.label = self.renderer.label
         self._close_lock = threading.Lock()
+        self._warned_slots = False
 
     @property
     def closed(self) -> bool:
@@ -100,6 +104,10 @@ class Runtime:
             raise LMClosedError("This LM was shut down; create a new one.")
         adapter = read_adapter(name, path, max_lora_rank=self.max_lora_rank, lora_id=self.pool.adapters.next_id())
         self.pool.load_adapter(adapter, timeout=timeout)
+        warning = lora_slots_warning(len(self.pool.adapters.all()), int(self.spec.engine_kwargs.get("max_loras") or 4))
+        if warning is not None and not self._warned_slots:
+            self._warned_slots = True  # once per LM: every later load would say the same
+            logger.warning("%s", warning)
         return adapter
 
     def retire_adapter(self, name: str, timeout: float = 60.0) -> bool:

@@ -22,7 +22,8 @@ from typing import Any
 import dspy
 
 from ..serving.adapter_routing import AdapterRouter
-from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs
+from ..serving.batching import group_by_prefix
+from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs, lora_defaults
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from ..errors import ConfigurationError, LMClosedError
 from .lora_methods import LoRAMixin
@@ -51,6 +52,7 @@ class _Layout:
     router: Router
     max_restarts: int  # 0: a dead replica stays dead
     adapter_routing: bool = True  # with enable_lora: AdapterRouter around the routing policy
+    cache_events: bool = False  # the engines publish KV-cache events (the "cache" policy reads them)
 
 # atexit runs handlers last-registered-first, and multiprocessing registers one
 # that joins every non-daemon child (our replica workers) forever. Importing it
@@ -148,9 +150,13 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         path = resolve_model(model)
         check_engine_kwargs(engine_kwargs)
         check_sampling_kwargs(sampling_params or {})
+        engine_kwargs, chosen = lora_defaults(engine_kwargs)  # not in _init_args: a saved LM chooses again
+        if chosen is not None:
+            logger.info("%s", chosen)
         name = None if model is not None else _default_name(path)
         spec = ModelSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
-                         chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name)
+                         chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name,
+                         cache_events=layout.cache_events)
         runtime = self._start(spec, layout, health_timeout=health_timeout)
         _LIVE.add(runtime)
         self._runtime = runtime
@@ -194,7 +200,8 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         one dict of such fields per prompt (for example each prompt's own
         ``max_tokens``), applied on top of ``sampling``. Every prompt is
         submitted at once and routed like a DSPy call, so no replica waits for a
-        static share. Returns strings, or ``GenerationOutput`` objects with
+        static share; prompts that share a prefix are submitted together, the
+        first one first, to one replica, so vLLM computes the shared part once. Returns strings, or ``GenerationOutput`` objects with
         ``return_outputs=True``. A failed prompt raises after every other prompt
         has finished (with ``raise_on_error=False`` its slot holds the exception).
         ``adapter``: a loaded LoRA adapter for every prompt (default: this LM's own,
@@ -221,7 +228,11 @@ class vLLMOffline(LoRAMixin, dspy.LM):
             runtime.pool.adapters.get(adapter)  # not loaded: ConfigurationError before any request
             for request in requests:
                 request.adapter = adapter
-        futures = [runtime.pool.submit(r) for r in requests]
+        # Prompts sharing a prefix go together, first one first, to one replica (serving/batching.py).
+        futures: list[Any] = [None] * len(requests)
+        for group in group_by_prefix([r.prompt for r in requests]):
+            for i, future in zip(group, runtime.pool.submit_group([requests[i] for i in group])):
+                futures[i] = future
         results: list[Any] = [None] * len(futures)
         bar = _progress_bar(len(futures), progress)
         started, out_tokens = time.monotonic(), 0
@@ -376,11 +387,14 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         total_memory = kwargs.get("gpu_memory_utilization")
         # Placement is decided (and refused) here, before any engine starts.
+        router = make_router(routing)
         layout = _Layout(make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
                                       num_replicas=num_replicas, ray_address=ray_address,
                                       start_timeout=start_timeout, placement_timeout=placement_timeout,
                                       replicas_per_gpu=replicas_per_gpu),
-                         make_router(routing), max_restarts=max_restarts, adapter_routing=bool(adapter_routing))
+                         router, max_restarts=max_restarts, adapter_routing=bool(adapter_routing),
+                         # Ray actors cannot hand the events over: the pool falls back (and says so)
+                         cache_events=router.wants_cache_events and backend != "ray")
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         try:

@@ -69,6 +69,24 @@ class AdapterRouter(Router):
         self.balance_slack = balance_slack
         self._slots: dict[int, OrderedDict[str, None]] = {}
         self._known: set[str] = set()
+        # A base policy that keys the cache by adapter itself ("cache") gets the adapter, not a salted prompt.
+        self.wants_token_ids = self.base.wants_token_ids
+        self.wants_cache_events = self.base.wants_cache_events
+
+    def observe(self, replica: int, events: list) -> None:
+        self.base.observe(replica, events)
+
+    def fallback(self) -> Router:
+        base = self.base.fallback()
+        if base is self.base:
+            return self
+        return AdapterRouter(base, max_loras=self.max_loras, balance_ratio=self.balance_ratio,
+                             balance_slack=self.balance_slack)
+
+    def _base_choose(self, prompt, loads, adapter: str) -> int:
+        if self.base.wants_token_ids:
+            return self.base.choose(prompt, loads, adapter=adapter)
+        return self.base.choose(_salted(prompt, adapter), loads)
 
     def overloaded(self, load: ReplicaLoad, least: int) -> bool:
         return load.outstanding > least * (1 + self.balance_ratio) + self.balance_slack
@@ -83,17 +101,17 @@ class AdapterRouter(Router):
         self._known.add(adapter)
         alive = self._alive(loads)
         if len(self._known) <= self.max_loras:
-            chosen = self.base.choose(_salted(prompt, adapter), alive)
+            chosen = self._base_choose(prompt, alive, adapter)
         else:
             least = min(load.outstanding for load in alive)
             holders = [load for load in alive
                        if adapter in self._slots.get(load.index, ()) and not self.overloaded(load, least)]
             if holders:
-                chosen = self.base.choose(_salted(prompt, adapter), holders)
+                chosen = self._base_choose(prompt, holders, adapter)
             else:
                 chosen = self._newcomer_replica(alive, least)
                 # The base policy's prefix table must learn where this prompt went.
-                self._teach_base(_salted(prompt, adapter), alive, chosen)
+                self._teach_base(prompt, alive, chosen, adapter)
         self._touch(chosen, adapter)
         return chosen
 
@@ -105,9 +123,9 @@ class AdapterRouter(Router):
         pool = free or candidates
         return min(pool, key=lambda load: (load.outstanding, len(self._slots.get(load.index, ())), load.index)).index
 
-    def _teach_base(self, prompt, alive: list[ReplicaLoad], chosen: int) -> None:
+    def _teach_base(self, prompt, alive: list[ReplicaLoad], chosen: int, adapter: str) -> None:
         only = [load for load in alive if load.index == chosen]
-        self.base.choose(prompt, only)
+        self._base_choose(prompt, only, adapter)
 
     def _touch(self, replica: int, adapter: str) -> None:
         slots = self._slots.setdefault(replica, OrderedDict())

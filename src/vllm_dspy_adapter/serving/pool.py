@@ -60,6 +60,7 @@ class _Job:
     attempts: int = 0
     stream: Any = None  # a lm.stream_channel.StreamChannel for a streamed request
     replica: int | None = None  # where the current attempt runs
+    pin: int | None = None  # submit_group: the replica its group's first request went to (first attempt only)
     attempt_id: str = ""  # the current attempt's request id on that replica
 
 
@@ -72,9 +73,11 @@ class ReplicaPool(PoolAdapters):
 
     def __init__(self, replicas: Sequence[Replica], router: Router, *,
                  restart: Callable[[Replica], None] | None = None, max_restarts: int = 3, max_attempts: int = 3,
-                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, spill_at: int = SPILL_AT):
+                 health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, spill_at: int = SPILL_AT,
+                 tokenize: Callable[[str, bool], list[int]] | None = None):
         self.replicas = list(replicas)
-        self.router = router
+        self.router = _usable(router, self.replicas, tokenize)
+        self._tokenize = tokenize
         self.spill_at = spill_at
         self._restart = restart
         self.max_restarts = max_restarts
@@ -115,7 +118,7 @@ class ReplicaPool(PoolAdapters):
                         ", ".join(f"{r.name} in {r.info.start_seconds:.0f} s" for r in replicas))
             pools.append(cls(replicas, router, restart=backend.restart if max_restarts else None,
                              max_restarts=max_restarts, max_attempts=max_attempts, health_timeout=health_timeout,
-                             spill_at=spill_at))
+                             spill_at=spill_at, tokenize=lambda text, chat: spec.tokenize(text, chat=chat)))
             return pools[0]
         except BaseException:  # Ctrl-C here: no replica may outlive a failed start
             for replica in replicas:
@@ -135,12 +138,35 @@ class ReplicaPool(PoolAdapters):
         piece of text on it. A streamed request whose replica dies before its
         first piece is resubmitted like any other; after it, it fails with
         ``StreamInterruptedError`` (what was shown cannot be taken back)."""
-        cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
-        job = _Job(request, concurrent.futures.Future(), cost, stream=sink)
+        return self._submit_job(request, sink).future
+
+    def submit_group(self, requests: Sequence[GenerationRequest]) -> list[concurrent.futures.Future]:
+        """Requests that share a prefix (``batching.group_by_prefix``): the first is routed
+        by the policy, the others go to the same replica right after it (where it is
+        alive and may take them), so vLLM computes the shared blocks once and the rest
+        hit them. A request resubmitted after a death is routed like any other."""
+        futures: list[concurrent.futures.Future] = []
+        home = None
+        for request in requests:
+            job = self._submit_job(request, None, pin=home)
+            home = job.replica if home is None else home
+            futures.append(job.future)
+        return futures
+
+    def _submit_job(self, request: GenerationRequest, sink, pin: int | None = None) -> _Job:
+        job = _Job(request, concurrent.futures.Future(), 0, stream=sink, pin=pin)
+        if (self.router.wants_token_ids and request.token_ids is None and isinstance(request.prompt, str)
+                and not request.images):
+            try:  # here, in the caller's thread: the engine then uses these ids as they are
+                request.token_ids = self._tokenize(request.prompt, request.chat)
+            except Exception as exc:  # noqa: BLE001 - the caller gets it through the future
+                _settle(job.future, error=exc)
+                return job
+        job.cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
         job.future.add_done_callback(lambda f: self._caller_gave_up(job) if f.cancelled() else None)
         self._hold_adapter(job)
         self._dispatch(job)
-        return job.future
+        return job
 
     def _caller_gave_up(self, job: _Job) -> None:
         """The caller cancelled its future (``asyncio`` cancellation of ``acall``, a stream
@@ -177,9 +203,20 @@ class ReplicaPool(PoolAdapters):
         adapter = job.request.adapter
         if adapter is not None:
             loads = self._holders(adapter, loads)
+        request = job.request
+        prompt = request.token_ids if self.router.wants_token_ids and request.token_ids is not None else request.prompt
         with self._lock:  # routing decisions update the router's tables: one at a time
+            if self.router.wants_cache_events:
+                for replica in self.replicas:
+                    events = replica.take_cache_events()
+                    if events:
+                        self.router.observe(replica.index, events)
             candidates = open_replicas(loads, self.spill_at)
-            index = self.router.choose(job.request.prompt, candidates, adapter=adapter)
+            if job.pin is not None and any(load.index == job.pin for load in candidates):
+                index = job.pin  # its group's first request is there: the shared blocks are too
+            else:
+                index = self.router.choose(prompt, candidates, adapter=adapter)
+            job.pin = None
             self._outstanding[index] += job.cost
             if self._in_flight[index] == 0:
                 self._busy_since[index] = time.monotonic()
@@ -317,7 +354,8 @@ class ReplicaPool(PoolAdapters):
     def stats(self) -> list[dict[str, Any]]:
         out = []
         for replica, load in zip(self.replicas, self.loads()):
-            out.append({"replica": replica.index, "device": replica.device, "routed": self._routed[replica.index],
+            out.append({"replica": replica.index, "device": replica.device, "routing": self.router.name,
+                        "routed": self._routed[replica.index],
                         "resubmitted": self._resubmitted[replica.index], "outstanding_tokens": load.outstanding,
                         **replica.stats()})
         return out
@@ -329,6 +367,23 @@ class ReplicaPool(PoolAdapters):
     def close(self) -> None:
         """Refuse new requests from now on (they fail with ``LMClosedError``)."""
         self._closed.set()
+
+
+def _usable(router: Router, replicas: list[Replica], tokenize) -> Router:
+    """``router``, or its fallback where it cannot work here: a policy that needs KV-cache
+    events on a replica that does not report them (a Ray actor), or token ids with no
+    tokeniser. The choice is logged once, here."""
+    if not router.wants_cache_events and not router.wants_token_ids:
+        return router
+    blind = [r.name for r in replicas if router.wants_cache_events and not r.cache_events]
+    if blind or (router.wants_token_ids and tokenize is None):
+        fallback = router.fallback()
+        why = (f"{', '.join(blind)} cannot report KV-cache events (only in-process and worker-process "
+               "replicas do)" if blind else "no tokeniser was given to the pool")
+        logger.warning("routing %r: %s; using %r instead", router.name, why, fallback.name)
+        return fallback
+    logger.info("routing %r: exact, from the KV-cache events of %d replica(s)", router.name, len(replicas))
+    return router
 
 
 def _settle(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:

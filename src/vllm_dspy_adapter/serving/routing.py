@@ -16,6 +16,10 @@ Policies:
   the least-loaded replica's, in which case load wins and the prefix moves.
 - ``"least_loaded"``: the replica with the least outstanding work.
 - ``"round_robin"``: each replica in turn, for comparison.
+- ``"cache"`` (``cache_routing.py``): exact, from each engine's KV-cache events:
+  the replica holding the longest run of the prompt's token blocks, balanced
+  against load; the pool uses ``"prefix"`` instead where a replica cannot report
+  events (Ray), and logs that once.
 
 Several replicas on one GPU (``replicas_per_gpu``): before any policy chooses,
 ``open_replicas`` keeps the replicas that may take a new request. The first
@@ -34,22 +38,15 @@ import hashlib
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-__all__ = ["ReplicaLoad", "Router", "PrefixRouter", "LeastLoadedRouter", "RoundRobinRouter", "make_router", "POLICIES",
+from .cache_routing import CacheRouter
+from .policy import ReplicaLoad, Router
+
+__all__ = ["ReplicaLoad", "Router", "PrefixRouter", "CacheRouter", "LeastLoadedRouter", "RoundRobinRouter", "make_router", "POLICIES",
            "open_replicas", "SPILL_AT"]
 
 # Requests in flight on each lower-share replica before a GPU's next replica takes any.
 SPILL_AT = 256
-
-
-@dataclass(frozen=True)
-class ReplicaLoad:
-    index: int
-    alive: bool
-    outstanding: int  # estimated tokens of work still in flight
-    in_flight: int = 0
-    share: int = 0  # which of the replicas sharing its GPU (0: the first)
 
 
 def open_replicas(loads: Sequence[ReplicaLoad], spill_at: int = SPILL_AT) -> list[ReplicaLoad]:
@@ -64,32 +61,6 @@ def open_replicas(loads: Sequence[ReplicaLoad], spill_at: int = SPILL_AT) -> lis
             break
         out += [load for load in alive if load.share == share]
     return out
-
-
-class Router:
-    """A routing policy. Subclasses implement ``choose``; it must return the
-    index of an alive replica and may assume at least one is alive. ``adapter``
-    is the request's LoRA adapter (None: the base model); a policy that does not
-    route by adapter ignores it (the pool has already kept only the replicas
-    holding it)."""
-
-    name = "base"
-
-    def choose(self, prompt: str | Sequence[int], loads: Sequence[ReplicaLoad], adapter: str | None = None) -> int:
-        raise NotImplementedError
-
-    def forget(self, replica: int) -> None:
-        """A replica died (its cache with it): drop what the policy knows of it. No-op by default."""
-
-    def drop(self, adapter: str) -> None:
-        """An adapter was unloaded: drop what the policy knows of it. No-op by default."""
-
-    @staticmethod
-    def _alive(loads: Sequence[ReplicaLoad]) -> list[ReplicaLoad]:
-        alive = [load for load in loads if load.alive]
-        if not alive:
-            raise ValueError("no alive replica to route to")
-        return alive
 
 
 class RoundRobinRouter(Router):
@@ -181,7 +152,8 @@ class PrefixRouter(Router):
             del self._owner[digest]
 
 
-POLICIES = {"prefix": PrefixRouter, "least_loaded": LeastLoadedRouter, "round_robin": RoundRobinRouter}
+POLICIES = {"prefix": PrefixRouter, "least_loaded": LeastLoadedRouter, "round_robin": RoundRobinRouter,
+            "cache": lambda: CacheRouter(fallback=PrefixRouter())}
 
 
 def make_router(policy: str | Router) -> Router:

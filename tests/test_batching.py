@@ -1,0 +1,81 @@
+"""batch_generate's cache-friendly order (serving/batching.py, ReplicaPool.submit_group):
+pure grouping, the pool's pinning, and an LM over fake replicas that keeps input order."""
+
+import threading
+
+from conftest import wait_for
+from fakes import SPEC
+from vllm_dspy_adapter.backends.fake import FakeBackend
+from vllm_dspy_adapter.lm.offline import _Layout, vLLMOffline
+from vllm_dspy_adapter.protocol import GenerationRequest
+from vllm_dspy_adapter.serving.batching import group_by_prefix
+from vllm_dspy_adapter.serving.pool import ReplicaPool
+from vllm_dspy_adapter.serving.routing import RoundRobinRouter
+
+A = "A" * 300
+B = "B" * 300
+
+
+def test_prompts_sharing_a_prefix_are_grouped_in_input_order():
+    prompts = [A + "1", B + "1", "short", A + "2", B + "2", A + "3", "short too"]
+    assert group_by_prefix(prompts) == [[0, 3, 5], [1, 4], [2], [6]]
+
+
+def test_a_short_common_start_is_no_group_and_token_ids_group_too():
+    assert group_by_prefix(["same start " + "x" * 300, "same start " + "y" * 300]) == [[0], [1]]
+    ids = [list(range(100)) + [1], list(range(100)) + [2], [7] * 100]
+    assert group_by_prefix(ids) == [[0, 1], [2]]
+    assert group_by_prefix([A + "1", list(range(100)), A + "2"]) == [[0, 2], [1]]  # text and ids never mix
+
+
+def test_submit_group_sends_the_whole_group_where_its_first_went():
+    backend = FakeBackend(3)
+    pool = ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=0, health_timeout=None)
+    first = pool.submit_group([GenerationRequest(prompt=A + str(i)) for i in range(5)])
+    second = pool.submit_group([GenerationRequest(prompt=B + str(i)) for i in range(4)])
+    held = [len(r.requests) for r in backend.replicas]
+    assert sorted(held) == [0, 4, 5], held  # round robin alone would spread 9 requests 3/3/3
+    for replica in backend.replicas:
+        replica.finish_all()
+    assert len({f.result(timeout=5).replica for f in first}) == 1
+    assert len({f.result(timeout=5).replica for f in second}) == 1
+    pool.close()
+
+
+def test_a_group_member_whose_replica_died_is_routed_elsewhere():
+    backend = FakeBackend(2)
+    pool = ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=0, health_timeout=None)
+    futures = pool.submit_group([GenerationRequest(prompt=A + str(i)) for i in range(3)])
+    home = next(r for r in backend.replicas if r.requests)
+    home.crash()
+    other = next(r for r in backend.replicas if r is not home)
+    assert wait_for(lambda: len(other.requests) == 3, 5)
+    other.finish_all()
+    assert all(f.result(timeout=5).replica == other.index for f in futures)
+    pool.close()
+
+
+class FakeLM(vLLMOffline):
+    """The real LM class over fake replicas (answers echo the prompt)."""
+
+    def __init__(self, backend):
+        self._open(None, _Layout(backend, RoundRobinRouter(), max_restarts=0), health_timeout=None, cache=False)
+
+
+def test_batch_generate_groups_by_prefix_and_returns_results_in_input_order(default_model):
+    backend = FakeBackend(3)
+    lm = FakeLM(backend)
+    prompts = [A + "1", B + "1", "short", A + "2", B + "2", A + "3", "short too", B + "3"]
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(lm.batch_generate(prompts, return_outputs=True,
+                                                                          progress=False)))
+    worker.start()
+    assert wait_for(lambda: sum(len(r.requests) for r in backend.replicas) == len(prompts), 10)
+    for replica in backend.replicas:
+        replica.finish_all()
+    worker.join(10)
+    lm.shutdown()
+    results = out[0]
+    assert [g.text for g in results] == [f"echo:{p}" for p in prompts]
+    assert len({results[i].replica for i in (0, 3, 5)}) == 1
+    assert len({results[i].replica for i in (1, 4, 7)}) == 1
