@@ -59,6 +59,11 @@ checks what a model says, only that every call comes back, in order, counted, ty
   and returned results. ``stats``: every replica reports requests, tokens and
   ``prefix_cache_hit_rate``, held more than one request at once (``peak_unfinished``),
   and had no stall and no restart (``health_timeout`` would have hidden a stall otherwise).
+  The rpg2 layout routes with ``routing="cache"`` (a ``CacheRouter`` that counts only what
+  the engines' KV-cache events say they hold). ``routing.cache_events``: no replica fell
+  back to the approximate policy, the events of a prompt's prefill reach the router (it
+  holds the prompt's blocks on the replica that served it), and follow-ups sharing the
+  prefix go there and hit vLLM's prefix cache.
 - ``shutdown.clean``: after each of the three shutdowns no child process of this one is
   left; on GPU also no compute app but this process in ``nvidia-smi`` and the GPU's used
   memory back within 1 GiB of what it was before the first start.
@@ -425,6 +430,7 @@ class Smoke:
         self.asked: dict[str, Any] = {}
         self.layouts_run: list[str] = []
         self.gpu_baseline_mib = None if plan.cpu else _gpu_memory_used_mib()
+        self.cache_router = None  # the rpg2 layout's routing policy (routing.cache_events)
 
     # ------------------------------------------------------------ helpers
 
@@ -763,6 +769,12 @@ class Smoke:
 
         plan = self.plan
         kwargs = dict(plan.engine, max_tokens=16)
+        if replicas == 2:  # the cache-aware policy: the engines publish their KV-cache events
+            from vllm_dspy_adapter.serving.cache_routing import CacheRouter
+            from vllm_dspy_adapter.serving.routing import PrefixRouter
+
+            # expect_s=0: only the engines' events count as held blocks (routing.cache_events reads them)
+            self.cache_router = kwargs["routing"] = CacheRouter(fallback=PrefixRouter(), expect_s=0.0)
         if plan.cpu:
             kwargs["num_replicas"] = replicas
         else:
@@ -834,6 +846,37 @@ class Smoke:
         total = sum(s["requests"] for s in stats)
         check(total == sum(s["routed"] for s in stats), f"served {total} != routed {[s['routed'] for s in stats]}")
         return "; ".join(rows)
+
+    def routing_cache_events(self) -> str:
+        from vllm_dspy_adapter.serving.cache_routing import block_keys
+
+        lm = self._lm("rpg2")
+        router = self.cache_router
+        policies = {row["routing"] for row in lm.stats()}
+        check(policies == {"cache"}, f"stats() routing {policies}: the cache policy fell back (see the log)")
+        prefix = " ".join(f"w{self.rng.randrange(10**6)}" for _ in range(200)) + f" ({self.salt})"
+        [first] = lm.batch_generate([prefix + " Question 0?"], max_tokens=4, return_outputs=True, progress=False)
+        ids = lm.engine.runtime.spec.tokenize(prefix + " Question 0?", chat=False)
+        deadline = time.monotonic() + 10.0  # the events of the prefill: at once in-process, a beat later here
+
+        def held() -> tuple[int, int]:  # the block size is learned from the first events
+            keys = block_keys(ids, router.block_size)
+            return router.matched(first.replica, keys, time.monotonic()), len(keys)
+
+        while held()[0] == 0 and time.monotonic() < deadline:
+            lm.batch_generate(["ping"], max_tokens=1, progress=False)  # routing drains the replicas' events
+            time.sleep(0.5)
+        held, blocks = held()
+        check(held > 0, f"no KV-cache event of replica {first.replica} holds the prompt's {blocks} blocks "
+                        f"(block size {router.block_size}) after 10 s")
+        followups = [lm.batch_generate([prefix + f" Question {i}?"], max_tokens=4, return_outputs=True,
+                                       progress=False)[0] for i in range(1, 4)]
+        where = [g.replica for g in followups]
+        check(where == [first.replica] * 3, f"follow-ups went to replicas {where}, the prefix is on {first.replica}")
+        cached = [g.num_cached_tokens for g in followups]
+        check(all(c >= router.block_size for c in cached), f"follow-ups' cached tokens {cached}")
+        return (f"events hold {held}/{blocks} blocks of the prompt on replica {first.replica} "
+                f"(block size {router.block_size}); follow-ups on {where}, cached tokens {cached}")
 
     # ------------------------------------------------------------ shutdowns
 
@@ -930,7 +973,8 @@ class Smoke:
                      ("lora.unload_predict", "lora_unload_predict", 30))),
         ("proc1", (("multigpu.proc1", "multigpu_proc1", 300),)),
         ("rpg2", (("multigpu.rpg2", "multigpu_rpg2", 420),  # two starts, one after the other
-                  ("stats", "stats", 30))),
+                  ("stats", "stats", 30),
+                  ("routing.cache_events", "routing_cache_events", 60))),
     )
 
     @classmethod
