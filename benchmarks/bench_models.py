@@ -255,3 +255,29 @@ def _build(out: Path, config: dict) -> None:
     build_qwen_tokenizer().save_pretrained(out)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(QWEN3_8B_GENERATION_CONFIG, indent=2) + "\n")
+
+
+def benchmark_weights_path(shape: str = "0.6b", dest: str | None = None) -> str:
+    """``benchmark_model_path(shape=shape)``'s folder with random bfloat16 weights saved in it
+    (written once, beside it as ``<folder>-weights``): vLLM serves it with
+    ``load_format="dummy"`` as before, and a LoRA trainer (GRPO), which loads weights with
+    transformers, can load it too. 0.6B: about 1.2 GB on disk."""
+    import shutil
+
+    source = Path(benchmark_model_path(shape=shape))
+    target = Path(dest).expanduser().resolve() if dest else source.parent / f"{source.name}-weights"
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        for item in source.iterdir():
+            if item.is_file():
+                shutil.copy(item, out / item.name)
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(out)
+
+    return prepare_folder(target, build, what=f"benchmark model folder with random weights ({shape})",
+                          required=("config.json", "tokenizer.json", "tokenizer_config.json"))

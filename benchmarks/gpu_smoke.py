@@ -53,6 +53,11 @@ checks what a model says, only that every call comes back, in order, counted, ty
   ``dspy.Predict`` question, and issue 22's case: the Predict question and the LM call
   answered before the unload, asked again (DSPy's cache answered them under the adapter's
   label; DSPy's parse error on that cached noise is an answer read, not a refusal).
+- ``grpo.step``: ``lm.reinforce`` (the trainer loads the same folder with transformers: on
+  GPU it holds random weights, ``bench_models.benchmark_weights_path``), one GRPO step on 4
+  completions the LM sampled, the new adapter version loaded and serving the LM's next call
+  (``stats()["served_by"]``), a checkpoint written as a PEFT folder, the job terminated
+  (``shutdown.clean`` then checks that no GPU memory is left behind, the trainer's included).
 - ``multigpu.proc1`` / ``multigpu.rpg2``: ``batch_generate`` of 256 / 512 random-token prompts
   with ``ignore_eos`` (every result has exactly ``max_tokens`` tokens; req/s printed, on
   dummy weights a sanity number, not a benchmark); rpg2: both replicas were routed requests
@@ -396,9 +401,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         model = resolve_model(None)  # $VLLM_DSPY_MODEL or the prepared default model's folder
         tokenizer = _qwen3_tool_tokenizer(model, os.path.join(work, "tokenizer-qwen3-template"))
     else:
-        from .bench_models import benchmark_model_path
+        from .bench_models import benchmark_weights_path
 
-        model, tokenizer = benchmark_model_path(shape=args.shape), None
+        # Random weights on disk too: vLLM still loads "dummy" ones, the GRPO trainer reads these.
+        model, tokenizer = benchmark_weights_path(shape=args.shape), None
     with open(os.path.join(model, "config.json")) as fh:
         vocab = int(json.load(fh).get("vocab_size") or 32000)
     engine: dict[str, Any] = {"load_format": args.load_format, "max_model_len": args.max_model_len, "cache": False}
@@ -762,6 +768,41 @@ class Smoke:
         check(served == 0, f"{served} refused request(s) reached the engine")
         return summary
 
+    def grpo_step(self) -> str:
+        from dspy.clients.utils_finetune import TrainDataFormat
+
+        lm = self._lm("offline")
+        t0 = time.monotonic()
+        job = lm.reinforce({"adapter_name": "smoke-grpo", "rank": 8, "learning_rate": 1e-4,
+                            "output_dir": os.path.join(self.plan.work_dir, "grpo")})
+        init_s = time.monotonic() - t0
+        try:
+            pending = job.get_status()["pending_batch_ids"]
+            check(len(pending) == 1, f"pending_batch_ids {pending} (groups_per_step 1)")
+            messages = self._messages("Answer yes or no: is the sky green?")
+            completions = [lm(messages=messages, temperature=1.0)[0] for _ in range(4)]
+            group = [{"messages": messages, "completion": {"role": "assistant", "content": text or ""},
+                      "reward": float(i % 2)} for i, text in enumerate(completions)]
+            t1 = time.monotonic()
+            job.step(train_data=[{"batch_id": pending[0], "group": group}],
+                     train_data_format=TrainDataFormat.GRPO_CHAT)
+            step_s = time.monotonic() - t1
+            status = job.get_status()
+            check(status["version"] == 1 and lm.adapter == "smoke-grpo-v1",
+                  f"after one step: version {status['version']}, the LM serves {lm.adapter!r}")
+            [text] = lm(messages=self._messages("Say hello."))
+            check(isinstance(text, str), f"no answer from the new version: {text!r}")
+            served = lm.stats()[0].get("served_by") or {}
+            check("smoke-grpo-v1" in str(served), f"stats served_by {served}: the new version served nothing")
+            folder = job.save_checkpoint("smoke-ckpt")
+            check(os.path.exists(os.path.join(folder, "adapter_config.json")), f"no PEFT adapter in {folder}")
+            last = status.get("last_step") or {}
+        finally:
+            job.terminate()
+        lm.switch_adapter(None)
+        return (f"reinforce (trainer loaded) {init_s:.1f} s; one step of 4 completions {step_s:.1f} s "
+                f"(swap {status['swap_seconds']}); loss {last.get('loss')}; served by {served}")
+
     # ------------------------------------------------------------ vLLMOfflineMultiGPU
 
     def _multigpu(self, replicas: int):
@@ -970,7 +1011,8 @@ class Smoke:
                      ("tool_call", "tool_call", 120),
                      ("lora.with_adapter", "lora_with_adapter", 120),
                      ("lora.unload_refused", "lora_unload_refused", 30),
-                     ("lora.unload_predict", "lora_unload_predict", 30))),
+                     ("lora.unload_predict", "lora_unload_predict", 30),
+                     ("grpo.step", "grpo_step", 240))),
         ("proc1", (("multigpu.proc1", "multigpu_proc1", 300),)),
         ("rpg2", (("multigpu.rpg2", "multigpu_rpg2", 420),  # two starts, one after the other
                   ("stats", "stats", 30),
