@@ -159,6 +159,9 @@ class GRPOTrainer:
             sequences += [tokenize_completion(self.tokenizer, item, self.chat_template_kwargs, config.max_seq_length)
                           for item in group]
         saved_adapter, saved_optimizer = self._adapter_state(), copy.deepcopy(self.optimizer.state_dict())
+        threads = torch.get_num_threads()
+        if self.device == "cpu":  # vLLM's CPU engines busy-wait on their cores: a many-thread trainer starves them
+            torch.set_num_threads(config.cpu_threads)
         try:
             metrics = self._update(sequences, torch.tensor(advantages, dtype=torch.float32, device=self.device))
         except BaseException as exc:
@@ -174,6 +177,8 @@ class GRPOTrainer:
                     "gpu_memory_utilization, or give the trainer its own GPU (train_kwargs={'device': 'cuda:N'}). "
                     "The adapter served before this step keeps serving.") from exc
             raise
+        finally:
+            torch.set_num_threads(threads)
         loss, kl, updates, tokens = metrics
         self.steps += 1
         self._ahead = True
