@@ -68,5 +68,5 @@ def test_an_unreported_step_is_not_a_line_but_its_failure_fails_the_run():
 def test_the_smoke_reports_every_path_of_the_brief_once():
     assert Smoke.line_names() == [
         "offline.answer", "offline.batch_generate", "dspy.evaluate64", "jsonadapter.typed", "streamify",
-        "tool_call", "lora.with_adapter", "lora.unload_refused", "lora.unload_predict", "multigpu.proc1",
-        "multigpu.rpg2", "stats", "shutdown.clean"]
+        "tool_call", "lora.with_adapter", "lora.unload_refused", "lora.unload_predict", "grpo.step",
+        "multigpu.proc1", "multigpu.rpg2", "stats", "routing.cache_events", "shutdown.clean"]
