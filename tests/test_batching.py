@@ -28,6 +28,12 @@ def test_a_short_common_start_is_no_group_and_token_ids_group_too():
     assert group_by_prefix([A + "1", list(range(100)), A + "2"]) == [[0, 2], [1]]  # text and ids never mix
 
 
+def test_a_group_is_cut_into_pieces_of_at_most_max_size():
+    prompts = [A + str(i) for i in range(7)] + [B + "0"]
+    assert group_by_prefix(prompts, max_size=3) == [[0, 1, 2], [3, 4, 5], [6], [7]]
+    assert group_by_prefix(prompts, max_size=0) == [[i] for i in range(8)]  # at least one a piece
+
+
 def test_submit_group_sends_the_whole_group_where_its_first_went():
     backend = FakeBackend(3)
     pool = ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=0, health_timeout=None)
@@ -79,3 +85,25 @@ def test_batch_generate_groups_by_prefix_and_returns_results_in_input_order(defa
     assert [g.text for g in results] == [f"echo:{p}" for p in prompts]
     assert len({results[i].replica for i in (0, 3, 5)}) == 1
     assert len({results[i].replica for i in (1, 4, 7)}) == 1
+
+
+def test_a_batch_sharing_one_system_prompt_still_spreads_over_every_replica(default_model):
+    # Every DSPy prompt of one signature shares its system message: one group of the whole
+    # batch. Pinned whole it would run on one replica while the others idle.
+    backend = FakeBackend(3)
+    lm = FakeLM(backend)
+    prompts = [A + str(i) for i in range(12)]
+    out: list = []
+    worker = threading.Thread(target=lambda: out.append(lm.batch_generate(prompts, return_outputs=True,
+                                                                          progress=False)))
+    worker.start()
+    assert wait_for(lambda: sum(len(r.requests) for r in backend.replicas) == len(prompts), 10)
+    held = sorted(len(r.requests) for r in backend.replicas)
+    for replica in backend.replicas:
+        replica.finish_all()
+    worker.join(10)
+    lm.shutdown()
+    assert held == [4, 4, 4], held  # three pieces of the fair share, one on each replica
+    results = out[0]
+    assert [g.text for g in results] == [f"echo:{p}" for p in prompts]
+    assert [len({results[j].replica for j in range(i, i + 4)}) for i in (0, 4, 8)] == [1, 1, 1]

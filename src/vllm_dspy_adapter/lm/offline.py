@@ -228,9 +228,11 @@ class vLLMOffline(LoRAMixin, dspy.LM):
             runtime.pool.adapters.get(adapter)  # not loaded: ConfigurationError before any request
             for request in requests:
                 request.adapter = adapter
-        # Prompts sharing a prefix go together, first one first, to one replica (serving/batching.py).
+        # Prompts sharing a prefix go together, first one first, to one replica (serving/batching.py),
+        # a group at most the batch's fair share of one replica, so a shared system prompt still spreads.
         futures: list[Any] = [None] * len(requests)
-        for group in group_by_prefix([r.prompt for r in requests]):
+        fair_share = -(-len(requests) // max(1, len(runtime.replicas)))
+        for group in group_by_prefix([r.prompt for r in requests], max_size=fair_share):
             for i, future in zip(group, runtime.pool.submit_group([requests[i] for i in group])):
                 futures[i] = future
         results: list[Any] = [None] * len(futures)
