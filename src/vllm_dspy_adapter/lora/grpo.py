@@ -42,7 +42,7 @@ from typing import Any
 
 from ..chat_template import render_chat
 from ..errors import ConfigurationError, TrainingStepError
-from .training import DEFAULT_TARGET_MODULES
+from .training import DEFAULT_TARGET_MODULES, check_lora_shape
 
 __all__ = ["GRPOConfig", "StepMetrics", "group_advantages", "grpo_loss", "check_groups", "tokenize_completion"]
 
@@ -122,11 +122,7 @@ class GRPOConfig:
                                      f"got {self.temperature!r}")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ConfigurationError(f"GRPO option epsilon_high must be > 0; got {self.epsilon_high!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigurationError(f"dropout must be in [0, 1); got {self.dropout!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ConfigurationError("target_modules must be a non-empty list of module names, "
-                                     f"such as {list(DEFAULT_TARGET_MODULES)}")
+        check_lora_shape(self.dropout, self.target_modules)
 
 
 @dataclass

@@ -19,21 +19,11 @@ from typing import Any
 
 from ..errors import ConfigurationError, TrainingStepError
 from .grpo import GRPOConfig, StepMetrics, check_groups, group_advantages, grpo_loss, tokenize_completion
+from .training import device_and_dtype
 
 __all__ = ["GRPOTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-def _device_and_dtype(config: GRPOConfig):
-    import torch
-
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigurationError(f"Unknown dtype {name!r}; use 'float32', 'bfloat16' or 'float16'.")
-    return device, dtype
 
 
 class GRPOTrainer:
@@ -48,7 +38,7 @@ class GRPOTrainer:
         self.config = config
         self.temperature = float(temperature)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.device, dtype = _device_and_dtype(config)
+        self.device, dtype = device_and_dtype(config)
         started = time.monotonic()
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(base_model)

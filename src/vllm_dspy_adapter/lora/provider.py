@@ -35,7 +35,7 @@ from dspy.clients.utils_finetune import TrainDataFormat, TrainingStatus
 
 from ..errors import ConfigurationError
 from .reinforce import GRPOJob
-from .training import LoRATrainConfig, train_lora
+from .training import LoRATrainConfig, check_rank_fits, train_lora
 
 __all__ = ["LoRAHost", "LoRAProvider", "LoRATrainingJob", "default_adapter_dir"]
 
@@ -139,13 +139,7 @@ class LoRAProvider(Provider):
                                      "dspy.GRPO's data goes through lm.reinforce(), not lm.finetune().")
         config = LoRATrainConfig.from_kwargs(kwargs)
         # Every refusal happens before any training step is spent.
-        if host.max_lora_rank is None:
-            raise ConfigurationError("This LM was built without LoRA support: construct it with enable_lora=True "
-                                     "(and max_lora_rank >= the adapter's rank) to fine-tune and serve adapters.")
-        if config.rank > host.max_lora_rank:
-            raise ConfigurationError(f"LoRA rank {config.rank} exceeds this LM's max_lora_rank={host.max_lora_rank}: "
-                                     f"pass train_kwargs={{'rank': {host.max_lora_rank}}} or a smaller one, or build "
-                                     f"the LM with max_lora_rank={config.rank}.")
+        check_rank_fits(config.rank, host.max_lora_rank, "LoRA fine-tuning")
         name = adapter_kwargs.get("adapter_name") or _default_name(host.base_model_path, train_data, kwargs)
         path = adapter_kwargs.get("output_dir") or default_adapter_dir(name)
         ours = job if isinstance(job, LoRATrainingJob) else None  # DSPy's plain TrainingJob has no hooks

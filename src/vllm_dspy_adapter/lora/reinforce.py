@@ -41,6 +41,7 @@ from ..errors import ConfigurationError, TrainingStepError
 from .grpo import GRPOConfig, StepMetrics, check_groups
 from .registry import check_adapter_name
 from .trainer_device import ServingPlacement, check_room, choose_trainer_device
+from .training import check_rank_fits
 
 __all__ = ["GRPOJob", "ReinforceHost", "StudentLM"]
 
@@ -107,13 +108,7 @@ class GRPOJob(ReinforceJob):
         if host is None:
             raise ConfigurationError("GRPOJob is not bound to an LM: use lm.reinforce(train_kwargs) on a "
                                      "vLLMOffline / vLLMOfflineMultiGPU.")
-        if host.max_lora_rank is None:
-            raise ConfigurationError("dspy.GRPO trains a LoRA adapter and serves it live: build the LM with "
-                                     "enable_lora=True (and max_lora_rank >= train_kwargs rank).")
-        if config.rank > host.max_lora_rank:
-            raise ConfigurationError(f"GRPO LoRA rank {config.rank} exceeds this LM's max_lora_rank="
-                                     f"{host.max_lora_rank}: pass train_kwargs={{'rank': {host.max_lora_rank}}} or "
-                                     f"build the LM with max_lora_rank={config.rank}.")
+        check_rank_fits(config.rank, host.max_lora_rank, "GRPO (a LoRA trained and served live)")
         for earlier in list(self.live):  # one trainer per LM: a run given up on (Ctrl-C) frees its memory now
             logger.warning("GRPO job %s was still running on this LM: terminating it", earlier.job_id)
             earlier.terminate()

@@ -29,7 +29,8 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..chat_template import render_chat
 
-__all__ = ["LoRATrainConfig", "TrainResult", "train_lora", "tokenize_chat_examples"]
+__all__ = ["LoRATrainConfig", "TrainResult", "train_lora", "tokenize_chat_examples", "check_lora_shape",
+           "check_rank_fits", "device_and_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,28 @@ class LoRATrainConfig:
                 raise ConfigurationError(f"LoRA training option {name} must be a positive number; got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ConfigurationError(f"max_steps must be a positive integer or None; got {self.max_steps!r}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigurationError(f"dropout must be in [0, 1); got {self.dropout!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ConfigurationError("target_modules must be a non-empty list of module names, "
-                                     f"such as {list(DEFAULT_TARGET_MODULES)}")
+        check_lora_shape(self.dropout, self.target_modules)
+
+
+def check_lora_shape(dropout: float, target_modules: Sequence[str]) -> None:
+    """The LoRA options every trainer here takes (``lm.finetune`` and GRPO alike)."""
+    if not 0 <= dropout < 1:
+        raise ConfigurationError(f"dropout must be in [0, 1); got {dropout!r}")
+    if isinstance(target_modules, str) or not target_modules:
+        raise ConfigurationError("target_modules must be a non-empty list of module names, "
+                                 f"such as {list(DEFAULT_TARGET_MODULES)}")
+
+
+def check_rank_fits(rank: int, max_lora_rank: int | None, what: str) -> None:
+    """Refuse, before any training, a LoRA the LM could not serve: an LM built without
+    ``enable_lora=True``, or a rank above its ``max_lora_rank``. ``what`` names the run."""
+    if max_lora_rank is None:
+        raise ConfigurationError(f"This LM was built without LoRA support, which {what} needs: construct it with "
+                                 "enable_lora=True (and max_lora_rank >= the adapter's rank).")
+    if rank > max_lora_rank:
+        raise ConfigurationError(f"{what}: LoRA rank {rank} exceeds this LM's max_lora_rank={max_lora_rank}: pass "
+                                 f"train_kwargs={{'rank': {max_lora_rank}}} or a smaller one, or build the LM with "
+                                 f"max_lora_rank={rank}.")
 
 
 @dataclass
@@ -144,7 +162,9 @@ def tokenize_chat_examples(tokenizer, data: Sequence[dict[str, Any]], *, max_seq
     return out
 
 
-def _device_and_dtype(config: LoRATrainConfig):
+def device_and_dtype(config) -> tuple[str, Any]:
+    """The trainer's device and torch dtype from a config's ``device`` and ``dtype`` (None: CUDA
+    and bfloat16 when a GPU is visible, else the CPU and float32)."""
     import torch
 
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,7 +190,7 @@ def train_lora(base_model: str, data: Sequence[dict[str, Any]], output_dir: str,
     config = config or LoRATrainConfig()
     config.check()
     started = time.monotonic()
-    device, dtype = _device_and_dtype(config)
+    device, dtype = device_and_dtype(config)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     examples = tokenize_chat_examples(tokenizer, data, max_seq_length=config.max_seq_length,
                                       chat_template_kwargs=chat_template_kwargs)
