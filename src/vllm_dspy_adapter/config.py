@@ -84,6 +84,14 @@ class ModelSpec:
             return None
         return int(self.engine_kwargs.get("max_lora_rank") or 16)  # vLLM's default
 
+    @property
+    def max_loras(self) -> int | None:
+        """Adapter slots per engine (``lora_defaults`` chose them when the user did not);
+        None when LoRA is off."""
+        if not self.engine_kwargs.get("enable_lora"):
+            return None
+        return int(self.engine_kwargs.get("max_loras") or 4)  # vLLM's default
+
     def tokenize(self, prompt: str, *, chat: bool) -> list[int]:
         """The one tokenising rule of a text prompt, the engines' and the router's: a
         chat-rendered prompt already holds its special tokens (BOS where the template

@@ -104,7 +104,7 @@ class Runtime:
             raise LMClosedError("This LM was shut down; create a new one.")
         adapter = read_adapter(name, path, max_lora_rank=self.max_lora_rank, lora_id=self.pool.adapters.next_id())
         self.pool.load_adapter(adapter, timeout=timeout)
-        warning = lora_slots_warning(len(self.pool.adapters.all()), int(self.spec.engine_kwargs.get("max_loras") or 4))
+        warning = lora_slots_warning(len(self.pool.adapters.all()), self.spec.max_loras)
         if warning is not None and not self._warned_slots:
             self._warned_slots = True  # once per LM: every later load would say the same
             logger.warning("%s", warning)

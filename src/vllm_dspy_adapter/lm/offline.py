@@ -171,7 +171,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         """The backend starts every replica (all ready, or none left running), the pool takes them."""
         backend, router, max_restarts = layout.backend, layout.router, layout.max_restarts
         if spec.max_lora_rank is not None and layout.adapter_routing and not isinstance(router, AdapterRouter):
-            router = AdapterRouter(router, max_loras=int(spec.engine_kwargs.get("max_loras") or 1))
+            router = AdapterRouter(router, max_loras=spec.max_loras)
         try:
             pool = ReplicaPool.start(backend, spec, router, max_restarts=max_restarts, health_timeout=health_timeout)
         except BaseException:
