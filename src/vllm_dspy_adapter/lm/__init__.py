@@ -1,7 +1,8 @@
 """The DSPy-facing layer: what a DSPy program sees.
 
 - ``offline``: the LM classes ``vLLMOffline`` / ``vLLMOfflineMultiGPU`` (one start path,
-  ``batch_generate``, ``stats``), and ``lora_methods`` (``load_adapter``, ``with_adapter``, ...);
+  ``batch_generate``, ``stats``), ``batch`` (``batch_generate``'s checks, grouping and ordered
+  results), and ``lora_methods`` (``load_adapter``, ``with_adapter``, ...);
 - ``dspy_engine``: DSPy 3.4's engine contract (``DSPyEngine``, ``AsyncDSPyEngine``),
   ``Runtime`` and the table that maps our errors to DSPy's;
 - ``render``: DSPy requests to chat prompts and sampling options, results to responses;
