@@ -1,7 +1,8 @@
 """The engine layer: one vLLM ``AsyncLLM`` and nothing about DSPy, routing or placement.
 
 - ``engine``: ``Engine``: an ``AsyncLLM`` on a background event loop, thread-safe
-  ``submit``, the watchdog and pulse, LoRA adapters loaded into it;
+  ``submit`` and ``cancel``, LoRA adapters loaded into it;
+- ``liveness``: the engine's watchdog and pulse, its shutdown and kill (a mixin of ``Engine``);
 - ``processes``: the processes an engine launched: found, measured (CPU pulse), killed;
 - ``cache_events``: the engine's KV-cache events, read from the ZMQ socket its engine core
   publishes on (``ModelSpec.cache_events``), for the ``"cache"`` routing policy;
