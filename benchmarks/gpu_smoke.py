@@ -968,7 +968,7 @@ class Smoke:
         if others:
             problem.append(f"compute apps left: {others}")
         if mine and mine[0] > 1024:
-            problem.append(f"this process holds {mine[0]} MiB of GPU memory")
+            problem.append(f"this process holds {mine[0]} MiB of GPU memory{_torch_held()}")
         if used is not None and self.gpu_baseline_mib is not None and used > self.gpu_baseline_mib + 1024:
             problem.append(f"GPU memory used {used} MiB, {self.gpu_baseline_mib} MiB before the first start")
         return {"apps": apps, "used_mib": used, "problem": "; ".join(problem)}
@@ -1143,3 +1143,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _torch_held() -> str:
+    """What torch's allocator in this process still holds (tensors alive vs. cached), when this
+    process used CUDA: tells a leak (allocated) from the allocator's cache and the CUDA context."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return ""
+    return (f" (torch: {torch.cuda.memory_allocated() >> 20} MiB in live tensors, "
+            f"{torch.cuda.memory_reserved() >> 20} MiB reserved; the rest is the CUDA context)")

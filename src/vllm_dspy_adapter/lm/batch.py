@@ -43,14 +43,15 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
     # a group at most the batch's fair share of one replica, so a shared system prompt still spreads.
     futures: list[Any] = [None] * len(requests)
     fair_share = -(-len(requests) // max(1, len(runtime.replicas)))
-    for group in group_by_prefix([r.prompt for r in requests], max_size=fair_share):
-        for i, future in zip(group, runtime.pool.submit_group([requests[i] for i in group])):
-            futures[i] = future
     results: list[Any] = [None] * len(futures)
-    bar = _progress_bar(len(futures), progress)
-    started, out_tokens = time.monotonic(), 0
-    index_of = {id(f): i for i, f in enumerate(futures)}
-    try:
+    bar = None
+    try:  # from the first submission: a Ctrl-C while submitting aborts what was submitted too
+        for group in group_by_prefix([r.prompt for r in requests], max_size=fair_share):
+            for i, future in zip(group, runtime.pool.submit_group([requests[i] for i in group])):
+                futures[i] = future
+        bar = _progress_bar(len(futures), progress)
+        started, out_tokens = time.monotonic(), 0
+        index_of = {id(f): i for i, f in enumerate(futures)}
         for future in concurrent.futures.as_completed(futures):
             i = index_of[id(future)]
             exc = future.exception()
@@ -66,7 +67,8 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
                 bar.update(1)
     except BaseException:  # Ctrl-C (a notebook's interrupt) or an error here: abort the whole batch,
         for future in futures:  # so the GPU is free for the next call, which gets none of these results
-            future.cancel()
+            if future is not None:
+                future.cancel()
         raise
     finally:
         if bar is not None:
