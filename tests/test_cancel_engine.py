@@ -5,6 +5,7 @@ requests handed to vLLM and not finished (from the hand-off to vLLM's last outpu
 
 import _thread
 import asyncio
+import signal
 import threading
 import time
 import uuid
@@ -79,11 +80,17 @@ def test_a_stream_abandoned_is_aborted_in_vllm(lm):
 def test_ctrl_c_during_batch_generate_aborts_the_batch_and_the_lm_serves_right_after(lm):
     before = _engine(lm).get("cancelled", 0)
     prompts = [f"Count to a thousand, {i} {uuid.uuid4().hex}" for i in range(6)]
+    # A job started in the background (nohup, `cmd &`) inherits SIGINT ignored, and then
+    # interrupt_main does nothing: give SIGINT Python's own handler for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(2.0, _thread.interrupt_main)  # what Ctrl-C in a notebook does
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        lm.batch_generate(prompts, progress=False)
-    timer.cancel()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lm.batch_generate(prompts, progress=False)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert _idle(lm, timeout=10), _engine(lm)
     assert _engine(lm)["cancelled"] >= before + 1  # those vLLM held; the rest never started
     fresh = lm.batch_generate([f"Say hi. {uuid.uuid4().hex}"], max_tokens=4, progress=False)
