@@ -278,6 +278,9 @@ def benchmark_weights_path(shape: str = "0.6b", dest: str | None = None) -> str:
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model.save_pretrained(out)
+        del model
+        if torch.cuda.is_initialized():  # hand the weights' memory back: engines start after this in our process
+            torch.cuda.empty_cache()
 
     return prepare_folder(target, build, what=f"benchmark model folder with random weights ({shape})",
                           required=("config.json", "tokenizer.json", "tokenizer_config.json"))

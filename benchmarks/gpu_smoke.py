@@ -285,8 +285,11 @@ def _versions(cpu: bool) -> dict[str, str]:
     out["gpu"] = "none (--cpu: vLLM's CPU build)" if cpu else (_gpu_name() or "none found by nvidia-smi")
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       check=False, timeout=10, cwd=here).stdout.strip()
+        git = {"capture_output": True, "text": True, "check": False, "timeout": 10, "cwd": here}
+        out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.split("\n")
+        if any(line.strip() for line in changed):  # a copied tree whose .git is older than its files says so
+            out["commit"] += f" + {sum(1 for line in changed if line.strip())} changed file(s)"
     except Exception:
         pass
     return out

@@ -77,13 +77,15 @@ def squeeze(shape, prefixes: int, model: str, on_gpu: bool) -> dict:
 
 
 class OursW6:
-    def __init__(self, model, engine, k: int, policy: str, on_gpu: bool):
+    def __init__(self, model, engine, k: int, policy: str, on_gpu: bool, spill_at: int | None = None):
         from vllm_dspy_adapter import vLLMOfflineMultiGPU
 
         from .systems import subset_router
 
         place = {"num_gpus": 1, "replicas_per_gpu": k} if on_gpu else {"num_replicas": k}
         self.router = subset_router(policy)
+        if spill_at is not None:
+            place["spill_at"] = spill_at
         self.lm = vLLMOfflineMultiGPU(model, **place, routing=self.router, cache=False,
                                       sampling_params={"ignore_eos": True}, **engine)
 
@@ -199,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default="cache,prefix,round_robin,least_loaded,raw")
     parser.add_argument("--modes", default="batch,threads")
     parser.add_argument("--threads", type=int, default=256)
+    parser.add_argument("--spill-at", type=int, help="ours: vLLMOfflineMultiGPU(spill_at=...) (default: the LM's, 256)")
     parser.add_argument("--kv-prefixes", type=int, default=12, help="prefixes one replica's KV cache holds")
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--questions", type=int, default=16)
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = sorted((s for s in systems if s in OURS), key=lambda s: s != "cache")
         starts = [ours] if args.one_lm and ours else [[s] for s in ours]
         for group in starts:
-            system = OursW6(model, engine, k, group[0], on_gpu)
+            system = OursW6(model, engine, k, group[0], on_gpu, spill_at=args.spill_at)
             try:
                 warm_up(system, tokenizer, shape, k)
                 for policy in group:
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
                     for mode in modes:
                         # one LM for every policy: fresh prompts per policy, or the next would hit the last's
                         key = f"{k}-{mode}" + (f"-{policy}" if args.one_lm else "")
-                        emit(measure(system, policy, k, mode, chat_requests(tokenizer, shape, key), args.threads))
+                        row = measure(system, policy, k, mode, chat_requests(tokenizer, shape, key), args.threads)
+                        emit({**row, "spill_at": args.spill_at})
             finally:
                 system.close()
         if "raw" in systems:

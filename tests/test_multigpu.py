@@ -32,6 +32,8 @@ def test_gpu_request_on_a_cpu_machine_says_what_to_do():
     (dict(num_replicas=0), "num_replicas must be >= 1"),
     (dict(num_replicas=2, health_timeout=0), "health_timeout"),
     (dict(num_replicas=2, max_restarts=-1), "max_restarts"),
+    (dict(num_replicas=2, spill_at=-1), "spill_at must be an int >= 0"),
+    (dict(num_replicas=2, spill_at=1.5), "spill_at must be an int >= 0"),
     (dict(num_replicas=2, backend="slurm"), "Unknown backend"),
 ])
 def test_bad_arguments_are_refused_before_any_start(kwargs, match):

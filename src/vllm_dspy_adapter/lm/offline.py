@@ -27,7 +27,7 @@ from .batch import run_batch
 from .lora_methods import LoRAMixin
 from ..serving.pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
 from ..protocol import Backend, Generation
-from ..serving.routing import Router
+from ..serving.routing import SPILL_AT, Router
 from .tools import AUTO, check_parser_name
 
 __all__ = ["vLLMOffline", "vLLMOfflineMultiGPU", "GenerationOutput"]
@@ -51,6 +51,7 @@ class _Layout:
     max_restarts: int  # 0: a dead replica stays dead
     adapter_routing: bool = True  # with enable_lora: AdapterRouter around the routing policy
     cache_events: bool = False  # the engines publish KV-cache events (the "cache" policy reads them)
+    spill_at: int = SPILL_AT  # replicas_per_gpu > 1: in flight on a GPU's earlier replicas before the next opens
 
 # atexit runs handlers last-registered-first, and multiprocessing registers one
 # that joins every non-daemon child (our replica workers) forever. Importing it
@@ -171,7 +172,8 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         if spec.max_lora_rank is not None and layout.adapter_routing and not isinstance(router, AdapterRouter):
             router = AdapterRouter(router, max_loras=spec.max_loras)
         try:
-            pool = ReplicaPool.start(backend, spec, router, max_restarts=max_restarts, health_timeout=health_timeout)
+            pool = ReplicaPool.start(backend, spec, router, max_restarts=max_restarts, health_timeout=health_timeout,
+                                     spill_at=layout.spill_at)
         except BaseException:
             backend.shutdown()
             raise
@@ -277,8 +279,8 @@ class vLLMOfflineMultiGPU(vLLMOffline):
     gets ``gpu_memory_utilization`` / k (the argument stays the total per GPU,
     default 0.9), they start one after another on each GPU, show as devices
     ``cuda:0#0``, ``cuda:0#1``, ..., and a GPU's second replica takes requests
-    only while its first holds 256 or more (few calls in flight: one engine per
-    GPU; many: all of them).
+    only while its first holds ``spill_at`` (256) or more (few calls in flight: one
+    engine per GPU; many: all of them); ``spill_at=0`` opens every replica at once.
 
     With ``enable_lora=True``, an adapter's requests prefer the replicas where it
     is resident (``AdapterRouter``); ``adapter_routing=False`` turns that off.
@@ -288,7 +290,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
                  tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str | Router = "prefix", *,
                  backend: str = "local", ray_address: str | None = None, max_restarts: int = 3,
                  start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, replicas_per_gpu: int = 1,
-                 adapter_routing: bool = True,
+                 adapter_routing: bool = True, spill_at: int = SPILL_AT,
                  **kwargs: Any):
         from ..backends import BACKENDS, make_backend
         from ..backends.placement import replica_share
@@ -298,6 +300,9 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             raise ConfigurationError(f"Unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        if isinstance(spill_at, bool) or not isinstance(spill_at, int) or spill_at < 0:
+            raise ConfigurationError(f"spill_at must be an int >= 0 (requests in flight on a GPU's first replica before "
+                                     f"its next one takes any; 0 opens all at once), got {spill_at!r}")
         total_memory = kwargs.get("gpu_memory_utilization")
         # Placement is decided (and refused) here, before any engine starts.
         router = make_router(routing)
@@ -307,7 +312,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
                                       replicas_per_gpu=replicas_per_gpu),
                          router, max_restarts=max_restarts, adapter_routing=bool(adapter_routing),
                          # Ray actors cannot hand the events over: the pool falls back (and says so)
-                         cache_events=router.wants_cache_events and backend != "ray")
+                         cache_events=router.wants_cache_events and backend != "ray", spill_at=spill_at)
         if tensor_parallel_size > 1:
             kwargs["tensor_parallel_size"] = tensor_parallel_size
         try:
@@ -320,7 +325,8 @@ class vLLMOfflineMultiGPU(vLLMOffline):
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
                                 "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
                                 "backend": backend, "ray_address": ray_address, "max_restarts": max_restarts,
-                                "replicas_per_gpu": replicas_per_gpu, "gpu_memory_utilization": total_memory})
+                                "replicas_per_gpu": replicas_per_gpu, "gpu_memory_utilization": total_memory,
+                                "spill_at": spill_at})
 
     @property
     def num_replicas(self) -> int:
