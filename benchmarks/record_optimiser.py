@@ -14,19 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
-
-
-def devset(n: int, seed: int = 0):
-    import dspy
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        out.append(dspy.Example(question=f"What is {a} plus {b}?", answer=str(a + b)).with_inputs("question"))
-    return out
 
 
 def metric(gold, pred, trace=None, pred_name=None, pred_trace=None):
@@ -46,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     import dspy
 
     from vllm_dspy_adapter import vLLMOffline
+    from vllm_dspy_adapter.cli import arithmetic_devset
 
     with vLLMOffline(temperature=0.7, max_tokens=128, max_model_len=2048, cache=False, enforce_eager=True) as lm:
         dspy.configure(lm=lm)
-        data = devset(24)
+        data = arithmetic_devset(24)
         optimizer = dspy.GEPA(metric=metric, max_metric_calls=args.max_metric_calls, reflection_lm=lm,
                               num_threads=args.threads, track_stats=False, seed=0)
         optimizer.compile(dspy.ChainOfThought("question -> answer"), trainset=data[:12], valset=data[12:])
