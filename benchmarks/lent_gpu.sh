@@ -9,6 +9,7 @@
 #   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
 #   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, w5-single, w5-raw, w5-ours,
 #                                               # or any; ARGS go to benchmarks.run
+#   bash benchmarks/lent_gpu.sh smoke|grpo-0.6b|grpo-8b|w6-spill   # one command each (see solo below)
 #   py-spy for --profile-s: its wheel unpacked into $HOME/site (then $HOME/site/bin is on PATH).
 #
 # Results: $OUT/<group>/ (results.json, results.jsonl, throughput.png, logs/).
@@ -66,6 +67,30 @@ budget=$(left 60)
 for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null); do
   echo "killing leftover GPU process $pid"; kill -9 "$pid" 2>/dev/null
 done
+# One command each, not benchmarks.run (benchmarks/README.md, "The next GPU lease"): stdout whole,
+# stderr's last 20 kB, under $OUT/$GROUP/; the command stops (SIGINT) before the call's limit.
+solo() {
+  mkdir -p "$OUT/$GROUP"
+  timeout -s INT "$(left 15)" "$@" > "$OUT/$GROUP/out.txt" 2> "$OUT/$GROUP/stderr.txt"
+  local rc=$?
+  tail -c 20000 "$OUT/$GROUP/stderr.txt" > "$OUT/$GROUP/stderr.tail"; rm -f "$OUT/$GROUP/stderr.txt"
+  grep -v '^@@' "$OUT/$GROUP/out.txt" | tail -c 6000; tail -n 5 "$OUT/$GROUP/stderr.tail"
+  echo "$GROUP: rc $rc"
+  exit $rc
+}
+weights() { python -c "from benchmarks.bench_models import benchmark_weights_path as p; print(p('$1'))" 2>/dev/null; }
+case "$GROUP" in
+  # Every change to src/: the GPU smoke (first call after the kit).
+  smoke) solo python -m benchmarks.gpu_smoke --out "$OUT/$GROUP" ;;
+  # issue 21 item 6: GRPO step timing on the 0.6B shape, then the 8B shape (random weights on disk).
+  grpo-0.6b) solo python -m benchmarks.grpo_bench --model "$(weights 0.6b)" --gpus 1 --gpu-memory-utilization 0.5 \
+                 --examples 16 --rollouts 8 --max-tokens 512 --steps 3 --out "$OUT/$GROUP" ;;
+  grpo-8b) solo python -m benchmarks.grpo_bench --model "$(weights 8b)" --gpus 1 --gpu-memory-utilization 0.5 \
+               --examples 16 --rollouts 8 --max-tokens 512 --steps 2 --out "$OUT/$GROUP" ;;
+  # issue 20: W6 from 256 threads with both replicas of the GPU open (spill_at=0), raw beside.
+  w6-spill) solo python -m benchmarks.w6_bench --shape 0.6b --replicas 2 --one-lm --modes threads --threads 256 \
+                --spill-at 0 --systems cache,prefix,round_robin,raw --out "$OUT/$GROUP" ;;
+esac
 common=(--budget-s "$budget" --group-jobs --out "$OUT/$GROUP")
 case "$GROUP" in
   # issue 4: the Ray backend against the local one, same prompts, same policy.
