@@ -287,9 +287,9 @@ def _versions(cpu: bool) -> dict[str, str]:
         here = os.path.dirname(os.path.abspath(__file__))
         git = {"capture_output": True, "text": True, "check": False, "timeout": 10, "cwd": here}
         out["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **git).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.split("\n")
-        if any(line.strip() for line in changed):  # a copied tree whose .git is older than its files says so
-            out["commit"] += f" + {sum(1 for line in changed if line.strip())} changed file(s)"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **git).stdout.splitlines()
+        if changed:  # a copied tree whose .git is older than its files says so
+            out["commit"] += f" + {len(changed)} changed file(s)"
     except Exception:
         pass
     return out
@@ -1070,6 +1070,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _torch_held() -> str:
+    """What torch's allocator in this process still holds (tensors alive vs. cached), when this
+    process used CUDA: tells a leak (allocated) from the allocator's cache and the CUDA context."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return ""
+    return (f" (torch: {torch.cuda.memory_allocated() >> 20} MiB in live tensors, "
+            f"{torch.cuda.memory_reserved() >> 20} MiB reserved; the rest is the CUDA context)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Before vLLM is imported (the engine processes inherit the environment).
@@ -1146,13 +1156,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _torch_held() -> str:
-    """What torch's allocator in this process still holds (tensors alive vs. cached), when this
-    process used CUDA: tells a leak (allocated) from the allocator's cache and the CUDA context."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return ""
-    return (f" (torch: {torch.cuda.memory_allocated() >> 20} MiB in live tensors, "
-            f"{torch.cuda.memory_reserved() >> 20} MiB reserved; the rest is the CUDA context)")
