@@ -18,7 +18,13 @@ torch = pytest.importorskip("torch")
 from dspy.clients.utils_finetune import TrainDataFormat  # noqa: E402
 
 from vllm_dspy_adapter.errors import ConfigurationError, TrainingStepError  # noqa: E402
-from vllm_dspy_adapter.lora.grpo import GRPOConfig, check_groups, group_advantages, grpo_loss  # noqa: E402
+from vllm_dspy_adapter.lora.grpo import (  # noqa: E402
+    GRPOConfig,
+    aggregate_loss,
+    check_groups,
+    group_advantages,
+    grpo_loss,
+)
 from vllm_dspy_adapter.lora.reinforce import GRPOJob  # noqa: E402
 from vllm_dspy_adapter.lora.trainer_device import ServingPlacement, check_room, choose_trainer_device  # noqa: E402
 
@@ -31,7 +37,8 @@ GIB = 1 << 30
 def test_advantages_are_group_relative():
     adv = group_advantages([1.0, 0.0, 0.0, 1.0])
     assert adv[0] > 0 > adv[1] and math.isclose(sum(adv), 0.0, abs_tol=1e-9)
-    assert math.isclose(adv[0], 1.0, rel_tol=1e-3)  # (1 - 0.5) / 0.5
+    assert math.isclose(adv[0], 0.5 / math.sqrt(1 / 3), rel_tol=1e-3)  # (1 - 0.5) / the sample std, as TRL
+    assert math.isclose(group_advantages([1.0, 0.0], std=2.0)[0], 0.5 / 2.0, rel_tol=1e-3)  # the step's std
     assert group_advantages([2.0, 2.0]) == [0.0, 0.0]  # no spread: nothing to learn
     assert group_advantages([3.0, 1.0], scale=False) == [1.0, -1.0]
 
@@ -52,6 +59,70 @@ def test_loss_is_the_clipped_surrogate_plus_beta_k3_kl():
     # Padding (mask 0) does not count.
     loss, _ = grpo_loss(logp, logp, logp, adv, torch.tensor([[1.0, 0.0]]), beta=0.0, epsilon=0.2, epsilon_high=0.2)
     assert torch.allclose(loss, torch.tensor([-2.0]))
+
+
+def test_trl_loss_types_aggregate_as_trl_over_an_accumulation_window():
+    # Two forward passes in one window: completions of 1 and 3 tokens, then one of 2 tokens.
+    per_token = [torch.tensor([[2.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), torch.tensor([[3.0, 3.0, 0.0]])]
+    masks = [torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0]])]
+    window = {"window_completions": 3, "window_tokens": 6, "window_batches": 2, "max_completion_length": 4}
+
+    def total(loss_type):
+        return round(sum(float(aggregate_loss(p, m, loss_type, **window)) for p, m in zip(per_token, masks)), 5)
+
+    assert math.isclose(total("grpo"), round((2.0 + 1.0 + 3.0) / 3, 5))  # each completion's mean, then the mean
+    assert math.isclose(total("dapo"), round((2.0 + 3.0 + 6.0) / 6, 5))  # every token of the window alike
+    assert math.isclose(total("bnpo"), round(((2.0 + 3.0) / 4 + 6.0 / 2) / 2, 5))  # per pass, then over passes
+    assert math.isclose(total("dr_grpo"), round((2.0 + 3.0 + 6.0) / (3 * 4), 5))  # a constant length
+
+
+DSPY_TUTORIAL = {  # dspy docs/tutorials/rl_multihop, verbatim
+    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "temperature": 0.7, "beta": 0.04,
+    "learning_rate": 2e-5, "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "bf16": True, "lr_scheduler_type": "constant_with_warmup", "max_prompt_length": None,
+    "max_completion_length": None, "scale_rewards": True, "max_grad_norm": 0.5, "lora": True,
+}
+ARBOR_EXAMPLE = {  # Ziems/arbor examples/multihop_dev.py, verbatim
+    "per_device_train_batch_size": 2, "gradient_accumulation_steps": 24 / 6, "temperature": 1.0, "top_k": -1,
+    "top_p": 1.0, "repetition_penalty": 1.0, "beta": 0.00, "learning_rate": 1e-6, "gradient_checkpointing": True,
+    "bf16": True, "lr_scheduler_type": "constant_with_warmup", "loss_type": "dapo", "max_steps": 1000,
+    "report_to": "wandb", "log_completions": True, "logging_steps": 1, "max_prompt_length": None,
+    "max_completion_length": None, "scale_rewards": False, "max_grad_norm": 1.0,
+    "lora_config": {"lora_alpha": 16, "lora_dropout": 0.05, "r": 8,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]},
+    "num_training_gpus": 3, "num_inference_gpus": 1, "weight_decay": 0.001,
+}
+
+
+def test_the_train_kwargs_of_dspy_tutorials_and_arbor_are_taken(caplog):
+    config = GRPOConfig.from_kwargs(DSPY_TUTORIAL)
+    assert (config.batch_size, config.gradient_accumulation_steps, config.dtype) == (2, 4, "bfloat16")
+    assert config.gradient_checkpointing and config.scale_rewards == "group" and config.max_grad_norm == 0.5
+    with caplog.at_level("INFO", logger="vllm_dspy_adapter.lora.grpo"):
+        config = GRPOConfig.from_kwargs(ARBOR_EXAMPLE)
+    assert config.gradient_accumulation_steps == 4 and isinstance(config.gradient_accumulation_steps, int)
+    assert (config.loss_type, config.scale_rewards, config.rank, config.alpha, config.dropout) == (
+        "dapo", "none", 8, 16, 0.05)
+    said = caplog.text
+    assert "report_to='wandb' does nothing here" in said and "num_training_gpus=3 does nothing here" in said
+    assert "max_steps=1000 does nothing with a constant learning rate" in said
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lora": False}, "full fine-tuning"),
+    ({"lora_config": {"r": 8, "bias": "all"}}, r"lora_config\['bias'\]"),
+    ({"per_device_train_batch_size": 2, "batch_size": 4}, "set 'batch_size' twice"),
+    ({"loss_type": "cispo"}, "loss_type 'cispo' is not supported"),
+    ({"lr_scheduler_type": "cosine"}, "give max_steps"),
+    ({"lr_scheduler_type": "polynomial", "max_steps": 10}, "not supported"),
+    ({"warmup_ratio": 0.1}, "needs max_steps"),
+    ({"num_iterations": 2}, "num_iterations=1"),
+    ({"scale_rewards": "per-token"}, "scale_rewards"),
+    ({"per_device_train_batch_sizes": 2}, "Did you mean 'per_device_train_batch_size'"),
+])
+def test_trl_names_that_would_change_the_training_are_refused(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        GRPOConfig.from_kwargs(kwargs)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -170,6 +241,45 @@ def test_a_step_raises_the_rewarded_completions_log_probability(default_model, t
         assert min(rewarded) > 0 > max(unrewarded), (rewarded, unrewarded)
     finally:
         job.terminate()
+
+
+def test_trl_options_train_a_step(default_model, tmp_path):
+    # Gradient checkpointing, DAPO's token-level loss, the step's reward std, a linear schedule with warmup.
+    job = _job(FakeHost(default_model), output_dir=str(tmp_path), gradient_checkpointing=True, loss_type="dapo",
+               scale_rewards="batch", lr_scheduler_type="linear", warmup_steps=1, max_steps=4,
+               per_device_train_batch_size=2)
+    try:
+        groups = [_group()]
+        before = job.trainer.mean_completion_logp(groups)
+        job.step([{"batch_id": 0, "group": groups[0]}], TrainDataFormat.GRPO_CHAT)
+        after = job.trainer.mean_completion_logp(groups)
+        assert job.get_status()["last_step"]["updates"] == 2  # 4 completions, 2 per update
+        # transformers' schedule: update 1 at lr 0 (warmup), update 2 at 2e-4, then 2e-4 x (4 - 2) / (4 - 1).
+        assert math.isclose(job.trainer.learning_rate, 2e-4 * 2 / 3)
+        rewarded = [a - b for a, b, item in zip(after, before, groups[0]) if item["reward"] == 1.0]
+        unrewarded = [a - b for a, b, item in zip(after, before, groups[0]) if item["reward"] == 0.0]
+        assert min(rewarded) > 0 > max(unrewarded), (rewarded, unrewarded)
+        job.step([{"batch_id": 1, "group": groups[0]}], TrainDataFormat.GRPO_CHAT)
+        assert job.trainer.learning_rate == 0.0  # max_steps reached
+    finally:
+        job.terminate()
+
+
+def test_the_job_says_when_groups_per_step_does_not_match_what_dspy_sends(default_model, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="vllm_dspy_adapter.lora.reinforce"):
+        job = _job(FakeHost(default_model), output_dir=str(tmp_path))  # no groups_per_step
+        job.terminate()
+        assert "train_kwargs has no groups_per_step" in caplog.text
+        caplog.clear()
+        job = _job(FakeHost(default_model), output_dir=str(tmp_path), groups_per_step=2)
+        try:
+            assert "groups_per_step" not in caplog.text
+            group = _group()
+            job.step([{"batch_id": 0, "group": group}, {"batch_id": 1, "group": list(group)}],
+                     TrainDataFormat.GRPO_CHAT)  # what dspy.GRPO sends when it made fewer groups than batch ids
+            assert "sent 1 copies among 2 groups" in caplog.text
+        finally:
+            job.terminate()
 
 
 def test_versions_are_published_switched_and_retired(default_model, tmp_path):

@@ -6,13 +6,15 @@
 "reward": r}, ...]``, one group per (example, predictor), ``num_generations``
 completions each. ``GRPOTrainer.step(groups)`` (grpo_trainer.py) turns them into one GRPO update:
 
-- advantages are group-relative: ``(r - mean(group)) / (std(group) + eps)``
-  (``scale_rewards=False``: ``r - mean`` only, as Dr. GRPO);
+- advantages are group-relative: ``(r - mean(group)) / (std(group) + eps)``, the
+  sample std as TRL (``scale_rewards="batch"``: the std of the step's rewards;
+  ``False``/``"none"``: ``r - mean`` only, as Dr. GRPO);
 - the loss per completion token is TRL's GRPO loss: the clipped surrogate
   ``-min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon_high) * A)`` with
   ``ratio = exp(logp - logp_old)``, plus ``beta`` times the k3 estimator of the KL
-  to the reference, ``exp(ref - logp) - (ref - logp) - 1``; averaged over each
-  completion's tokens, then over completions;
+  to the reference, ``exp(ref - logp) - (ref - logp) - 1``; aggregated as TRL's
+  ``loss_type`` says (``LOSS_TYPES``; ours defaults to ``"grpo"``: averaged over each
+  completion's tokens, then over completions; TRL's own default is ``"dapo"``);
 - the reference is the base model: the same PEFT model with its adapter switched
   off (``disable_adapter()``), so it costs no second copy of the weights;
 - ``logp_old`` is the policy that generated the rollouts: the adapter version
@@ -42,9 +44,11 @@ from typing import Any
 
 from ..chat_template import render_chat
 from ..errors import ConfigurationError, TrainingStepError
+from .grpo_kwargs import IGNORED, RENAMED, translate
 from .training import DEFAULT_TARGET_MODULES, check_lora_shape
 
-__all__ = ["GRPOConfig", "StepMetrics", "group_advantages", "grpo_loss", "check_groups", "tokenize_completion"]
+__all__ = ["GRPOConfig", "StepMetrics", "group_advantages", "grpo_loss", "grpo_token_losses", "aggregate_loss",
+           "check_groups", "tokenize_completion"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +66,20 @@ class GRPOConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (a symmetric clip)
     temperature: float | None = None  # None: the LM's sampling temperature (1.0 if it has none or 0)
-    scale_rewards: bool = True
+    scale_rewards: bool | str = True  # True / "group", "batch" (the step's std), False / "none"
+    loss_type: str = "grpo"  # TRL's: "grpo" (per completion, then mean), "bnpo", "dr_grpo", "dapo"
+    max_completion_length: int | None = None  # dr_grpo's constant (None: the LM's max_tokens)
     # the optimiser
     learning_rate: float = 1e-5
+    lr_scheduler_type: str = "constant"  # or constant_with_warmup, linear, cosine (these two need max_steps)
+    warmup_steps: int = 0  # optimiser steps
+    max_steps: int | None = None  # optimiser steps: the length of a linear or cosine schedule
     gradient_accumulation_steps: int = 1
     batch_size: int = 8  # completions per forward pass
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    gradient_checkpointing_kwargs: dict | None = None  # None: {"use_reentrant": False}
     # the adapter
     rank: int = 8
     alpha: int = 16
@@ -89,16 +100,26 @@ class GRPOConfig:
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any] | None) -> GRPOConfig:
+        """The options from ``train_kwargs`` (ours, or TRL's and Arbor's names: ``grpo_kwargs``);
+        options that do nothing here are logged once. A bad one raises ``ConfigurationError``."""
         import difflib
 
+        options, notes = translate(kwargs)
         known = {f.name for f in dataclasses.fields(cls)}
-        for name in kwargs or {}:
+        for name in options:
             if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
+                close = difflib.get_close_matches(name, [*known, *RENAMED, *IGNORED], n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigurationError(f"Unknown GRPO train_kwargs option {name!r}.{hint} Known: {sorted(known)}")
-        config = cls(**dict(kwargs or {}))
+                raise ConfigurationError(f"Unknown GRPO train_kwargs option {name!r}.{hint} Known: {sorted(known)} "
+                                         "(and TRL's names that DSPy's GRPO tutorials use: docs/LORA_GUIDE.md)")
+        for name in _INTEGERS:  # Arbor's examples compute some, e.g. gradient_accumulation_steps 24/6 = 4.0
+            value = options.get(name)
+            if isinstance(value, float) and value.is_integer():
+                options[name] = int(value)
+        config = cls(**options)
         config.check()
+        for note in notes:
+            logger.info("GRPO train_kwargs: %s", note)
         return config
 
     def check(self) -> None:
@@ -122,7 +143,46 @@ class GRPOConfig:
                                      f"got {self.temperature!r}")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
             raise ConfigurationError(f"GRPO option epsilon_high must be > 0; got {self.epsilon_high!r}")
+        scale = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)  # TRL's reading
+        if scale not in ("group", "batch", "none"):
+            raise ConfigurationError(f"GRPO option scale_rewards must be True/'group', 'batch' or False/'none'; "
+                                     f"got {self.scale_rewards!r}")
+        self.scale_rewards = scale
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigurationError(f"GRPO option loss_type {self.loss_type!r} is not supported; use one of "
+                                     f"{list(LOSS_TYPES)} (TRL's meanings).")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise ConfigurationError(f"GRPO option lr_scheduler_type {self.lr_scheduler_type!r} is not supported; "
+                                     f"use one of {list(SCHEDULES)}.")
+        for name in ("warmup_steps", "max_steps", "max_completion_length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigurationError(f"GRPO option {name} must be a whole number >= 0; got {value!r}")
+        if SCHEDULES[self.lr_scheduler_type] and not self.max_steps:
+            raise ConfigurationError(f"GRPO option lr_scheduler_type={self.lr_scheduler_type!r} decays over "
+                                     "max_steps optimiser steps: give max_steps, or use 'constant' / "
+                                     "'constant_with_warmup'.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigurationError(f"GRPO option gradient_checkpointing must be True or False; "
+                                     f"got {self.gradient_checkpointing!r}")
+        if self.gradient_checkpointing_kwargs is not None and not isinstance(self.gradient_checkpointing_kwargs,
+                                                                              dict):
+            raise ConfigurationError(f"GRPO option gradient_checkpointing_kwargs must be a dict; "
+                                     f"got {self.gradient_checkpointing_kwargs!r}")
         check_lora_shape(self.dropout, self.target_modules)
+
+
+# TRL's loss aggregations (trl/trainer/grpo_trainer.py): how per-token losses become the step's loss.
+LOSS_TYPES = {
+    "grpo": "mean over each completion's tokens, then over completions",
+    "bnpo": "mean over the tokens of each forward pass (batch_size completions)",
+    "dr_grpo": "sum over tokens / (completions x max_completion_length)",
+    "dapo": "sum over tokens / the tokens of the whole accumulation window",
+}
+# transformers' scheduler names we take -> whether it needs max_steps (a decay).
+SCHEDULES = {"constant": False, "constant_with_warmup": False, "linear": True, "cosine": True}
+_INTEGERS = ("gradient_accumulation_steps", "update_interval", "groups_per_step", "batch_size", "rank", "alpha",
+             "cpu_threads", "warmup_steps", "max_steps", "max_completion_length", "max_seq_length", "seed")
 
 
 @dataclass
@@ -161,21 +221,32 @@ def check_groups(groups: Any) -> list[list[dict[str, Any]]]:
     return out
 
 
-def group_advantages(rewards: Sequence[float], *, scale: bool = True, eps: float = 1e-4) -> list[float]:
-    """``(r - mean) / (std + eps)`` within one group (population std, as TRL); all-equal
-    rewards give zeros (nothing to learn from that group but the KL term)."""
+def group_advantages(rewards: Sequence[float], *, scale: bool = True, std: float | None = None,
+                     eps: float = 1e-4) -> list[float]:
+    """``(r - mean) / (std + eps)`` within one group, as TRL: ``std`` is the group's sample
+    standard deviation (Bessel's correction, TRL's ``nanstd``) unless given (``scale_rewards=
+    "batch"``: the step's); ``scale=False``: ``r - mean`` only (Dr. GRPO). All-equal rewards
+    give zeros (nothing to learn from that group but the KL term)."""
     mean = sum(rewards) / len(rewards)
     centred = [r - mean for r in rewards]
     if not scale:
         return centred
-    std = math.sqrt(sum(c * c for c in centred) / len(rewards))
+    if std is None:
+        std = sample_std(rewards)
     return [c / (std + eps) for c in centred]
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon: float, epsilon_high: float):
-    """TRL's GRPO loss per completion: ``(per_token * mask).sum(1) / mask.sum(1)``, and the
-    mean k3 KL per completion. ``logp``/``old_logp``/``ref_logp``/``mask``: [B, T];
-    ``advantages``: [B]."""
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def grpo_token_losses(logp, old_logp, ref_logp, advantages, *, beta: float, epsilon: float, epsilon_high: float):
+    """TRL's GRPO loss and k3 KL per token: ``(per_token, kl)``, both [B, T]. ``logp``/
+    ``old_logp``/``ref_logp``: [B, T]; ``advantages``: [B]."""
     import torch
 
     ratio = torch.exp(logp - old_logp)
@@ -183,9 +254,32 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv)
     delta = ref_logp - logp
     kl = torch.exp(delta) - delta - 1
-    per_token = -surrogate + beta * kl
+    return -surrogate + beta * kl, kl
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilon: float, epsilon_high: float):
+    """The loss and the mean k3 KL per completion (``grpo_token_losses`` averaged over each
+    completion's tokens, ``mask`` [B, T]): what the step reports."""
+    per_token, kl = grpo_token_losses(logp, old_logp, ref_logp, advantages, beta=beta, epsilon=epsilon,
+                                      epsilon_high=epsilon_high)
     tokens = mask.sum(1).clamp(min=1)
     return (per_token * mask).sum(1) / tokens, (kl * mask).sum(1) / tokens
+
+
+def aggregate_loss(per_token, mask, loss_type: str, *, window_completions: int, window_tokens: int,
+                   window_batches: int, max_completion_length: int | None):
+    """One forward pass's share of its accumulation window's loss, by TRL's ``loss_type``
+    (``LOSS_TYPES``); the window's shares add up to the loss TRL would take on that window."""
+    token_sum = (per_token * mask).sum()
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / window_completions
+    if loss_type == "bnpo":
+        return token_sum / mask.sum().clamp(min=1) / window_batches
+    if loss_type == "dr_grpo":
+        return token_sum / (window_completions * max_completion_length)
+    if loss_type == "dapo":
+        return token_sum / max(window_tokens, 1)
+    raise ConfigurationError(f"Unknown loss_type {loss_type!r}")
 
 
 def tokenize_completion(tokenizer, item: dict[str, Any], chat_template_kwargs: dict[str, Any] | None,

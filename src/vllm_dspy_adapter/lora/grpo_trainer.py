@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from typing import Any
 
 from ..errors import ConfigurationError, TrainingStepError
-from .grpo import GRPOConfig, StepMetrics, check_groups, group_advantages, grpo_loss, tokenize_completion
+from .grpo import (GRPOConfig, StepMetrics, aggregate_loss, check_groups, group_advantages, grpo_token_losses,
+                   sample_std, tokenize_completion)
 from .training import device_and_dtype
 
 __all__ = ["GRPOTrainer"]
@@ -46,6 +46,11 @@ class GRPOTrainer:
             self.tokenizer.eos_token_id or 0)
         model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype).to(self.device)
         model.config.use_cache = False
+        if config.gradient_checkpointing:
+            kwargs = config.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if kwargs.get("use_reentrant", True):  # reentrant checkpoints need an input that requires grad
+                model.enable_input_require_grads()
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                           target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
         try:
@@ -55,6 +60,7 @@ class GRPOTrainer:
                                      f"{exc}. Pass train_kwargs={{'target_modules': [...]}}.") from exc
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = _scheduler(self.optimizer, config)
         self._served = self._adapter_state()  # the policy the replicas sample from (the base at first: B = 0)
         self._ahead = False  # trained since the served version was saved
         self.steps = 0
@@ -102,6 +108,7 @@ class GRPOTrainer:
         import torch
 
         refs, olds = [], []
+        self.model.eval()  # no dropout: the policies as they sample
         with torch.no_grad():
             if self._ahead:
                 current = self._adapter_state()
@@ -125,6 +132,7 @@ class GRPOTrainer:
         sequences = [tokenize_completion(self.tokenizer, item, self.chat_template_kwargs, self.config.max_seq_length)
                      for group in check_groups(groups) for item in group]
         out: list[float] = []
+        self.model.eval()
         with torch.no_grad():
             for _, batch in self._batches(sequences):
                 ids, attention, mask = self._tensors(batch)
@@ -141,14 +149,16 @@ class GRPOTrainer:
         groups = check_groups(groups)  # bad input: refused before any work
         config = self.config
         started = time.monotonic()
-        sequences, advantages, rewards = [], [], []
+        sequences, advantages = [], []
+        rewards = [float(item["reward"]) for group in groups for item in group]
+        step_std = sample_std(rewards) if config.scale_rewards == "batch" else None
         for group in groups:
-            group_rewards = [float(item["reward"]) for item in group]
-            rewards += group_rewards
-            advantages += group_advantages(group_rewards, scale=config.scale_rewards)
+            advantages += group_advantages([float(item["reward"]) for item in group],
+                                           scale=config.scale_rewards != "none", std=step_std)
             sequences += [tokenize_completion(self.tokenizer, item, self.chat_template_kwargs, config.max_seq_length)
                           for item in group]
         saved_adapter, saved_optimizer = self._adapter_state(), copy.deepcopy(self.optimizer.state_dict())
+        saved_scheduler = self.scheduler.state_dict()
         threads = torch.get_num_threads()
         if self.device == "cpu":  # vLLM's CPU engines busy-wait on their cores: a many-thread trainer starves them
             torch.set_num_threads(config.cpu_threads)
@@ -158,6 +168,7 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self._load_adapter_state(saved_adapter)
             self.optimizer.load_state_dict(saved_optimizer)
+            self.scheduler.load_state_dict(saved_scheduler)
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
             if isinstance(exc, torch.OutOfMemoryError):
@@ -187,39 +198,48 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = total_kl = 0.0
         tokens = updates = 0
-        pending = 0  # batches accumulated since the last optimiser step
-        window = config.batch_size * config.gradient_accumulation_steps
-        n_batches = math.ceil(len(sequences) / config.batch_size)
-        for b, (start, batch) in enumerate(self._batches(sequences)):
-            ids, attention, mask = self._tensors(batch)
-            per_seq, kl = grpo_loss(self._logps(ids, attention), olds[b], refs[b],
-                                    advantages[start:start + len(batch)], mask, beta=config.beta,
-                                    epsilon=config.epsilon, epsilon_high=config.epsilon_high or config.epsilon)
-            loss = per_seq.sum()
-            if not torch.isfinite(loss):
-                raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite "
-                                        f"({float(loss.detach())}); no update was applied and the adapter served "
-                                        "before this step keeps serving. Lower train_kwargs learning_rate.")
-            first = (b // config.gradient_accumulation_steps) * window
-            in_window = min(window, len(sequences) - first)
-            (loss / in_window).backward()
-            total_loss += float(loss.detach())
-            total_kl += float(kl.detach().sum())
-            tokens += int(mask.sum())
-            pending += 1
-            if pending == config.gradient_accumulation_steps or b == n_batches - 1:
-                norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
-                if not torch.isfinite(norm):
-                    raise TrainingStepError(f"GRPO step {self.steps + 1}: the gradient is not finite; no update was "
-                                            "kept. Lower train_kwargs learning_rate.")
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                updates += 1
-                pending = 0
+        batches = list(self._batches(sequences))
+        windows = [batches[i:i + config.gradient_accumulation_steps]
+                   for i in range(0, len(batches), config.gradient_accumulation_steps)]
+        for w, window in enumerate(windows):
+            window_completions = sum(len(batch) for _, batch in window)
+            window_tokens = sum(len(ids) - n for _, batch in window for ids, n in batch)
+            for start, batch in window:
+                b = start // config.batch_size
+                ids, attention, mask = self._tensors(batch)
+                per_token, kl = grpo_token_losses(self._logps(ids, attention), olds[b], refs[b],
+                                                  advantages[start:start + len(batch)], beta=config.beta,
+                                                  epsilon=config.epsilon,
+                                                  epsilon_high=config.epsilon_high or config.epsilon)
+                loss = aggregate_loss(per_token, mask, config.loss_type, window_completions=window_completions,
+                                      window_tokens=window_tokens, window_batches=len(window),
+                                      max_completion_length=config.max_completion_length)
+                if not torch.isfinite(loss):
+                    raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite "
+                                            f"({float(loss.detach())}); no update was applied and the adapter "
+                                            "served before this step keeps serving. Lower train_kwargs learning_rate.")
+                loss.backward()
+                per_completion = mask.sum(1).clamp(min=1)
+                total_loss += float(((per_token * mask).sum(1) / per_completion).detach().sum())
+                total_kl += float(((kl * mask).sum(1) / per_completion).detach().sum())
+                tokens += int(mask.sum())
+            norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
+            if not torch.isfinite(norm):
+                raise TrainingStepError(f"GRPO step {self.steps + 1}: the gradient is not finite; no update was "
+                                        "kept. Lower train_kwargs learning_rate.")
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            updates += 1
         if not all(torch.isfinite(p).all() for p in self.params):
             raise TrainingStepError(f"GRPO step {self.steps + 1} made the adapter's weights non-finite; the update "
                                     "was undone. Lower train_kwargs learning_rate.")
         return total_loss / len(sequences), total_kl / len(sequences), updates, tokens
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate the next optimiser step takes (the schedule's)."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # --------------------------------------------------------------- output
 
@@ -241,8 +261,17 @@ class GRPOTrainer:
 
         import torch
 
-        self.model = self.optimizer = self._served = None
+        self.model = self.optimizer = self.scheduler = self._served = None
         self.params = []
         gc.collect()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _scheduler(optimizer, config: GRPOConfig):
+    """transformers' learning-rate schedule by its name (``GRPOConfig.lr_scheduler_type``),
+    stepped once per optimiser step."""
+    from transformers import get_scheduler
+
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.max_steps)

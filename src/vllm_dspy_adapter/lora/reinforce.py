@@ -26,6 +26,7 @@ replicas; ``StudentLM``: the LM object DSPy hands over), so it is tested with fa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -87,6 +88,8 @@ class GRPOJob(ReinforceJob):
     def __init__(self, lm: StudentLM, train_kwargs: dict[str, Any] | None = None):
         super().__init__(lm=lm, train_kwargs=train_kwargs)
         self.config = GRPOConfig.from_kwargs(train_kwargs)  # a bad option fails before anything loads
+        self._groups_per_step_given = "groups_per_step" in (train_kwargs or {})
+        self._told_duplicates = False
         check_adapter_name(f"{self.config.adapter_name}-v1")
         self.job_id = f"grpo-{uuid.uuid4().hex[:8]}"
         self.trainer = None
@@ -116,11 +119,26 @@ class GRPOJob(ReinforceJob):
         device = choose_trainer_device(config.device, placement)
         check_room(device, placement)
         temperature = config.temperature or self.lm.kwargs.get("temperature") or 1.0
+        sampled = self.lm.kwargs.get("temperature")
+        if config.temperature and sampled and abs(config.temperature - sampled) > 1e-6:
+            logger.warning("GRPO train_kwargs temperature=%g but the LM samples the rollouts at temperature=%g: the "
+                           "trainer's log-probabilities are not the sampling policy's. Set one value for both.",
+                           config.temperature, sampled)
+        if config.loss_type == "dr_grpo" and config.max_completion_length is None:
+            config.max_completion_length = self.lm.kwargs.get("max_tokens")  # what the rollouts may reach
+            if not config.max_completion_length:
+                raise ConfigurationError("GRPO loss_type='dr_grpo' divides by max_completion_length: give it in "
+                                         "train_kwargs, or set max_tokens on the LM.")
         from .grpo_trainer import GRPOTrainer
 
         config.device = device
         logger.info("GRPO job %s: training LoRA %r on %s (replicas on %s), temperature %g", self.job_id,
                     config.adapter_name, device, ", ".join(placement.replica_devices), temperature)
+        if not self._groups_per_step_given:
+            logger.warning("GRPO job %s: train_kwargs has no groups_per_step, so each step trains on %d group(s). "
+                           "dspy.GRPO makes num_dspy_examples_per_grpo_step x predictors groups per step and keeps "
+                           "the rest for later steps, where they are off-policy (sampled by an older version): set "
+                           "train_kwargs['groups_per_step'] to that product.", self.job_id, config.groups_per_step)
         self.trainer = GRPOTrainer(host.base_model_path, config, temperature=float(temperature),
                                    chat_template_kwargs=host.chat_template_kwargs)
         self.output_dir = config.output_dir or _default_dir(config.adapter_name)
@@ -177,6 +195,7 @@ class GRPOJob(ReinforceJob):
             raise ConfigurationError("GRPO step: train_data must be [{'batch_id': int, 'group': [...]}, ...] "
                                      "(what dspy.GRPO sends).")
         groups = check_groups([d["group"] for d in train_data])
+        self._tell_duplicates(groups)
         with self._lock:
             if self.trainer is None:
                 raise ConfigurationError(f"GRPO job {self.job_id} is {self._status}: "
@@ -190,6 +209,16 @@ class GRPOJob(ReinforceJob):
             except KeyboardInterrupt:
                 self._close("cancelled")
                 raise
+
+    def _tell_duplicates(self, groups: list[list[dict[str, Any]]]) -> None:
+        """dspy.GRPO fills batch ids beyond the groups it made with copies of them: say so once."""
+        keys = [json.dumps(group, sort_keys=True, default=str) for group in groups]
+        if len(set(keys)) < len(keys) and not self._told_duplicates:
+            self._told_duplicates = True
+            logger.warning("GRPO job %s: dspy.GRPO sent %d copies among %d groups in one step: groups_per_step=%d "
+                           "is more than the groups it makes per step (num_dspy_examples_per_grpo_step x "
+                           "predictors), so it repeats some. Lower train_kwargs['groups_per_step'].", self.job_id,
+                           len(keys) - len(set(keys)), len(keys), self.config.groups_per_step)
 
     def _publish(self) -> None:
         """Save, load on every replica, switch the student, retire the previous version."""
