@@ -280,6 +280,12 @@ def test_the_job_says_when_groups_per_step_does_not_match_what_dspy_sends(defaul
             assert "sent 1 copies among 2 groups" in caplog.text
         finally:
             job.terminate()
+        greedy = FakeStudent()
+        greedy.kwargs["temperature"] = 0.0
+        job = GRPOJob.bound(FakeHost(default_model))(lm=greedy, train_kwargs={"groups_per_step": 1})
+        job.initialize()
+        job.terminate()
+        assert "samples at temperature=0" in caplog.text
 
 
 def test_versions_are_published_switched_and_retired(default_model, tmp_path):

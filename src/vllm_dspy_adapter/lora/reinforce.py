@@ -120,6 +120,9 @@ class GRPOJob(ReinforceJob):
         check_room(device, placement)
         temperature = config.temperature or self.lm.kwargs.get("temperature") or 1.0
         sampled = self.lm.kwargs.get("temperature")
+        if sampled == 0:
+            logger.warning("GRPO job %s: the LM samples at temperature=0, so every rollout of a group is the same "
+                           "and GRPO has nothing to learn from: build the LM with temperature=1.0.", self.job_id)
         if config.temperature and sampled and abs(config.temperature - sampled) > 1e-6:
             logger.warning("GRPO train_kwargs temperature=%g but the LM samples the rollouts at temperature=%g: the "
                            "trainer's log-probabilities are not the sampling policy's. Set one value for both.",
