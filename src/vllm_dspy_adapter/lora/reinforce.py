@@ -138,10 +138,11 @@ class GRPOJob(ReinforceJob):
         logger.info("GRPO job %s: training LoRA %r on %s (replicas on %s), temperature %g", self.job_id,
                     config.adapter_name, device, ", ".join(placement.replica_devices), temperature)
         if not self._groups_per_step_given:
-            logger.warning("GRPO job %s: train_kwargs has no groups_per_step, so each step trains on %d group(s). "
-                           "dspy.GRPO makes num_dspy_examples_per_grpo_step x predictors groups per step and keeps "
-                           "the rest for later steps, where they are off-policy (sampled by an older version): set "
-                           "train_kwargs['groups_per_step'] to that product.", self.job_id, config.groups_per_step)
+            logger.warning("GRPO job %s: train_kwargs has no groups_per_step, so each step trains on %d group: "
+                           "right for dspy.GRPO's defaults (one example per step, one predictor). It makes "
+                           "num_dspy_examples_per_grpo_step x predictors groups per step; when that is more, set "
+                           "train_kwargs['groups_per_step'] to it, or the rest are trained in later steps, "
+                           "off-policy (sampled by an older version).", self.job_id, config.groups_per_step)
         self.trainer = GRPOTrainer(host.base_model_path, config, temperature=float(temperature),
                                    chat_template_kwargs=host.chat_template_kwargs)
         self.output_dir = config.output_dir or _default_dir(config.adapter_name)
