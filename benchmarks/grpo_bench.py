@@ -87,6 +87,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rollouts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--train-kwargs", type=json.loads, default={},
+                        help='more GRPO train_kwargs as JSON, e.g. \'{"gradient_checkpointing": true}\'')
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.cpu:
@@ -118,6 +120,8 @@ def main(argv=None) -> dict:
                   "adapter_name": "bench", "output_dir": os.path.join(args.out or "/tmp/grpo_bench", "adapters")}
         if args.trainer_device:
             kwargs["device"] = args.trainer_device
+        kwargs.update(args.train_kwargs)
+        result["train_kwargs"] = kwargs
         t = time.monotonic()
         job = lm.reinforce(kwargs)
         result["trainer_load_s"] = round(time.monotonic() - t, 2)

@@ -140,7 +140,7 @@ def test_notes_do_not_fail():
 
 
 def test_nvidia_smi_output_is_parsed():
-    driver, gpus = doctor._parse_nvidia_smi("580.65.06, NVIDIA H200, 143771, 140012\n"
+    driver, gpus = doctor.parse_nvidia_smi("580.65.06, NVIDIA H200, 143771, 140012\n"
                                             "580.65.06, NVIDIA H200, 143771 MiB, 143000 MiB\n")
     assert driver == "580.65.06"
     assert gpus == [doctor.Gpu(0, "NVIDIA H200", 143771, 140012), doctor.Gpu(1, "NVIDIA H200", 143771, 143000)]

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..chat_template import render_chat
-from ..errors import ConfigurationError, TrainingStepError
+from ..errors import ConfigurationError
 from .grpo_kwargs import IGNORED, RENAMED, translate
 from .training import DEFAULT_TARGET_MODULES, check_lora_shape
 
