@@ -106,6 +106,8 @@ def test_the_train_kwargs_of_dspy_tutorials_and_arbor_are_taken(caplog):
     said = caplog.text
     assert "report_to='wandb' does nothing here" in said and "num_training_gpus=3 does nothing here" in said
     assert "max_steps=1000 does nothing with a constant learning rate" in said
+    config = GRPOConfig.from_kwargs({"lr_scheduler_type": "cosine", "max_steps": 100, "warmup_ratio": 0.1})
+    assert (config.warmup_steps, config.max_steps) == (10, 100)  # a decaying schedule keeps max_steps
 
 
 @pytest.mark.parametrize("kwargs, message", [
