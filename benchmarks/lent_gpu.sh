@@ -9,7 +9,8 @@
 #   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
 #   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, w5-single, w5-raw, w5-ours,
 #                                               # or any; ARGS go to benchmarks.run
-#   bash benchmarks/lent_gpu.sh smoke|grpo-0.6b|grpo-8b|w6-spill   # one command each (see solo below)
+#   bash benchmarks/lent_gpu.sh smoke|grpo-0.6b|grpo-8b|w6-spill|w6-k34|w6-8b|lora [N]   # one command each
+#                                               # (see solo below)
 #   py-spy for --profile-s: its wheel unpacked into $HOME/site (then $HOME/site/bin is on PATH).
 #
 # Results: $OUT/<group>/ (results.json, results.jsonl, throughput.png, logs/).
@@ -90,6 +91,12 @@ case "$GROUP" in
   # issue 20: W6 from 256 threads with both replicas of the GPU open (spill_at=0), raw beside.
   w6-spill) solo python -m benchmarks.w6_bench --shape 0.6b --replicas 2 --one-lm --modes threads --threads 256 \
                 --spill-at 0 --systems cache,prefix,round_robin,raw --out "$OUT/$GROUP" ;;
+  # issue 20: W6 at 3 and 4 replicas on the GPU (ours, one LM start each), and on the 8B shape.
+  w6-k34) solo python -m benchmarks.w6_bench --shape 0.6b --replicas 3,4 --one-lm \
+              --systems cache,prefix,round_robin,least_loaded --out "$OUT/$GROUP" ;;
+  w6-8b) solo python -m benchmarks.w6_bench --shape 8b --replicas 2 --one-lm --out "$OUT/$GROUP" ;;
+  # issue 20: 16 adapters on one replica; lora N: max_loras=N (0 leaves it unset: the LM's default).
+  lora) solo python -m benchmarks.lora_bench --gpus 1 --adapters 16 --max-loras "${1:-0}" --out "$OUT/$GROUP" ;;
 esac
 common=(--budget-s "$budget" --group-jobs --out "$OUT/$GROUP")
 case "$GROUP" in
