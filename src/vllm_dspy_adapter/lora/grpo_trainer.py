@@ -201,7 +201,7 @@ class GRPOTrainer:
         batches = list(self._batches(sequences))
         windows = [batches[i:i + config.gradient_accumulation_steps]
                    for i in range(0, len(batches), config.gradient_accumulation_steps)]
-        for w, window in enumerate(windows):
+        for window in windows:
             window_completions = sum(len(batch) for _, batch in window)
             window_tokens = sum(len(ids) - n for _, batch in window for ids, n in batch)
             for start, batch in window:
