@@ -54,8 +54,9 @@ checks what a model says, only that every call comes back, in order, counted, ty
   answered before the unload, asked again (DSPy's cache answered them under the adapter's
   label; DSPy's parse error on that cached noise is an answer read, not a refusal).
 - ``grpo.step``: ``lm.reinforce`` (the trainer loads the same folder with transformers: on
-  GPU it holds random weights, ``bench_models.benchmark_weights_path``), one GRPO step on 4
-  completions the LM sampled, the new adapter version loaded and serving the LM's next call
+  GPU it holds random weights, ``bench_models.benchmark_weights_path``; ``train_kwargs`` in
+  TRL's names, with gradient checkpointing, bf16 and DAPO's loss), one GRPO step on 4
+  completions the LM sampled (two passes of 2, one optimiser update), the new adapter version loaded and serving the LM's next call
   (``stats()["served_by"]``), a checkpoint written as a PEFT folder, the job terminated
   (``shutdown.clean`` then checks that no GPU memory is left behind, the trainer's included).
 - ``multigpu.proc1`` / ``multigpu.rpg2``: ``batch_generate`` of 256 / 512 random-token prompts
@@ -777,7 +778,12 @@ class Smoke:
         lm = self._lm("offline")
         t0 = time.monotonic()
         job = lm.reinforce({"adapter_name": "smoke-grpo", "rank": 8, "learning_rate": 1e-4,
-                            "output_dir": os.path.join(self.plan.work_dir, "grpo")})
+                            "output_dir": os.path.join(self.plan.work_dir, "grpo"), "groups_per_step": 1,
+                            # TRL's names as DSPy's tutorials write them (lora/grpo_kwargs.py), and the
+                            # trainer's paths they open: two passes of 2 for one update, checkpointing, DAPO
+                            "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "bf16": True,
+                            "gradient_checkpointing": True, "loss_type": "dapo",
+                            "lr_scheduler_type": "constant_with_warmup", "report_to": "none"})
         init_s = time.monotonic() - t0
         try:
             pending = job.get_status()["pending_batch_ids"]
@@ -800,6 +806,7 @@ class Smoke:
             folder = job.save_checkpoint("smoke-ckpt")
             check(os.path.exists(os.path.join(folder, "adapter_config.json")), f"no PEFT adapter in {folder}")
             last = status.get("last_step") or {}
+            check(last.get("updates") == 1, f"last_step {last}: 4 completions in 2 passes of 2 make one update")
         finally:
             job.terminate()
         lm.switch_adapter(None)
