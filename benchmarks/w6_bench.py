@@ -23,7 +23,6 @@ each system's ratio to round robin ends the run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import json
 import os

@@ -7,8 +7,6 @@ import json
 import logging
 from pathlib import Path
 
-import pytest
-
 from vllm_dspy_adapter.backends.fake import FakeReplica
 from vllm_dspy_adapter.protocol import (BlocksRemoved, BlocksStored, CacheCleared, CacheEventsLost,
                                         GenerationRequest)
