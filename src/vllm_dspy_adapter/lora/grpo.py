@@ -47,8 +47,8 @@ from ..errors import ConfigurationError
 from .grpo_kwargs import IGNORED, RENAMED, translate
 from .training import DEFAULT_TARGET_MODULES, check_lora_shape
 
-__all__ = ["GRPOConfig", "StepMetrics", "group_advantages", "grpo_loss", "grpo_token_losses", "aggregate_loss",
-           "check_groups", "tokenize_completion"]
+__all__ = ["GRPOConfig", "StepMetrics", "group_advantages", "grpo_loss", "grpo_token_losses", "completion_means",
+           "aggregate_loss", "check_groups", "tokenize_completion"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +262,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, beta: float, epsilo
     completion's tokens, ``mask`` [B, T]): what the step reports."""
     per_token, kl = grpo_token_losses(logp, old_logp, ref_logp, advantages, beta=beta, epsilon=epsilon,
                                       epsilon_high=epsilon_high)
+    return completion_means(per_token, kl, mask)
+
+
+def completion_means(per_token, kl, mask):
+    """Per-token loss and KL ([B, T]) averaged over each completion's tokens (``mask``)."""
     tokens = mask.sum(1).clamp(min=1)
     return (per_token * mask).sum(1) / tokens, (kl * mask).sum(1) / tokens
 

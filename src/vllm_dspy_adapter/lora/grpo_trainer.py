@@ -17,8 +17,8 @@ import time
 from typing import Any
 
 from ..errors import ConfigurationError, TrainingStepError
-from .grpo import (GRPOConfig, StepMetrics, aggregate_loss, check_groups, group_advantages, grpo_token_losses,
-                   sample_std, tokenize_completion)
+from .grpo import (GRPOConfig, StepMetrics, aggregate_loss, check_groups, completion_means, group_advantages,
+                   grpo_token_losses, sample_std, tokenize_completion)
 from .training import device_and_dtype
 
 __all__ = ["GRPOTrainer"]
@@ -219,9 +219,9 @@ class GRPOTrainer:
                                             f"({float(loss.detach())}); no update was applied and the adapter "
                                             "served before this step keeps serving. Lower train_kwargs learning_rate.")
                 loss.backward()
-                per_completion = mask.sum(1).clamp(min=1)
-                total_loss += float(((per_token * mask).sum(1) / per_completion).detach().sum())
-                total_kl += float(((kl * mask).sum(1) / per_completion).detach().sum())
+                loss_means, kl_means = completion_means(per_token.detach(), kl.detach(), mask)
+                total_loss += float(loss_means.sum())
+                total_kl += float(kl_means.sum())
                 tokens += int(mask.sum())
             norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
             if not torch.isfinite(norm):
