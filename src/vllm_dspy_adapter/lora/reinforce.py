@@ -216,8 +216,10 @@ class GRPOJob(ReinforceJob):
 
     def _tell_duplicates(self, groups: list[list[dict[str, Any]]]) -> None:
         """dspy.GRPO fills batch ids beyond the groups it made with copies of them: say so once."""
+        if self._told_duplicates:
+            return
         keys = [json.dumps(group, sort_keys=True, default=str) for group in groups]
-        if len(set(keys)) < len(keys) and not self._told_duplicates:
+        if len(set(keys)) < len(keys):
             self._told_duplicates = True
             logger.warning("GRPO job %s: dspy.GRPO sent %d copies among %d groups in one step: groups_per_step=%d "
                            "is more than the groups it makes per step (num_dspy_examples_per_grpo_step x "
