@@ -55,12 +55,13 @@ class FakeWorker:
     idles while its requests are stuck). ``beating`` / ``ticking`` drive the heartbeat."""
 
     def __init__(self, conn, heartbeat_s: float, *, mode: str = "answer", fail_start: str | None = None,
-                 stats_delay: float = 0.0):
+                 stats_delay: float = 0.0, start_gate: threading.Event | None = None):
         self.conn = conn
         self.heartbeat_s = heartbeat_s
         self.mode = mode
         self.fail_start = fail_start
         self.stats_delay = stats_delay
+        self.start_gate = start_gate  # set: the engine has started (until then: no Ready, no reading)
         self.beating = True
         self.ticking = True
         self.ticks = 0
@@ -85,6 +86,9 @@ class FakeWorker:
             self.stop("the driver closed the pipe")
 
     def _serve(self) -> None:
+        while self.start_gate is not None and not self.start_gate.wait(0.01):
+            if self._stop.is_set():  # killed while its engine started
+                return
         if self.fail_start:
             self.send(Failed(self.fail_start))
             self.conn.close()

@@ -320,6 +320,36 @@ def test_shutdown_with_requests_in_flight_fails_them_and_later_calls():
     assert not any(launcher.current(i).thread.is_alive() for i in (0, 1))
 
 
+def test_a_shutdown_during_a_restart_kills_the_starting_worker_at_once(caplog):
+    # The CI flake of test_multigpu: the restarted worker outlived the shutdown until
+    # its engine had started. Now the shutdown kills it (no 30 s wait for a worker
+    # that reads no pipe yet) and the restart ends quietly.
+    pool, launcher = start(2)
+    gate = threading.Event()  # never set: this engine is still starting when the shutdown comes
+    launcher.next[1] = {"start_gate": gate}
+    launcher.current(1).stop("crashed")
+    assert wait_until(lambda: len(launcher.workers[1]) == 2)
+    starting = launcher.current(1)
+    pool.close()
+    started = time.monotonic()
+    pool.replicas[1].shutdown(timeout=30)
+    assert time.monotonic() - started < 2
+    assert starting.killed and wait_until(lambda: not starting.thread.is_alive())
+    time.sleep(0.2)
+    assert "could not be restarted" not in caplog.text
+    assert len(launcher.workers[1]) == 2 and not pool.replicas[1].alive
+
+
+def test_a_restart_after_the_shutdown_launches_nothing():
+    launcher = FakeLauncher()
+    backend = ProcessBackend(placements(1), start_timeout=5, launch=launcher, heartbeat_s=HEARTBEAT)
+    [replica] = backend.start(SPEC, on_death=lambda *args: None)
+    replica.shutdown(timeout=2)
+    with pytest.raises(ReplicaStartError, match="shut down"):
+        backend.restart(replica)
+    assert len(launcher.workers[0]) == 1
+
+
 def test_start_is_all_or_none():
     launcher = FakeLauncher()
     launcher.next[1] = {"fail_start": "no such GPU"}

@@ -101,13 +101,22 @@ class ProcessReplica(ReplicaHandle):
         self._stats_ids = itertools.count()
         self._process = None
         self._conn = None
+        # spawn() and shutdown's _stop() take it: a restart that races a shutdown either
+        # launches nothing or launches a worker that _stop() then sees and kills.
+        self._spawn_lock = threading.Lock()
+        self._starting = False  # a worker is launched and has not said Ready yet
         self.reports_cache_events = spec.cache_events  # they come with the heartbeat
 
     # ---------------------------------------------------------------- start
 
     def spawn(self) -> None:
-        """Start the worker; returns at once (``wait_ready`` waits)."""
-        self._process, self._conn = self._launch(self.spec, self.placement, self.name, self._heartbeat_s)
+        """Start the worker; returns at once (``wait_ready`` waits). Refused once the
+        replica is shut down: a restart must not outlive the shutdown it raced."""
+        with self._spawn_lock:
+            if self._closed:
+                raise ReplicaStartError(f"{self.name}: shut down")
+            self._process, self._conn = self._launch(self.spec, self.placement, self.name, self._heartbeat_s)
+            self._starting = True
 
     def wait_ready(self, timeout: float | None = None) -> None:
         conn = self._conn
@@ -125,6 +134,7 @@ class ProcessReplica(ReplicaHandle):
             self._kill()
             raise ReplicaStartError(f"{self.name}: {getattr(message, 'message', message)}")
         self._ticks = -1
+        self._starting = False
         incarnation = self._became_ready(message.info)
         if self._closed:  # shut down while it started
             self._kill()
@@ -258,6 +268,13 @@ class ProcessReplica(ReplicaHandle):
         self._reap_group()
 
     def _stop(self, timeout: float) -> None:
+        with self._spawn_lock:  # a spawn in progress has finished: its worker is the one to stop
+            starting = self._starting
+        if starting:
+            # Still starting its engine (a restart): it reads no pipe until Ready and
+            # has nothing to finish, so it is killed now; its wait_ready fails at once.
+            self._kill()
+            return
         if self._conn is not None:
             # A frozen worker reads nothing: once its pipe is full a send would block,
             # so the request to stop in order is sent aside and the kill below ends it.
