@@ -350,6 +350,16 @@ def test_a_restart_after_the_shutdown_launches_nothing():
     assert len(launcher.workers[0]) == 1
 
 
+def test_no_backend_restarts_a_replica_after_its_shutdown():
+    # The rule lives in ReplicaHandle (_launching); the public fake follows it too.
+    backend = FakeBackend(1)
+    [replica] = backend.start(SPEC, on_death=lambda *args: None)
+    replica.shutdown()
+    with pytest.raises(ReplicaStartError, match="shut down"):
+        backend.restart(replica)
+    assert not replica.alive
+
+
 def test_start_is_all_or_none():
     launcher = FakeLauncher()
     launcher.next[1] = {"fail_start": "no such GPU"}

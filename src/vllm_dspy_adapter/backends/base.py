@@ -15,6 +15,7 @@ Ctrl-C, every replica is killed and ``ReplicaStartError`` lists what failed.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import threading
@@ -54,6 +55,9 @@ class ReplicaHandle:
         self._pending: dict[str, concurrent.futures.Future] = {}
         self._alive = False
         self._closed = False
+        # Held while an engine is launched (_launching) and by shutdown before it stops
+        # anything: a restart racing a shutdown launches nothing, or what it launched is stopped.
+        self._launch_lock = threading.Lock()
         self._incarnation = 0
         self._ids = itertools.count()
         self._progress = time.monotonic()
@@ -251,7 +255,19 @@ class ReplicaHandle:
             self._closed = True
             self._alive = False
         self._fail_all(LMClosedError(f"{self.name} was shut down with this request in flight"))
+        with self._launch_lock:  # a launch in progress has finished: what it launched is stopped below
+            pass
         self._stop(timeout)
+
+    @contextlib.contextmanager
+    def _launching(self):
+        """Wrap the launch of an engine (a start or restart): refused with
+        ``ReplicaStartError`` once the replica is shut down, and a shutdown waits for
+        a launch in progress, so no restart leaves an engine running after it."""
+        with self._launch_lock:
+            if self._closed:
+                raise ReplicaStartError(f"{self.name}: shut down")
+            yield
 
     def _stop(self, timeout: float) -> None:
         """Stop the engine in order within ``timeout``, then make sure nothing is left."""

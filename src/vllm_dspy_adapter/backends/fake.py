@@ -64,8 +64,10 @@ class FakeReplica(ReplicaHandle):
         self._died(self.incarnation, cause)
 
     def come_back(self) -> None:
-        self.requests = {}
-        self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
+        """A new incarnation, as a restart makes one (refused once shut down, as every backend's)."""
+        with self._launching():
+            self.requests = {}
+            self.incarnation = self._became_ready(ReplicaInfo(max_model_len=2048))
 
     def stats(self, timeout: float = 5.0):
         return {**self.base_stats(), "held": len(self.requests)}

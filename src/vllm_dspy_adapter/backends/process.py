@@ -101,9 +101,6 @@ class ProcessReplica(ReplicaHandle):
         self._stats_ids = itertools.count()
         self._process = None
         self._conn = None
-        # spawn() and shutdown's _stop() take it: a restart that races a shutdown either
-        # launches nothing or launches a worker that _stop() then sees and kills.
-        self._spawn_lock = threading.Lock()
         self._starting = False  # a worker is launched and has not said Ready yet
         self.reports_cache_events = spec.cache_events  # they come with the heartbeat
 
@@ -112,9 +109,7 @@ class ProcessReplica(ReplicaHandle):
     def spawn(self) -> None:
         """Start the worker; returns at once (``wait_ready`` waits). Refused once the
         replica is shut down: a restart must not outlive the shutdown it raced."""
-        with self._spawn_lock:
-            if self._closed:
-                raise ReplicaStartError(f"{self.name}: shut down")
+        with self._launching():
             self._process, self._conn = self._launch(self.spec, self.placement, self.name, self._heartbeat_s)
             self._starting = True
 
@@ -268,9 +263,7 @@ class ProcessReplica(ReplicaHandle):
         self._reap_group()
 
     def _stop(self, timeout: float) -> None:
-        with self._spawn_lock:  # a spawn in progress has finished: its worker is the one to stop
-            starting = self._starting
-        if starting:
+        if self._starting:
             # Still starting its engine (a restart): it reads no pipe until Ready and
             # has nothing to finish, so it is killed now; its wait_ready fails at once.
             self._kill()

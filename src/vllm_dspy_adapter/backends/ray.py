@@ -233,8 +233,8 @@ class RayBackend:
         if replica.closed:
             self.drop_placement(replica)
             raise ReplicaStartError(f"{replica.name}: shut down")
-        self._launch(replica, node_id)
         try:
+            self._launch(replica, node_id)  # refused if a shutdown came meanwhile
             replica.wait_ready(self.start_timeout)
         except BaseException:
             self.drop_placement(replica)

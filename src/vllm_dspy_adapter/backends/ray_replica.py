@@ -79,11 +79,12 @@ class RayReplica(ReplicaHandle):
     # ---------------------------------------------------------------- start
 
     def launch(self, launch: Launch) -> None:
-        """Create the actor; returns at once (``wait_ready`` waits)."""
-        self.starting = True
-        self._actor = launch.actor_class.options(**launch.options).remote(
-            launch.spec, self.name, logging.getLogger().getEffectiveLevel(), launch.cpu_cores)
-        self._ready_ref = self._actor.ready.remote()
+        """Create the actor; returns at once (``wait_ready`` waits). Refused once shut down."""
+        with self._launching():
+            self.starting = True
+            self._actor = launch.actor_class.options(**launch.options).remote(
+                launch.spec, self.name, logging.getLogger().getEffectiveLevel(), launch.cpu_cores)
+            self._ready_ref = self._actor.ready.remote()
 
     def wait_ready(self, timeout: float | None) -> None:
         try:
