@@ -788,6 +788,9 @@ class Smoke:
         try:
             pending = job.get_status()["pending_batch_ids"]
             check(len(pending) == 1, f"pending_batch_ids {pending} (groups_per_step 1)")
+            device = job.get_status()["device"]
+            # vLLMOffline on one GPU: the trainer shares it (it trained on the CPU until 2026-12-05)
+            check(device == ("cpu" if self.plan.cpu else "cuda:0"), f"the trainer is on {device!r}")
             messages = self._messages("Answer yes or no: is the sky green?")
             completions = [lm(messages=messages, temperature=1.0)[0] for _ in range(4)]
             group = [{"messages": messages, "completion": {"role": "assistant", "content": text or ""},
@@ -810,7 +813,7 @@ class Smoke:
         finally:
             job.terminate()
         lm.switch_adapter(None)
-        return (f"reinforce (trainer loaded) {init_s:.1f} s; one step of 4 completions {step_s:.1f} s "
+        return (f"reinforce (trainer on {device}, loaded) {init_s:.1f} s; one step of 4 completions {step_s:.1f} s "
                 f"(swap {status['swap_seconds']}); loss {last.get('loss')}; served by {served}")
 
     # ------------------------------------------------------------ vLLMOfflineMultiGPU

@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
         t = time.monotonic()
         job = lm.reinforce(kwargs)
         result["trainer_load_s"] = round(time.monotonic() - t, 2)
+        result["trainer_device"] = job.get_status()["device"]
+        print(f"trainer on {result['trainer_device']}, loaded in {result['trainer_load_s']} s", flush=True)
         phases["trainer_loaded"] = memory()
         steps = []
         for step in range(args.steps):

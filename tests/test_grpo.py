@@ -166,6 +166,18 @@ def test_trainer_device_follows_the_replicas():
         choose_trainer_device("gpu1", _placement(["cuda:0"], gpus=2))
 
 
+def test_vllm_offline_names_the_gpu_it_runs_on_so_the_trainer_shares_it():
+    # vLLMOffline's engine was named "local": no GPU index, so on one GPU the trainer
+    # went to the CPU (found on a lent H100, 2026-12-05: a step of 4 completions took 9.8 s).
+    from vllm_dspy_adapter.backends.inprocess import inprocess_device
+
+    assert inprocess_device(0) == "cpu"
+    assert inprocess_device(1) == "cuda:0" and inprocess_device(4, tensor_parallel_size=2) == "cuda:0,1"
+    assert choose_trainer_device(None, _placement([inprocess_device(1)], gpus=1)) == "cuda:0"
+    assert choose_trainer_device(None, _placement([inprocess_device(2)], gpus=2)) == "cuda:1"
+    assert choose_trainer_device(None, _placement([inprocess_device(0)], gpus=0)) == "cpu"
+
+
 def test_a_shared_gpu_must_leave_the_trainer_room():
     # 8B in bf16 (16 GiB) beside replicas holding 90% of 80 GiB: refused, naming the setting that fits.
     with pytest.raises(ConfigurationError, match=r"gpu_memory_utilization=0\.72 or less"):
@@ -299,6 +311,7 @@ def test_versions_are_published_switched_and_retired(default_model, tmp_path):
                  TrainDataFormat.GRPO_CHAT)
         status = job.get_status()
         assert status["pending_batch_ids"] == [2, 3] and status["version"] == 1
+        assert status["device"] == "cpu"  # FakeHost's replicas are CPU ones
         assert job.lm.adapter == "t-v1" and status["current_model"] == "base+t-v1" and list(host.loaded) == ["t-v1"]
         job.step([{"batch_id": 2, "group": _group()}], TrainDataFormat.GRPO_CHAT)
         assert job.lm.adapter == "t-v2" and list(host.loaded) == ["t-v2"] and host.retired == ["t-v1"]

@@ -157,7 +157,7 @@ class Replica(Protocol):
     index: int  # its position in the pool, stable across restarts
     share: int  # which of the replicas sharing its GPU(s) it is (0: the first or only one)
     name: str  # for logs: "replica-0[cuda:0]"
-    device: str  # "cuda:0", "cpu:0-3", "node:10.0.0.2/gpu:1", "local"
+    device: str  # "cuda:0", "cuda:0#1", "cpu:0-3", "cpu" (vLLMOffline on a CPU), "node:10.0.0.2/gpu:1"
     restarts: int  # how many times the pool restarted it
     info: ReplicaInfo | None  # set once it is ready
 

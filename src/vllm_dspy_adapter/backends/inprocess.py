@@ -19,16 +19,27 @@ from .placement import cpu_env, visible_gpu_count
 from ..protocol import GenerationRequest, OnDeath
 from .base import ReplicaHandle, start_all
 
-__all__ = ["InProcessReplica", "InProcessBackend"]
+__all__ = ["InProcessReplica", "InProcessBackend", "inprocess_device"]
 
 logger = logging.getLogger(__name__)
+
+
+def inprocess_device(gpu_count: int, tensor_parallel_size: int = 1) -> str:
+    """Where an engine of this process runs, in the replicas' device names: vLLM takes
+    the first visible GPU(s), so "cuda:0" ("cuda:0,1" with tensor parallelism), or
+    "cpu" on a machine without GPUs. The GRPO trainer's placement reads it: an unknown
+    name would put the trainer on the CPU beside a GPU engine."""
+    if gpu_count == 0:
+        return "cpu"
+    return "cuda:" + ",".join(str(i) for i in range(max(1, tensor_parallel_size)))
 
 
 class InProcessReplica(ReplicaHandle):
     """A replica whose engine runs in this process (its engine core in a child)."""
 
     def __init__(self, spec: ModelSpec, on_death: OnDeath, start_timeout: float | None):
-        super().__init__(0, "local", on_death)
+        tp = int(spec.engine_kwargs.get("tensor_parallel_size") or 1)
+        super().__init__(0, inprocess_device(visible_gpu_count(), tp), on_death)
         self.name = "engine"
         self.spec = spec
         self.start_timeout = start_timeout

@@ -118,6 +118,10 @@ class GRPOJob(ReinforceJob):
         placement = host.trainer_placement()
         device = choose_trainer_device(config.device, placement)
         check_room(device, placement)
+        if device == "cpu" and placement.gpu_count and config.device is None:
+            logger.warning("GRPO job %s: training on the CPU although %d GPU(s) are visible: the replicas run on %s, "
+                           "none a local GPU the trainer can share. Pass train_kwargs device='cuda:N' to train on one.",
+                           self.job_id, placement.gpu_count, ", ".join(placement.replica_devices))
         temperature = config.temperature or self.lm.kwargs.get("temperature") or 1.0
         sampled = self.lm.kwargs.get("temperature")
         if sampled == 0:
@@ -173,11 +177,12 @@ class GRPOJob(ReinforceJob):
     # ------------------------------------------------------------ status
 
     def get_status(self) -> dict[str, Any]:
-        """DSPy's ``GRPOStatus`` plus ``version``, ``adapter``, ``steps``, ``swap_seconds`` and
-        ``last_step`` (loss, kl, reward mean, seconds of the last step)."""
+        """DSPy's ``GRPOStatus`` plus ``version``, ``adapter``, ``device`` (the trainer's),
+        ``steps``, ``swap_seconds`` and ``last_step`` (loss, kl, reward mean, seconds of the last step)."""
         return {"job_id": self.job_id, "status": self._status, "current_model": self.lm.model,
                 "checkpoints": dict(self.checkpoints), "last_checkpoint": self.last_checkpoint,
                 "pending_batch_ids": list(self._pending), "version": self.version, "adapter": self.adapter,
+                "device": self.config.device,
                 "steps": self.steps, "swap_seconds": list(self.swap_seconds),
                 "last_step": None if self.last_step is None else vars(self.last_step)}
 
