@@ -131,8 +131,10 @@ def test_32_concurrent_async_streams(lm):
     # They streamed at the same time (one engine batch), not one after another.
     overlap = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
     assert overlap >= 16, spans
-    sync = lm.engine
-    assert "".join(streamed[5]) == sync.complete(requests[5]).text
+    # No comparison with a non-streamed call here: alone, request 5 runs in a batch of one, and
+    # greedy decoding may pick another token at a near-tie in a batch of 32 (CI, 2026-12-05:
+    # "...in various cultures" streamed, "...in mathematics" alone). The single-stream test above
+    # checks pieces == the non-streamed answer, where both run alone.
 
 
 # --------------------------------------------------------------------------- tools
