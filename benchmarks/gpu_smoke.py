@@ -786,9 +786,9 @@ class Smoke:
                             "lr_scheduler_type": "constant_with_warmup", "report_to": "none"})
         init_s = time.monotonic() - t0
         try:
-            pending = job.get_status()["pending_batch_ids"]
+            initial = job.get_status()
+            pending, device = initial["pending_batch_ids"], initial["device"]
             check(len(pending) == 1, f"pending_batch_ids {pending} (groups_per_step 1)")
-            device = job.get_status()["device"]
             # vLLMOffline on one GPU: the trainer shares it (it trained on the CPU until 2026-12-05)
             check(device == ("cpu" if self.plan.cpu else "cuda:0"), f"the trainer is on {device!r}")
             messages = self._messages("Answer yes or no: is the sky green?")

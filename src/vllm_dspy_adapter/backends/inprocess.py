@@ -50,7 +50,7 @@ class InProcessReplica(ReplicaHandle):
     def start(self) -> None:
         from ..engine.engine import Engine
 
-        if visible_gpu_count() == 0:
+        if self.device == "cpu":  # no GPU visible (read once, in __init__)
             for key, value in cpu_env().items():
                 os.environ[key] = value
                 logger.info("no GPU and no %s: using %s GiB of CPU KV cache", key, value)
