@@ -146,7 +146,8 @@ def main(argv=None) -> dict:
             train_s = status["last_step"]["seconds"]
             steps.append({"adapter_before": None if step == 0 else f"bench-v{step}", "rollout_s": round(rollout_s, 2),
                           "rollouts_per_s": round(n / rollout_s, 2), "vs_plain": round(n / rollout_s / plain, 3),
-                          "train_s": round(train_s, 2), "swap_s": round(status["swap_seconds"][-1], 3),
+                          "train_s": round(train_s, 2), "per_pass": status["last_step"]["per_pass"],
+                          "swap_s": round(status["swap_seconds"][-1], 3),
                           "step_s": round(step_s, 2), "serving_gap_s": prober.max_gap(),
                           "probe_errors": len(prober.errors)})
             phases[f"after_step{step + 1}"] = memory()

@@ -387,3 +387,99 @@ def test_update_interval_publishes_every_nth_step(default_model, tmp_path):
         assert job.lm.adapter == "grpo-v1" and list(host.loaded) == ["grpo-v1"]
     finally:
         job.terminate()
+
+
+# ------------------------------------------- memory: logits kept, passes split on OOM
+
+def _mixed_group():
+    # Prompts and completions of different lengths: the padding and the kept logits differ per row.
+    short, long_ = QUESTION, [{"role": "user", "content": "Answer with one word, and think first: is the sky, "
+                                                           "seen at noon on a clear day, blue?"}]
+    return [{"messages": m, "completion": {"role": "assistant", "content": c}, "reward": r}
+            for m, c, r in ((short, "yes", 1.0), (long_, "no, it is not blue at all", 0.0),
+                            (long_, "yes", 1.0), (short, "no, never", 0.0))]
+
+
+def _trainer(model, **kwargs):
+    from vllm_dspy_adapter.lora.grpo_trainer import GRPOTrainer
+
+    return GRPOTrainer(model, GRPOConfig.from_kwargs({"learning_rate": 2e-4, "device": "cpu", **kwargs}))
+
+
+def _adapter(trainer):
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model).items()}
+
+
+def test_completion_log_probs_equal_the_full_log_softmax_over_every_position(default_model):
+    # The trainer makes logits only from the shortest prompt on; the answer must be the textbook one.
+    from vllm_dspy_adapter.lora.grpo import tokenize_completion
+
+    trainer = _trainer(default_model, batch_size=4)
+    try:
+        group = _mixed_group()
+        got = trainer.mean_completion_logp([group])
+        want = []
+        with torch.no_grad():
+            for item in group:
+                ids, n = tokenize_completion(trainer.tokenizer, item, {}, 2048)
+                logits = trainer.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+                logp = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+                want.append(float(logp[n - 1:].mean()))
+        assert got == pytest.approx(want, abs=1e-4), (got, want)
+    finally:
+        trainer.close()
+
+
+def _out_of_memory_above(trainer, rows):
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (a test: more than {rows} rows)")
+    return trainer.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo"])
+def test_out_of_memory_retries_the_step_with_fewer_completions_per_pass_and_the_same_update(
+        default_model, loss_type, caplog):
+    plain, squeezed = _trainer(default_model, batch_size=4, loss_type=loss_type), \
+        _trainer(default_model, batch_size=4, loss_type=loss_type)
+    try:
+        _out_of_memory_above(squeezed, 1)
+        group = _mixed_group()
+        with caplog.at_level("WARNING", logger="vllm_dspy_adapter.lora.grpo_trainer"):
+            got = squeezed.step([group])
+        assert got.per_pass == 1 and squeezed.per_pass == 1
+        warned = [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()]
+        assert len(warned) == 2 and "with 2 completions" in warned[0] and "with 1 completions" in warned[1], warned
+        want = plain.step([group])
+        assert want.per_pass == 4
+        assert got.loss == pytest.approx(want.loss, abs=1e-5) and got.tokens == want.tokens
+        a, b = _adapter(squeezed), _adapter(plain)
+        # Adam's first update is lr * g / (|g| + eps): where g is near zero, float rounding of the
+        # differently padded passes can move it; everywhere else the two updates are equal.
+        moved = sum(int(((a[k] - b[k]).abs() > 1e-5).sum()) for k in a)
+        assert moved < sum(v.numel() for v in a.values()) / 10_000, moved
+        assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # the update happened
+        squeezed.step([group])  # the next step starts at one per pass: no more retries
+        assert len([r for r in caplog.records if "ran out of memory" in r.getMessage()]) == 2
+    finally:
+        plain.close()
+        squeezed.close()
+
+
+def test_out_of_memory_at_one_completion_per_pass_fails_the_step_and_restores_the_adapter(default_model):
+    trainer = _trainer(default_model, batch_size=2)
+    try:
+        group = _mixed_group()
+        trainer.step([group])
+        before = _adapter(trainer)
+        handle = _out_of_memory_above(trainer, 0)
+        with pytest.raises(TrainingStepError, match="even one completion per forward pass.*gradient_checkpointing"):
+            trainer.step([group])
+        after = _adapter(trainer)
+        assert all(torch.equal(before[k], after[k]) for k in before) and trainer.steps == 1
+        handle.remove()
+        assert trainer.step([group]).per_pass == 1  # it kept the finest split, and trains again
+    finally:
+        trainer.close()

@@ -194,6 +194,7 @@ class StepMetrics:
     tokens: int
     updates: int  # optimiser steps taken
     seconds: float
+    per_pass: int = 0  # completions per forward pass (batch_size, or less after an out-of-memory retry)
 
 
 def check_groups(groups: Any) -> list[list[dict[str, Any]]]:
@@ -272,14 +273,17 @@ def completion_means(per_token, kl, mask):
 
 
 def aggregate_loss(per_token, mask, loss_type: str, *, window_completions: int, window_tokens: int,
-                   window_batches: int, max_completion_length: int | None):
+                   window_batches: int, max_completion_length: int | None, batch_tokens: int | None = None):
     """One forward pass's share of its accumulation window's loss, by TRL's ``loss_type``
-    (``LOSS_TYPES``); the window's shares add up to the loss TRL would take on that window."""
+    (``LOSS_TYPES``); the window's shares add up to the loss TRL would take on that window.
+    ``batch_tokens``: the completion tokens of the whole batch when this pass is a slice of it
+    (``bnpo`` normalises by the batch's tokens; the slices' shares then add up to the batch's)."""
     token_sum = (per_token * mask).sum()
     if loss_type == "grpo":
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / window_completions
     if loss_type == "bnpo":
-        return token_sum / mask.sum().clamp(min=1) / window_batches
+        tokens = mask.sum().clamp(min=1) if batch_tokens is None else max(batch_tokens, 1)
+        return token_sum / tokens / window_batches
     if loss_type == "dr_grpo":
         return token_sum / (window_completions * max_completion_length)
     if loss_type == "dapo":

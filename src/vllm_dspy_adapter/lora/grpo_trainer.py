@@ -64,6 +64,7 @@ class GRPOTrainer:
         self._served = self._adapter_state()  # the policy the replicas sample from (the base at first: B = 0)
         self._ahead = False  # trained since the served version was saved
         self.steps = 0
+        self.per_pass = config.batch_size  # completions per forward pass: halved by an out-of-memory retry
         logger.info("GRPO trainer ready on %s in %.1f s (%d trainable parameters)", self.device,
                     time.monotonic() - started, sum(p.numel() for p in self.params))
 
@@ -81,44 +82,62 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------ log-probs
 
-    def _batches(self, sequences: list[tuple[list[int], int]]):
-        size = self.config.batch_size
-        for start in range(0, len(sequences), size):
-            yield start, sequences[start:start + size]
+    def _chunks(self, items: list, size: int):
+        for start in range(0, len(items), size):
+            yield start, items[start:start + size]
 
     def _tensors(self, batch: list[tuple[list[int], int]]):
+        """``(ids, attention, mask, first)`` of right-padded sequences: ``mask`` marks the completion
+        tokens among the predicted positions 1..width-1; ``first``, the shortest prompt's length."""
         import torch
 
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s, _ in batch], device=self.device)
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in batch], device=self.device)
-        # completion mask over the predicted positions 1..width-1
         mask = torch.tensor([[1.0 if n <= j < len(s) else 0.0 for j in range(1, width)] for s, n in batch],
                             device=self.device)
-        return ids, attention, mask
+        return ids, attention, mask, max(1, min(n for _, n in batch))
 
-    def _logps(self, ids, attention):
+    def _logps(self, ids, attention, first: int):
+        """Log-probs [B, width-1] of ``ids[:, 1:]``. Only the positions from ``first`` on get logits
+        (``logits_to_keep``: the prompts' share of the vocabulary-wide logits is never made) and
+        the float32 log-softmax runs one row at a time (TRL's ``selective_log_softmax``): the
+        logits, not the layers, are most of a small model's training memory. Zeros stand in for
+        the prompt positions, which the completion mask leaves out."""
         import torch
 
-        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1].float() / self.temperature
-        return torch.gather(torch.log_softmax(logits, dim=-1), 2, ids[:, 1:].unsqueeze(2)).squeeze(2)
+        logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=ids.shape[1] - first + 1).logits
+        rows = [torch.gather(torch.log_softmax(row.float() / self.temperature, dim=-1), 1, t.unsqueeze(1)).squeeze(1)
+                for row, t in zip(logits[:, :-1], ids[:, first:])]
+        return torch.nn.functional.pad(torch.stack(rows), (first - 1, 0))
+
+    def _sequence_logps(self, sequences) -> list:
+        """Each sequence's log-probs (1-D, its own length - 1), computed ``per_pass`` at a time."""
+        out = []
+        for _, chunk in self._chunks(sequences, self.per_pass):
+            ids, attention, _, first = self._tensors(chunk)
+            out += [row[:len(s) - 1] for row, (s, _) in zip(self._logps(ids, attention, first), chunk)]
+        return out
+
+    @staticmethod
+    def _padded(rows: list, width: int):
+        import torch
+
+        return torch.stack([torch.nn.functional.pad(r, (0, width - 1 - len(r))) for r in rows])
 
     def _reference_and_old(self, sequences):
-        """Per batch: the base model's log-probs (adapter off) and the served policy's."""
+        """Per sequence: the base model's log-probs (adapter off) and the served policy's."""
         import torch
 
-        refs, olds = [], []
         self.model.eval()  # no dropout: the policies as they sample
         with torch.no_grad():
             if self._ahead:
                 current = self._adapter_state()
                 self._load_adapter_state(self._served)
             try:
-                for _, batch in self._batches(sequences):
-                    ids, attention, _ = self._tensors(batch)
-                    olds.append(self._logps(ids, attention))
-                    with self.model.disable_adapter():
-                        refs.append(self._logps(ids, attention))
+                olds = self._sequence_logps(sequences)
+                with self.model.disable_adapter():
+                    refs = self._sequence_logps(sequences)
             finally:
                 if self._ahead:
                     self._load_adapter_state(current)
@@ -131,19 +150,19 @@ class GRPOTrainer:
 
         sequences = [tokenize_completion(self.tokenizer, item, self.chat_template_kwargs, self.config.max_seq_length)
                      for group in check_groups(groups) for item in group]
-        out: list[float] = []
         self.model.eval()
         with torch.no_grad():
-            for _, batch in self._batches(sequences):
-                ids, attention, mask = self._tensors(batch)
-                logp = self._logps(ids, attention)
-                out += ((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-        return out
+            logps = self._sequence_logps(sequences)
+        return [float(logp[n - 1:].mean()) if len(ids) > n else 0.0 for logp, (ids, n) in zip(logps, sequences)]
 
     # ----------------------------------------------------------------- a step
 
     def step(self, groups: list[list[dict[str, Any]]]) -> StepMetrics:
-        """One GRPO update on the groups; ``TrainingStepError`` (state restored) on failure."""
+        """One GRPO update on the groups; ``TrainingStepError`` (state restored) on failure.
+
+        Out of GPU memory, the step is retried from the same state with half as many
+        completions per forward pass (``per_pass``, kept for the next steps; the update is
+        the same, only split finer), down to one; then it fails."""
         import torch
 
         groups = check_groups(groups)  # bad input: refused before any work
@@ -163,28 +182,47 @@ class GRPOTrainer:
         if self.device == "cpu":  # vLLM's CPU engines busy-wait on their cores: a many-thread trainer starves them
             torch.set_num_threads(config.cpu_threads)
         try:
-            metrics = self._update(sequences, torch.tensor(advantages, dtype=torch.float32, device=self.device))
-        except BaseException as exc:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._load_adapter_state(saved_adapter)
-            self.optimizer.load_state_dict(saved_optimizer)
-            self.scheduler.load_state_dict(saved_scheduler)
-            if self.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-            if isinstance(exc, torch.OutOfMemoryError):
-                raise TrainingStepError(
-                    f"GRPO step {self.steps + 1} ran out of memory on {self.device}: {str(exc).splitlines()[0]}. "
-                    "Lower train_kwargs batch_size (completions per pass), or the replicas' "
-                    "gpu_memory_utilization, or give the trainer its own GPU (train_kwargs={'device': 'cuda:N'}). "
-                    "The adapter served before this step keeps serving.") from exc
-            raise
+            while True:
+                try:
+                    metrics = self._update(sequences, torch.tensor(advantages, dtype=torch.float32,
+                                                                   device=self.device))
+                    break
+                except BaseException as exc:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._load_adapter_state(saved_adapter)
+                    self.optimizer.load_state_dict(copy.deepcopy(saved_optimizer))  # a retry must not see it moved
+                    self.scheduler.load_state_dict(saved_scheduler)
+                    out_of_memory = isinstance(exc, torch.OutOfMemoryError)
+                    if not out_of_memory or self.per_pass == 1:
+                        if self.device.startswith("cuda"):
+                            torch.cuda.empty_cache()
+                        if out_of_memory:
+                            raise TrainingStepError(
+                                f"GRPO step {self.steps + 1} ran out of memory on {self.device}, even one "
+                                f"completion per forward pass: {str(exc).splitlines()[0]}. Pass train_kwargs "
+                                "gradient_checkpointing=True (recomputes the layers' activations), lower "
+                                "max_seq_length or the replicas' gpu_memory_utilization, or give the trainer its "
+                                "own GPU (train_kwargs={'device': 'cuda:N'}). The adapter served before this step "
+                                "keeps serving.") from exc
+                        raise
+                    reason = str(exc).splitlines()[0]
+                if self.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                # out of memory; the exception and the tensors its frames held are released: split finer
+                self.per_pass = max(1, self.per_pass // 2)
+                logger.warning("GRPO step %d ran out of memory on %s (%s); retrying it with %d completions per "
+                               "forward pass (the same update, split finer; kept for the next steps). To start "
+                               "there, pass train_kwargs batch_size=%d with gradient_accumulation_steps=%d, or "
+                               "gradient_checkpointing=True.", self.steps + 1, self.device, reason, self.per_pass,
+                               self.per_pass, config.gradient_accumulation_steps * config.batch_size // self.per_pass)
         finally:
             torch.set_num_threads(threads)
         loss, kl, updates, tokens = metrics
         self.steps += 1
         self._ahead = True
         result = StepMetrics(loss=loss, kl=kl, reward_mean=sum(rewards) / len(rewards), completions=len(sequences),
-                             tokens=tokens, updates=updates, seconds=time.monotonic() - started)
+                             tokens=tokens, updates=updates, seconds=time.monotonic() - started,
+                             per_pass=self.per_pass)
         logger.info("GRPO step %d: loss %.4f, kl %.4f, mean reward %.3f, %d completions, %d optimiser step(s), "
                     "%.1f s", self.steps, loss, kl, result.reward_mean, len(sequences), updates, result.seconds)
         return result
@@ -198,31 +236,36 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = total_kl = 0.0
         tokens = updates = 0
-        batches = list(self._batches(sequences))
+        batches = list(self._chunks(sequences, config.batch_size))
         windows = [batches[i:i + config.gradient_accumulation_steps]
                    for i in range(0, len(batches), config.gradient_accumulation_steps)]
         for window in windows:
             window_completions = sum(len(batch) for _, batch in window)
             window_tokens = sum(len(ids) - n for _, batch in window for ids, n in batch)
             for start, batch in window:
-                b = start // config.batch_size
-                ids, attention, mask = self._tensors(batch)
-                per_token, kl = grpo_token_losses(self._logps(ids, attention), olds[b], refs[b],
-                                                  advantages[start:start + len(batch)], beta=config.beta,
-                                                  epsilon=config.epsilon,
-                                                  epsilon_high=config.epsilon_high or config.epsilon)
-                loss = aggregate_loss(per_token, mask, config.loss_type, window_completions=window_completions,
-                                      window_tokens=window_tokens, window_batches=len(window),
-                                      max_completion_length=config.max_completion_length)
-                if not torch.isfinite(loss):
-                    raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite "
-                                            f"({float(loss.detach())}); no update was applied and the adapter "
-                                            "served before this step keeps serving. Lower train_kwargs learning_rate.")
-                loss.backward()
-                loss_means, kl_means = completion_means(per_token.detach(), kl.detach(), mask)
-                total_loss += float(loss_means.sum())
-                total_kl += float(kl_means.sum())
-                tokens += int(mask.sum())
+                batch_tokens = sum(len(ids) - n for ids, n in batch)
+                for offset, chunk in self._chunks(batch, self.per_pass):  # the batch, per_pass at a time
+                    at = slice(start + offset, start + offset + len(chunk))
+                    ids, attention, mask, first = self._tensors(chunk)
+                    per_token, kl = grpo_token_losses(self._logps(ids, attention, first),
+                                                      self._padded(olds[at], ids.shape[1]),
+                                                      self._padded(refs[at], ids.shape[1]), advantages[at],
+                                                      beta=config.beta, epsilon=config.epsilon,
+                                                      epsilon_high=config.epsilon_high or config.epsilon)
+                    loss = aggregate_loss(per_token, mask, config.loss_type, window_completions=window_completions,
+                                          window_tokens=window_tokens, window_batches=len(window),
+                                          max_completion_length=config.max_completion_length,
+                                          batch_tokens=batch_tokens)
+                    if not torch.isfinite(loss):
+                        raise TrainingStepError(f"GRPO step {self.steps + 1}: the loss is not finite "
+                                                f"({float(loss.detach())}); no update was applied and the adapter "
+                                                "served before this step keeps serving. Lower train_kwargs "
+                                                "learning_rate.")
+                    loss.backward()
+                    loss_means, kl_means = completion_means(per_token.detach(), kl.detach(), mask)
+                    total_loss += float(loss_means.sum())
+                    total_kl += float(kl_means.sum())
+                    tokens += int(mask.sum())
             norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
             if not torch.isfinite(norm):
                 raise TrainingStepError(f"GRPO step {self.steps + 1}: the gradient is not finite; no update was "
