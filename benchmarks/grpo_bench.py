@@ -9,7 +9,9 @@ serving gap during a swap; memory at each phase.
 Rollouts are ``--examples x --rollouts`` chat prompts of the same shape, sent at
 once with ``batch_generate`` (``ignore_eos``, ``--max-tokens`` each): first through the
 base model (plain throughput), then, every step, through the student's current
-adapter version (the rollouts of a GRPO step). Rewards are arbitrary (time, not
+adapter version (the rollouts of a GRPO step), and after the steps once more through the
+last version with no step around it (plain throughput through an adapter: the baseline of
+the rollouts of steps 2 on, ``vs_plain_adapter``). Rewards are arbitrary (time, not
 quality). While each step runs, a prober sends one-token requests back to back; the
 longest wait between two of its answers is the serving gap. A separate swap with no
 training beside it (load a version on every replica, switch, retire the old one)
@@ -152,6 +154,13 @@ def main(argv=None) -> dict:
                           "probe_errors": len(prober.errors)})
             phases[f"after_step{step + 1}"] = memory()
             print(f"step {step + 1}: {steps[-1]}", flush=True)
+        # Plain serving through an adapter: the same requests through the last version, no step around
+        # them (the rollouts of steps 2.. run through an adapter; the base model's rate is not their baseline).
+        t = time.monotonic()
+        lm.batch_generate(prompts, **sampling)
+        plain_adapter = n / (time.monotonic() - t)
+        for row in steps[1:]:
+            row["vs_plain_adapter"] = round(row["rollouts_per_s"] / plain_adapter, 3)
         # The swap alone: load a version on every replica, switch the student, retire the old one.
         folder = job.save_checkpoint("swap-probe")
         with Prober(lm) as prober:
@@ -168,7 +177,8 @@ def main(argv=None) -> dict:
                                 "probe_errors": len(prober.errors)}
         job.terminate()
         phases["terminated"] = memory()
-        result.update({"plain_rollouts_per_s": round(plain, 2), "rollouts_per_step": n, "max_tokens": args.max_tokens,
+        result.update({"plain_rollouts_per_s": round(plain, 2), "plain_adapter_rollouts_per_s": round(plain_adapter, 2),
+                       "rollouts_per_step": n, "max_tokens": args.max_tokens,
                        "steps": steps, "memory_gib": phases})
     finally:
         lm.shutdown()
