@@ -189,6 +189,58 @@ def test_shutdown_as_context_manager_leaves_no_process(default_model):
     assert wait_for(lambda: not engine_children(), 30), engine_children()
 
 
+_DRIVER = ("import json, sys\n"
+           "from vllm_dspy_adapter import vLLMOfflineMultiGPU\n"
+           "vLLMOfflineMultiGPU(num_replicas=1, cache=False, **json.loads(sys.argv[1]))\n")
+
+
+def test_a_driver_killed_while_its_worker_starts_leaves_no_process(default_model):
+    # SIGKILL the driver while its worker is still starting the engine (not reading its pipe):
+    # the worker and its engine's processes go within seconds, not once the engine is up.
+    import json
+
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(ENGINE_KWARGS)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: dict[int, psutil.Process] = {}
+
+    def watch():  # every worker process and what it started, as long as they can be found
+        roots = [driver.pid, *[p.pid for p in list(seen.values())]]
+        for pid in roots:
+            try:
+                for child in psutil.Process(pid).children(recursive=True):
+                    if "resource_tracker" not in " ".join(child.cmdline()):
+                        seen.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+        return seen
+
+    def alive():
+        out = []
+        for proc in watch().values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    out.append(proc)
+            except psutil.Error:
+                pass
+        return out
+
+    try:
+        assert wait_for(lambda: watch(), 60, interval=0.1), "no worker started"
+        time.sleep(1.0)  # the worker imports vLLM and starts its engine: more than 10 s on this machine
+        assert driver.poll() is None, "the LM started before the driver could be killed"
+        watch()
+        driver.kill()
+        driver.wait(10)
+        assert wait_for(lambda: not alive(), 10, interval=0.2), [p.cmdline()[:3] for p in alive()]
+    finally:
+        driver.kill()
+        for proc in alive():
+            proc.kill()
+
+
 def test_multigpu_command_prints_a_table(default_model):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run(

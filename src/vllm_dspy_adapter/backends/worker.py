@@ -18,12 +18,18 @@ seconds with the engine's pulse (``Engine.ticks``), the number of requests the e
 holds and its KV-cache events since the last beat (for ``"cache"`` routing): a frozen worker stops beating, a frozen engine stops ticking, and a worker
 whose requests never reach its engine (a main thread stuck while the engine idles)
 beats with nothing in flight; the driver's stall check sees all three.
+
+While its engine starts, a worker reads nothing from the pipe, so a driver killed then
+(SIGKILL, an OOM kill) would go unnoticed until the engine is up, minutes for a big model
+holding its GPU: a watcher takes the worker's process group (the worker and its engine's
+processes) down as soon as the driver is gone. Once ``Ready``, the pipe's EOF says it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 
@@ -96,12 +102,26 @@ class PieceBatcher:
             self._ready.notify()
 
 
+def _orphan_watch(driver: int, started: threading.Event, name: str, poll_s: float = 0.5) -> None:
+    """Until ``started``: if the driver is gone (this process re-parented), kill this
+    worker's process group, the engine's processes with it."""
+    while not started.wait(poll_s):
+        if os.getppid() != driver:
+            logging.getLogger(__name__).error("%s: the driver (pid %d) is gone while the engine starts; "
+                                              "stopping the worker and its engine", name, driver)
+            os.killpg(0, signal.SIGKILL)
+
+
 def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> None:
     # A process group of our own: the driver can then kill this worker together
     # with the engine processes it starts, whatever state they are in (a SIGKILLed
     # worker cannot take its children down itself). It also keeps the terminal's
     # Ctrl-C away from the engines; the driver shuts them down in order.
+    driver = os.getppid()
     os.setsid()
+    started = threading.Event()
+    threading.Thread(target=_orphan_watch, args=(driver, started, name), name=f"{name}-orphan-watch",
+                     daemon=True).start()
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     from ..engine.engine import Engine
     from ..errors import ReplicaDeadError
@@ -158,6 +178,7 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
             die(f"the worker's heartbeat failed: {type(exc).__name__}: {exc}")
 
     send(Ready(engine.info()))
+    started.set()  # from here on, a driver's death is the pipe's EOF
     threading.Thread(target=beat, name=f"{name}-heartbeat", daemon=True).start()
     while not dying.is_set():
         try:
