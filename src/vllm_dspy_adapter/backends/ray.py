@@ -230,11 +230,8 @@ class RayBackend:
         and the pool continues without the replica."""
         replica._kill()
         node_id = self._place(replica, time.monotonic() + self.placement_timeout, probe=True)
-        if replica.closed:
-            self.drop_placement(replica)
-            raise ReplicaStartError(f"{replica.name}: shut down")
         try:
-            self._launch(replica, node_id)  # refused if a shutdown came meanwhile
+            self._launch(replica, node_id)  # refused (ReplicaStartError) once the replica is shut down
             replica.wait_ready(self.start_timeout)
         except BaseException:
             self.drop_placement(replica)
