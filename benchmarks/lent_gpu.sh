@@ -9,7 +9,7 @@
 #   bash benchmarks/lent_gpu.sh unpack          # there: $HOME/kit/bundle.* (or kit.part*) -> $HOME/site
 #   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, w5-single, w5-raw, w5-ours,
 #                                               # or any; ARGS go to benchmarks.run
-#   bash benchmarks/lent_gpu.sh smoke|grpo-0.6b|grpo-8b|w6-spill|w6-k34|w6-8b|w6-replay [mipro|gepa]|lora [N]
+#   bash benchmarks/lent_gpu.sh smoke|grpo-0.6b|grpo-8b|w6-spill|w6-k34|w6-8b|w6-replay [mipro|gepa]|lora [N,...]
 #                                               # (see solo below)
 #   py-spy for --profile-s: its wheel unpacked into $HOME/site (then $HOME/site/bin is on PATH).
 #
@@ -98,8 +98,9 @@ case "$GROUP" in
   # issue 20: the calls a real optimiser made on the CPU build (w6-replay mipro|gepa), 2 replicas.
   w6-replay) solo python -m benchmarks.w6_bench --shape 0.6b --replicas 2 --one-lm --spill-at 0 \
                  --replay "benchmarks/data/${1:-mipro}_smollm_calls.jsonl" --out "$OUT/$GROUP" ;;
-  # issue 20: 16 adapters on one replica; lora N: max_loras=N (0 leaves it unset: the LM's default).
-  lora) solo python -m benchmarks.lora_bench --gpus 1 --adapters 16 --max-loras "${1:-0}" --out "$OUT/$GROUP" ;;
+  # issue 20: 16 adapters on one replica; lora N[,M...]: max_loras=N, then M, one engine start each in
+  # one run (0 leaves it unset: the LM's default). The default: unset, 4 and 16, about 7 minutes on 8B.
+  lora) solo python -m benchmarks.lora_bench --gpus 1 --adapters 16 --max-loras "${1:-0,4,16}" --out "$OUT/$GROUP" ;;
 esac
 common=(--budget-s "$budget" --group-jobs --out "$OUT/$GROUP")
 case "$GROUP" in

@@ -4,6 +4,7 @@ model alone; with and without adapter-aware routing when there are several repli
 
     python -m benchmarks.lora_bench --gpus 1 --adapters 0,1,4,16 --out /tmp/lora
     python -m benchmarks.lora_bench --gpus 2 --adapters 0,16 --routing adapter,plain
+    python -m benchmarks.lora_bench --gpus 1 --adapters 16 --max-loras 0,4,16   # the default beside 4 and 16
     python -m benchmarks.lora_bench --smoke          # CPU: 2 replicas of a tiny model, numbers mean nothing
 
 Adapters are random (rank ``--rank``, every attention and MLP projection), written
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="replicas, one per GPU (CPU replicas without GPUs)")
     parser.add_argument("--adapters", default="0,1,4,16", help="adapter counts to run (0: the base model)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--max-loras", type=int, default=4,
-                        help="adapters in one replica's GPU slots; 0: not set (the LM's default, 16)")
+    parser.add_argument("--max-loras", default=None,
+                        help="adapters in one replica's GPU slots, comma-separated for one engine start each, "
+                             "side by side in one run; 0: not set (the LM's default); default 4 (smoke: 2)")
     parser.add_argument("--routing", default="adapter,plain", help="with several replicas: adapter and/or plain")
     parser.add_argument("--requests", type=int, default=512, help="requests per replica")
     parser.add_argument("--threads", type=int, default=256)
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         from .smoke_model import tiny_model_path
 
         model, args.requests, args.threads, args.rank, args.gpus = tiny_model_path(), 4, 4, 8, 2
-        args.adapters, args.max_loras, args.max_model_len = "0,3", 2, 1024
+        args.adapters, args.max_model_len = "0,3", 1024
+        args.max_loras = args.max_loras or "2"
         settings.w2_max_output, settings.w2_mean_output = 16, 8
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     else:
@@ -113,9 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     routings = args.routing.split(",") if args.gpus > 1 else ["adapter"]
     engine = dict(max_model_len=args.max_model_len, enforce_eager=args.smoke, load_format=args.load_format)
     placement = {"num_gpus": args.gpus} if on_gpu else {"num_replicas": args.gpus}
-    for routing in routings:
+    slots = [int(n) for n in (args.max_loras or "4").split(",")]
+    for max_loras, routing in [(n, r) for n in slots for r in routings]:
         with vLLMOfflineMultiGPU(model, **placement, routing="least_loaded", enable_lora=True,
-                                 **({"max_loras": args.max_loras} if args.max_loras else {}),
+                                 **({"max_loras": max_loras} if max_loras else {}),
                                  max_lora_rank=args.rank, cache=False, adapter_routing=routing == "adapter",
                                  **engine) as lm:
             for count in counts:
@@ -123,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 for name, path in zip(names, paths):
                     if name not in {a["name"] for a in lm.adapters()}:
                         lm.load_adapter(name, path)
-                messages, lengths = w2_messages(settings, args.requests * args.gpus, f"lora-{routing}-{count}")
-                row = {"replicas": args.gpus, "adapters": count, "rank": args.rank, "max_loras": args.max_loras,
+                messages, lengths = w2_messages(settings, args.requests * args.gpus,
+                                                f"lora-{max_loras}-{routing}-{count}")
+                row = {"replicas": args.gpus, "adapters": count, "rank": args.rank, "max_loras": max_loras,
                        "routing": routing, "threads": args.threads,
                        **run_once(lm, names, messages, lengths, args.threads)}
                 print("@@LORA " + json.dumps(row), flush=True)
