@@ -1,4 +1,4 @@
-"""benchmarks/gpu_smoke.py's line runner, without engines: a line that raises is a FAIL and
+"""benchmarks/gpu_smoke/runner.py (the line runner), without engines: a line that raises is a FAIL and
 the run goes on, a hung line is bounded by its deadline (its stacks written), the exit code
 says whether every line passed. The smoke itself runs on a lent GPU (or `--cpu`, ~6 min)."""
 
