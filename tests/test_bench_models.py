@@ -124,3 +124,18 @@ def test_small_shapes(tmp_path, bench_folder, shape, numbers):
 def test_unknown_shape(tmp_path):
     with pytest.raises(ValueError, match="0.6b"):
         bench_models.benchmark_model_path(str(tmp_path / "x"), shape="70b")
+
+
+def test_knob_bench_reads_its_configs_and_compares_each_label_to_the_first():
+    """benchmarks.knob_bench's parsing and its table (the GPU runs are in BENCHMARKS.md)."""
+    from benchmarks.knob_bench import parse_config, table
+
+    assert parse_config("ours:") == ("ours", {})
+    assert parse_config("vllm:performance_mode=balanced,max_num_seqs=512") == (
+        "vllm", {"performance_mode": "balanced", "max_num_seqs": 512})
+    with pytest.raises(SystemExit, match="LABEL:KEY=VALUE"):
+        parse_config(":max_num_seqs=512")
+    rows = [{"label": "vllm", "workload": "w1", "req_s": 100.0}, {"label": "ours", "workload": "w1", "req_s": 110.0},
+            {"label": "vllm", "workload": "w1", "req_s": 100.0}, {"label": "ours", "workload": "w1", "req_s": 130.0}]
+    text = table(rows, ["vllm", "ours"])
+    assert "1.200x" in text and "120.00" in text, text

@@ -20,8 +20,8 @@ from typing import Any
 from . import vllm_api
 from .errors import ConfigurationError
 
-__all__ = ["ModelSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs", "lora_defaults",
-           "LORA_SLOTS", "LORA_SLOTS_COST", "lora_slots_warning"]
+__all__ = ["ModelSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs", "engine_defaults",
+           "lora_defaults", "LORA_SLOTS", "LORA_SLOTS_COST", "lora_slots_warning"]
 
 # Engine arguments that change speed or memory but not what the model answers.
 # They stay out of the label DSPy caches under, so a cached answer survives a
@@ -32,7 +32,7 @@ PERFORMANCE_ONLY_ARGS = frozenset({
     "disable_log_stats", "kv_cache_memory_bytes", "cpu_offload_gb", "block_size",
     "compilation_config", "enable_chunked_prefill", "max_parallel_loading_workers",
     "disable_custom_all_reduce", "distributed_executor_backend", "kv_cache_dtype_skip_layers",
-    "use_tqdm_on_load",
+    "use_tqdm_on_load", "performance_mode",
     # LoRA capacity: the base model answers the same with or without it (an adapter's
     # answers are cached under the adapter's own label, see lora.AdapterSpec.label).
     "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "fully_sharded_loras",
@@ -116,6 +116,36 @@ class ModelSpec:
                 tokenizer = _TOKENIZERS[key] = AutoTokenizer.from_pretrained(key[0], trust_remote_code=key[1],
                                                                               revision=key[2])
             return tokenizer
+
+
+# The batch limits vLLM's "throughput" performance mode doubles (max_num_seqs, max_num_batched_tokens);
+# a user who sets any of these three keeps vLLM's behaviour.
+_BATCH_ARGS = ("performance_mode", "max_num_seqs", "max_num_batched_tokens")
+# vLLM's own max_num_seqs for LLM-class engines on the cards the throughput mode was measured on
+# (H100 and H200: 1024; A100 and smaller cards get 256, where vLLM keeps its limits low on purpose).
+THROUGHPUT_MIN_SEQS = 1024
+# What the throughput mode gave, measured (issue #20); see BENCHMARKS.md.
+THROUGHPUT_GAIN = "not yet measured"
+
+
+def engine_defaults(engine_kwargs: dict[str, Any], *, vllm_max_num_seqs: int | None) -> tuple[dict[str, Any], str | None]:
+    """``engine_kwargs`` over the adapter's engine defaults, and the line to log once about
+    a chosen batch mode (None: nothing chosen).
+
+    Always (unless set): quiet per-request stats, and vLLM's prefix cache (DSPy prompts
+    share long system and demo prefixes). ``performance_mode="throughput"`` (vLLM's
+    switch that doubles its ``max_num_seqs`` and ``max_num_batched_tokens``) when the user
+    set none of those three and ``vllm_max_num_seqs`` (vLLM's own default for this card,
+    None where unknown) is at least ``THROUGHPUT_MIN_SEQS``: the cards it was measured on."""
+    chosen = {"disable_log_stats": True, "enable_prefix_caching": True}
+    message = None
+    if (vllm_max_num_seqs is not None and vllm_max_num_seqs >= THROUGHPUT_MIN_SEQS
+            and not any(engine_kwargs.get(name) is not None for name in _BATCH_ARGS)):
+        chosen["performance_mode"] = "throughput"
+        message = (f"performance_mode='throughput': vLLM's batch limits doubled (max_num_seqs {vllm_max_num_seqs} -> "
+                   f"{2 * vllm_max_num_seqs}) for batch work ({THROUGHPUT_GAIN}). Pass performance_mode='balanced', "
+                   "max_num_seqs=... or max_num_batched_tokens=... to choose.")
+    return {**chosen, **engine_kwargs}, message
 
 
 # max_loras when enable_lora=True and the user set none (vLLM's own default is 4).

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..config import ModelSpec
+from ..config import ModelSpec, engine_defaults
 from .cache_events import CacheEventReader, endpoint
 from .liveness import EngineLifetime
 from .processes import EngineProcesses
@@ -37,17 +37,14 @@ from ..protocol import Generation, GenerationRequest, ReplicaInfo
 from .. import vllm_api
 from .vllm_io import DeltaCollector, to_generation, to_vllm_inputs
 
-__all__ = ["Engine", "engine_defaults"]
+__all__ = ["Engine"]
 
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
 
 
-def engine_defaults() -> dict[str, Any]:
-    """Defaults the adapter sets unless the user sets them: quiet per-request logs,
-    and vLLM's prefix cache (DSPy prompts share long system/demo prefixes)."""
-    return {"disable_log_stats": True, "enable_prefix_caching": True}
+_told = set()  # the default-choice lines already logged in this process
 
 
 class Engine(EngineLifetime):
@@ -112,7 +109,12 @@ class Engine(EngineLifetime):
 
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
-        kwargs = {**engine_defaults(), **self.spec.engine_kwargs}
+        world = int(self.spec.engine_kwargs.get("tensor_parallel_size") or 1) * int(
+            self.spec.engine_kwargs.get("pipeline_parallel_size") or 1)
+        kwargs, chosen = engine_defaults(self.spec.engine_kwargs, vllm_max_num_seqs=vllm_api.default_max_num_seqs(world))
+        if chosen is not None and chosen not in _told:
+            _told.add(chosen)
+            logger.info("%s", chosen)
         address = endpoint() if self.spec.cache_events else None
         if address is not None:
             kwargs["kv_events_config"] = vllm_api.kv_events_config(address)
