@@ -2,12 +2,12 @@
 under each configuration in turn, in one process, each start measured on the same workloads
 with the same prompts, so every ratio compares runs of one call on one card.
 
-    python -m benchmarks.knob_bench --shape 0.6b --configs vllm:performance_mode=balanced ours: \\
-        --order vllm,ours,vllm,ours --workloads w5-batch,w5-256,w2-256,w1,w6 --out $OUT/knob
+    python -m benchmarks.knob_bench --shape 0.6b --configs vllm: seqs2048:max_num_seqs=2048 \\
+        --order vllm,seqs2048,seqs2048,vllm --workloads w5-batch,w5-256,w2-256,w1,w6 --out $OUT/knob
     python -m benchmarks.knob_bench --smoke          # CPU: tiny model, numbers mean nothing
 
 ``--configs``: ``LABEL:KEY=VALUE,KEY=VALUE`` (``LABEL:`` alone: the LM's own defaults, which
-is what a user who sets nothing gets). ``--order``: the labels, one engine start each; a
+is what a user who sets nothing gets; today vLLM's batch limits). ``--order``: the labels, one engine start each; a
 label that comes back starts again (round 2), and its rows are the same prompts as round 1's
 of every label. Workloads (the harness's generators, ``benchmarks/workloads.py``):
 ``w5-batch`` (W5, every request at once through ``batch_generate``), ``w5-N`` (W5 from N DSPy
@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the benchmark shape's folder, dummy weights)")
     parser.add_argument("--shape", default="0.6b", help="benchmark model shape when --model is not given (0.6b, 8b)")
-    parser.add_argument("--configs", nargs="+", default=["vllm:performance_mode=balanced", "ours:"])
-    parser.add_argument("--order", help="labels, one start each (default: every label, then every label again)")
+    parser.add_argument("--configs", nargs="+", default=["vllm:", "seqs2048:max_num_seqs=2048"])
+    parser.add_argument("--order", help="labels, one start each (default: every label, then the same in reverse, "
+                                        "A B B A: the first start of a configuration runs slower, see BENCHMARKS.md)")
     parser.add_argument("--workloads", default="w5-batch,w5-256,w2-256,w1,w6")
     parser.add_argument("--w5-requests", type=int, default=4096)
     parser.add_argument("--w1-requests", type=int, default=1024)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = visible_gpu_count() > 0
     configs = dict(parse_config(text) for text in args.configs)
     labels = list(configs)
-    order = args.order.split(",") if args.order else labels + labels
+    order = args.order.split(",") if args.order else labels + labels[::-1]
     unknown = [lab for lab in order if lab not in configs]
     if unknown:
         raise SystemExit(f"--order names {unknown}, not in --configs ({labels})")
@@ -148,12 +149,6 @@ def main(argv: list[str] | None = None) -> int:
                 break
             seen[label] = round_no = seen.get(label, 0) + 1
             config = {**engine, **configs[label]}
-            # What the engine will run with: the adapter's rule, with vLLM's own limit for this card.
-            from vllm_dspy_adapter import vllm_api
-            from vllm_dspy_adapter.config import engine_defaults
-
-            mode = engine_defaults(config, vllm_max_num_seqs=vllm_api.default_max_num_seqs(1))[0].get(
-                "performance_mode", "balanced")
             print(f"== {label} (round {round_no}): starting with {configs[label] or 'the LM defaults'}", flush=True)
             started = time.monotonic()
             driver = Ours(model, config, n=1, routing=None, tp=False, on_gpu=on_gpu, ignore_eos=True)
@@ -163,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
                 for name in names:
                     work = build(settings, name, tokenizer, round_no)
                     row = {"label": label, "round": round_no, "engine_args": configs[label], "workload": name,
-                           "performance_mode": mode, "vllm_max_num_seqs": vllm_api.default_max_num_seqs(1),
                            "start_s": round(start_s, 1), "shape": args.shape if not args.model else args.model}
                     row.update(child.measure(driver, work))
                     emit(row)

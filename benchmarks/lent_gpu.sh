@@ -101,12 +101,15 @@ case "$GROUP" in
                  --replay "benchmarks/data/${1:-mipro}_smollm_calls.jsonl" --out "$OUT/$GROUP" ;;
   # issue 20: 16 adapters on one replica; lora N[,M...]: max_loras=N, then M, one engine start each in
   # one run (0 leaves it unset: the LM's default). The default: unset, 4 and 16, about 7 minutes on 8B.
-  # issue 20, item 3: the LM's defaults (performance_mode="throughput" where vLLM's own limit is 1024
-  # sequences) against vLLM's (performance_mode="balanced"), one engine start each, two rounds on 0.6B
-  # (W5 at once and from 256 threads, W2 from 256 threads, W1, W6), one round on 8B (no W5).
-  knob-0.6b) solo python -m benchmarks.knob_bench --shape 0.6b --budget-s "$(left 30)" --out "$OUT/$GROUP" ;;
-  knob-8b) solo python -m benchmarks.knob_bench --shape 8b --order vllm,ours --workloads w1,w2-256,w6 \
-               --budget-s "$(left 30)" --start-s 200 --out "$OUT/$GROUP" ;;
+  # issue 20, item 3: an engine knob against the LM's defaults (vLLM's batch limits), one engine start
+  # each: knob-0.6b [CONFIG] starts vllm, CONFIG, CONFIG, vllm (W5 at once and from 256 threads, W2 from
+  # 256 threads, W1, W6; about 8 minutes); knob-8b [CONFIG] starts vllm, CONFIG (no W5).
+  # CONFIG: LABEL:KEY=VALUE,... (default seqs2048:max_num_seqs=2048).
+  knob-0.6b) solo python -m benchmarks.knob_bench --shape 0.6b --configs vllm: "${1:-seqs2048:max_num_seqs=2048}" \
+                 --budget-s "$(left 30)" --out "$OUT/$GROUP" ;;
+  knob-8b) knob="${1:-seqs2048:max_num_seqs=2048}"
+           solo python -m benchmarks.knob_bench --shape 8b --configs vllm: "$knob" --order "vllm,${knob%%:*}" \
+               --workloads w1,w2-256,w6 --budget-s "$(left 30)" --start-s 200 --out "$OUT/$GROUP" ;;
   lora) solo python -m benchmarks.lora_bench --gpus 1 --adapters 16 --max-loras "${1:-0,4,16}" --out "$OUT/$GROUP" ;;
 esac
 common=(--budget-s "$budget" --group-jobs --out "$OUT/$GROUP")

@@ -118,34 +118,14 @@ class ModelSpec:
             return tokenizer
 
 
-# The batch limits vLLM's "throughput" performance mode doubles (max_num_seqs, max_num_batched_tokens);
-# a user who sets any of these three keeps vLLM's behaviour.
-_BATCH_ARGS = ("performance_mode", "max_num_seqs", "max_num_batched_tokens")
-# vLLM's own max_num_seqs for LLM-class engines on the cards the throughput mode was measured on
-# (H100 and H200: 1024; A100 and smaller cards get 256, where vLLM keeps its limits low on purpose).
-THROUGHPUT_MIN_SEQS = 1024
-# What the throughput mode gave, measured (issue #20); see BENCHMARKS.md.
-THROUGHPUT_GAIN = "not yet measured"
+def engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``engine_kwargs`` over the adapter's engine defaults: quiet per-request stats, and
+    vLLM's prefix cache (DSPy prompts share long system and demo prefixes).
 
-
-def engine_defaults(engine_kwargs: dict[str, Any], *, vllm_max_num_seqs: int | None) -> tuple[dict[str, Any], str | None]:
-    """``engine_kwargs`` over the adapter's engine defaults, and the line to log once about
-    a chosen batch mode (None: nothing chosen).
-
-    Always (unless set): quiet per-request stats, and vLLM's prefix cache (DSPy prompts
-    share long system and demo prefixes). ``performance_mode="throughput"`` (vLLM's
-    switch that doubles its ``max_num_seqs`` and ``max_num_batched_tokens``) when the user
-    set none of those three and ``vllm_max_num_seqs`` (vLLM's own default for this card,
-    None where unknown) is at least ``THROUGHPUT_MIN_SEQS``: the cards it was measured on."""
-    chosen = {"disable_log_stats": True, "enable_prefix_caching": True}
-    message = None
-    if (vllm_max_num_seqs is not None and vllm_max_num_seqs >= THROUGHPUT_MIN_SEQS
-            and not any(engine_kwargs.get(name) is not None for name in _BATCH_ARGS)):
-        chosen["performance_mode"] = "throughput"
-        message = (f"performance_mode='throughput': vLLM's batch limits doubled (max_num_seqs {vllm_max_num_seqs} -> "
-                   f"{2 * vllm_max_num_seqs}) for batch work ({THROUGHPUT_GAIN}). Pass performance_mode='balanced', "
-                   "max_num_seqs=... or max_num_batched_tokens=... to choose.")
-    return {**chosen, **engine_kwargs}, message
+    vLLM's batch limits stay vLLM's: ``performance_mode="throughput"`` (both limits doubled)
+    was measured as a default and not taken (issue #20, BENCHMARKS.md: 1.22x on W5 at once,
+    0.89x on W2 from 256 DSPy threads, one H100)."""
+    return {"disable_log_stats": True, "enable_prefix_caching": True, **engine_kwargs}
 
 
 # max_loras when enable_lora=True and the user set none (vLLM's own default is 4).
