@@ -27,25 +27,35 @@ generation = echo  # the answer every fake gives
 
 
 class FakeProcess:
-    """Stands in for ``multiprocessing.Process``: the worker is a thread."""
+    """Stands in for ``multiprocessing.Process``: the worker is a thread. ``pid``: None,
+    or a number no real process has (above Linux's largest pid) when the launcher gives one."""
 
-    pid = None
-
-    def __init__(self, worker: FakeWorker):
+    def __init__(self, worker: FakeWorker, pid: int | None = None):
         self.worker = worker
         self.exitcode = None
+        self.pid = pid
+        self.joins = 0  # join() calls on this process
 
     def is_alive(self) -> bool:
-        return self.worker.thread.is_alive()
+        return self.worker.thread.is_alive() and not (self.worker.killed and self.worker.linger_s)
 
     def join(self, timeout=None) -> None:
+        self.joins += 1
+        if self.worker.killed and self.worker.linger_s:  # killed: gone, though its pipe's end comes later
+            self.exitcode = -9
+            return
         self.worker.thread.join(timeout)
         if not self.worker.thread.is_alive() and self.exitcode is None:
             self.exitcode = self.worker.exit_code
 
     def kill(self) -> None:
         self.worker.killed = True
-        self.worker.stop("killed")
+        if self.worker.linger_s:
+            # The driver's reader sees the pipe's end a moment later (a busy machine schedules
+            # it after the pool has already launched the restart).
+            threading.Timer(self.worker.linger_s, self.worker.stop, args=("killed",)).start()
+        else:
+            self.worker.stop("killed")
 
 
 class FakeWorker:
@@ -55,8 +65,9 @@ class FakeWorker:
     idles while its requests are stuck). ``beating`` / ``ticking`` drive the heartbeat."""
 
     def __init__(self, conn, heartbeat_s: float, *, mode: str = "answer", fail_start: str | None = None,
-                 stats_delay: float = 0.0, start_gate: threading.Event | None = None):
+                 stats_delay: float = 0.0, start_gate: threading.Event | None = None, linger_s: float = 0.0):
         self.conn = conn
+        self.linger_s = linger_s  # killed: the pipe closes this much later
         self.heartbeat_s = heartbeat_s
         self.mode = mode
         self.fail_start = fail_start
@@ -170,8 +181,10 @@ class FakeLauncher:
     """``launch=`` for ``ProcessReplica``: every (re)start makes a new ``FakeWorker``
     with the settings the test set for that replica's next start."""
 
-    def __init__(self, **defaults):
+    def __init__(self, *, pid_base: int | None = None, **defaults):
         self.defaults = defaults
+        self.pid_base = pid_base  # set: each worker gets pid_base + its launch number
+        self.launched = 0
         self.next: dict[int, dict] = {}
         self.workers: dict[int, list[FakeWorker]] = {}
         self.lock = threading.Lock()
@@ -182,7 +195,10 @@ class FakeLauncher:
             settings = {**self.defaults, **self.next.pop(placement.index, {})}
             worker = FakeWorker(child, heartbeat_s, **settings)
             self.workers.setdefault(placement.index, []).append(worker)
-        return FakeProcess(worker), parent
+            self.launched += 1
+            pid = None if self.pid_base is None else self.pid_base + self.launched
+            worker.process = FakeProcess(worker, pid)
+        return worker.process, parent
 
     def current(self, index: int) -> FakeWorker:
         return self.workers[index][-1]

@@ -6,6 +6,7 @@ test_multigpu.py."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -172,6 +173,30 @@ def test_a_frozen_worker_is_declared_stalled_its_requests_move_and_it_restarts()
     stats = pool.stats()[0]
     assert stats["stalls"] == 1 and stats["last_stall"] and "stalled" in stats["last_death"]
     assert wait_until(lambda: pool.replicas[0].alive and pool.replicas[0].restarts == 1)
+    assert {o.replica for o in results([pool.submit(request(i)) for i in range(10)])} == {0, 1}
+
+
+def test_a_restart_survives_the_late_end_of_the_worker_it_replaces(monkeypatch):
+    """The killed worker's pipe ends only after the pool launched its restart (seen in CI: the
+    restart died with SIGKILL at start). That late end is the old incarnation's: its reader
+    must wait on and reap the old process, never the new one."""
+    reaped = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: reaped.append(pgid))
+    launcher = FakeLauncher(pid_base=5_000_000)  # pids no real process has (Linux's largest: 4,194,304)
+    launcher.next[0] = {"linger_s": 0.3}  # the first incarnation's pipe ends 0.3 s after its kill
+    pool, launcher = start(2, launcher=launcher, health_timeout=0.5)
+    old = launcher.current(0)
+    old.freeze()
+    outs = results([pool.submit(request(i)) for i in range(10)], timeout=10)
+    assert [o.text for o in outs] == [f"echo:prompt {i}" for i in range(10)]
+    assert old.killed
+    assert wait_until(lambda: pool.replicas[0].alive and pool.replicas[0].restarts == 1)
+    new = launcher.current(0)
+    assert new is not old
+    time.sleep(0.6)  # the old pipe's end has come and been handled
+    assert not new.killed and new.process.joins == 0, "the old worker's end touched its restart"
+    assert new.process.pid not in reaped and old.process.pid in reaped
+    assert pool.replicas[0].alive
     assert {o.replica for o in results([pool.submit(request(i)) for i in range(10)])} == {0, 1}
 
 

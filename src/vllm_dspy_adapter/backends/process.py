@@ -134,7 +134,8 @@ class ProcessReplica(ReplicaHandle):
         if self._closed:  # shut down while it started
             self._kill()
             raise ReplicaStartError(f"{self.name}: shut down")
-        self._guarded(incarnation, "reader", lambda: self._read(conn, incarnation))
+        process = self._process  # this incarnation's: a restart replaces self._process
+        self._guarded(incarnation, "reader", lambda: self._read(conn, incarnation, process))
 
     # -------------------------------------------------------------- serving
 
@@ -162,8 +163,13 @@ class ProcessReplica(ReplicaHandle):
         except (OSError, EOFError, BrokenPipeError, ValueError):
             return False
 
-    def _read(self, conn, incarnation: int) -> None:
-        """Deliver every reply of one incarnation; its end is the replica's death."""
+    def _read(self, conn, incarnation: int, process) -> None:
+        """Deliver every reply of one incarnation; its end is the replica's death.
+
+        Its pipe's end can reach this thread after a restart has already launched the next
+        worker (a stall kills the worker, and the pool restarts at once): so the exit code
+        read and the process group reaped are ``process``'s, this incarnation's, never the
+        new worker's."""
         cause = "worker process exited"
         while True:
             try:
@@ -192,19 +198,12 @@ class ProcessReplica(ReplicaHandle):
                     cause = why
                 case _:  # Ready or Failed after the start
                     raise ProtocolError(f"{type(message).__name__} from a running worker")
-        self._died(incarnation, self._exit_cause(cause))
-        for waiter in [*self._stats_waiting.values(), *self._adapter_waiting.values()]:
-            waiter.cancel()  # a call waiting on the dead worker
-
-    def _exit_cause(self, cause: str) -> str:
-        self._process.join(timeout=5)
-        code = self._process.exitcode
-        if code is not None and code < 0:
-            cause = f"{cause} (killed by signal {signal.Signals(-code).name})"
-        elif code not in (None, 0):
-            cause = f"{cause} (exit code {code})"
-        self._reap_group()
-        return cause
+        self._died(incarnation, _exit_cause(process, cause))
+        with self._lock:
+            current = incarnation == self._incarnation
+        if current:  # the waiters of a newer incarnation are not this worker's
+            for waiter in [*self._stats_waiting.values(), *self._adapter_waiting.values()]:
+                waiter.cancel()  # a call waiting on the dead worker
 
     def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         base = {**self.base_stats(), "pid": self.pid}
@@ -245,22 +244,12 @@ class ProcessReplica(ReplicaHandle):
 
     # -------------------------------------------------------------- lifetime
 
-    def _reap_group(self) -> None:
-        """Kill whatever is left of the worker's process group (the worker made
-        itself a group leader), so no engine process outlives its replica.
-        SIGKILL ends stopped (SIGSTOPped) processes too."""
-        if self._process is None or self._process.pid is None:
-            return
-        try:
-            os.killpg(self._process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def _kill(self) -> None:
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout=10)
-        self._reap_group()
+        process = self._process
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join(timeout=10)
+        _reap_group(process)
 
     def _stop(self, timeout: float) -> None:
         if self._starting:
@@ -312,3 +301,27 @@ def _answer(waiting: dict[int, concurrent.futures.Future], call_id: int, value) 
     waiter = waiting.pop(call_id, None)
     if waiter is not None and not waiter.done():
         waiter.set_result(value)
+
+
+def _exit_cause(process, cause: str) -> str:
+    """``cause`` with how ``process`` (one incarnation's worker) ended."""
+    process.join(timeout=5)
+    code = process.exitcode
+    if code is not None and code < 0:
+        cause = f"{cause} (killed by signal {signal.Signals(-code).name})"
+    elif code not in (None, 0):
+        cause = f"{cause} (exit code {code})"
+    _reap_group(process)
+    return cause
+
+
+def _reap_group(process) -> None:
+    """Kill whatever is left of ``process``'s group (the worker made itself a group
+    leader), so no engine process outlives its replica. SIGKILL ends stopped
+    (SIGSTOPped) processes too."""
+    if process is None or process.pid is None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
