@@ -159,9 +159,14 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
         if exc is None:
             pieces.send_after_pieces(Done(request_id, future.result()))
             return
+        if isinstance(exc, ReplicaDeadError) and not dying.is_set():
+            # The engine died: no Error for this request. The driver would resubmit it at once,
+            # maybe back here (this replica still looks alive to it until the pipe ends), and a
+            # request bounced that way runs out of attempts. The pipe's end fails every request
+            # the driver sent here, this one included, after the replica is marked dead.
+            die(str(exc))
+            return
         pieces.send_after_pieces(Error(request_id, exc))
-        if isinstance(exc, ReplicaDeadError):
-            die(str(exc))  # every request in flight fails the same way
 
     def adapter_call(call: AdapterCall) -> None:
         try:
