@@ -2,12 +2,13 @@
 under each configuration in turn, in one process, each start measured on the same workloads
 with the same prompts, so every ratio compares runs of one call on one card.
 
-    python -m benchmarks.knob_bench --shape 0.6b --configs vllm: seqs2048:max_num_seqs=2048 \\
-        --order vllm,seqs2048,seqs2048,vllm --workloads w5-batch,w5-256,w2-256,w1,w6 --out $OUT/knob
+    python -m benchmarks.knob_bench --shape 0.6b --configs vllm:max_num_seqs=1024 lm: \\
+        --order vllm,lm,lm,vllm --workloads w5-batch,w5-256,w2-256,w1,w6 --out $OUT/knob
     python -m benchmarks.knob_bench --smoke          # CPU: tiny model, numbers mean nothing
 
 ``--configs``: ``LABEL:KEY=VALUE,KEY=VALUE`` (``LABEL:`` alone: the LM's own defaults, which
-is what a user who sets nothing gets; today vLLM's batch limits). ``--order``: the labels, one engine start each; a
+is what a user who sets nothing gets: on an H100 or H200 ``max_num_seqs=2048``, twice vLLM's;
+``vllm:max_num_seqs=1024`` is vLLM's own there). ``--order``: the labels, one engine start each; a
 label that comes back starts again (round 2), and its rows are the same prompts as round 1's
 of every label. Workloads (the harness's generators, ``benchmarks/workloads.py``):
 ``w5-batch`` (W5, every request at once through ``batch_generate``), ``w5-N`` (W5 from N DSPy
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the benchmark shape's folder, dummy weights)")
     parser.add_argument("--shape", default="0.6b", help="benchmark model shape when --model is not given (0.6b, 8b)")
-    parser.add_argument("--configs", nargs="+", default=["vllm:", "seqs2048:max_num_seqs=2048"])
+    parser.add_argument("--configs", nargs="+", default=["vllm:max_num_seqs=1024", "lm:"])
     parser.add_argument("--order", help="labels, one start each (default: every label, then the same in reverse, "
                                         "A B B A: the first start of a configuration runs slower, see BENCHMARKS.md)")
     parser.add_argument("--workloads", default="w5-batch,w5-256,w2-256,w1,w6")

@@ -99,14 +99,14 @@ case "$GROUP" in
   # issue 20: the calls a real optimiser made on the CPU build (w6-replay mipro|gepa), 2 replicas.
   w6-replay) solo python -m benchmarks.w6_bench --shape 0.6b --replicas 2 --one-lm --spill-at 0 \
                  --replay "benchmarks/data/${1:-mipro}_smollm_calls.jsonl" --out "$OUT/$GROUP" ;;
-  # issue 20, item 3: an engine knob against the LM's defaults (vLLM's batch limits), one engine start
-  # each: knob-0.6b [CONFIG] starts vllm, CONFIG, CONFIG, vllm (W5 at once and from 256 threads, W2 from
-  # 256 threads, W1, W6; about 8 minutes); knob-8b [CONFIG] starts vllm, CONFIG (no W5).
-  # CONFIG: LABEL:KEY=VALUE,... (default seqs2048:max_num_seqs=2048).
-  knob-0.6b) solo python -m benchmarks.knob_bench --shape 0.6b --configs vllm: "${1:-seqs2048:max_num_seqs=2048}" \
+  # issue 20, item 3: an engine knob against vLLM's own batch limits (max_num_seqs=1024 on an H100 or
+  # H200), one engine start each: knob-0.6b [CONFIG] starts vllm, CONFIG, CONFIG, vllm (W5 at once and from
+  # 256 threads, W2 from 256 threads, W1, W6; about 7 minutes); knob-8b [CONFIG] starts vllm, CONFIG (no W5).
+  # CONFIG: LABEL:KEY=VALUE,... (default lm: the LM's own defaults, max_num_seqs=2048 there).
+  knob-0.6b) solo python -m benchmarks.knob_bench --shape 0.6b --configs vllm:max_num_seqs=1024 "${1:-lm:}" \
                  --budget-s "$(left 30)" --out "$OUT/$GROUP" ;;
-  knob-8b) knob="${1:-seqs2048:max_num_seqs=2048}"
-           solo python -m benchmarks.knob_bench --shape 8b --configs vllm: "$knob" --order "vllm,${knob%%:*}" \
+  knob-8b) knob="${1:-lm:}"
+           solo python -m benchmarks.knob_bench --shape 8b --configs vllm:max_num_seqs=1024 "$knob" --order "vllm,${knob%%:*}" \
                --workloads w1,w2-256,w6 --budget-s "$(left 30)" --start-s 200 --out "$OUT/$GROUP" ;;
   # issue 20: 16 adapters on one replica; lora N[,M...]: max_loras=N, then M, one engine start each in
   # one run (0 leaves it unset: the LM's default). The default: unset, 4 and 16, about 7 minutes on 8B.

@@ -1,24 +1,52 @@
 """The adapter's engine defaults (``config.engine_defaults``): what is set when the user
-sets nothing, and that a user's own setting wins."""
+sets nothing, the batch limit chosen by measurement on the cards it was measured on, and
+that a user's own setting wins."""
 
+import pytest
+
+from vllm_dspy_adapter import vllm_api
 from vllm_dspy_adapter.config import PERFORMANCE_ONLY_ARGS, ModelSpec, engine_defaults
 
 
-def test_the_adapter_sets_the_prefix_cache_and_quiet_stats_and_leaves_vllms_batch_limits():
-    kwargs = engine_defaults({"max_model_len": 4096})
-    assert kwargs == {"disable_log_stats": True, "enable_prefix_caching": True, "max_model_len": 4096}
-    # measured and not taken as a default (BENCHMARKS.md, issue #20): vLLM's batch limits stay
-    assert not {"performance_mode", "max_num_seqs", "max_num_batched_tokens"} & set(kwargs)
+def test_the_adapter_sets_the_prefix_cache_and_quiet_stats_and_leaves_vllms_limits_where_not_measured():
+    for card in (None, 256):  # unknown platform; an A100 or smaller card, a CPU
+        kwargs, told = engine_defaults({"max_model_len": 4096}, vllm_max_num_seqs=card)
+        assert kwargs == {"disable_log_stats": True, "enable_prefix_caching": True, "max_model_len": 4096}
+        assert told is None
+
+
+def test_on_an_h100_or_h200_the_lm_runs_twice_vllms_sequences_and_says_so():
+    kwargs, told = engine_defaults({"max_model_len": 4096}, vllm_max_num_seqs=1024)
+    assert kwargs["max_num_seqs"] == 2048
+    # throughput mode (both limits doubled) was measured and not taken: the token budget stays vLLM's
+    assert not {"performance_mode", "max_num_batched_tokens"} & set(kwargs)
+    assert "max_num_seqs=2048" in told and "1.19x" in told and "Pass max_num_seqs=" in told
+
+
+@pytest.mark.parametrize("own", [{"max_num_seqs": 64}, {"max_num_batched_tokens": 1024},
+                                 {"performance_mode": "throughput"}, {"performance_mode": "balanced"}])
+def test_a_user_who_sets_any_batch_limit_keeps_vllms_others(own):
+    kwargs, told = engine_defaults(dict(own), vllm_max_num_seqs=1024)
+    assert told is None
+    assert kwargs == {"disable_log_stats": True, "enable_prefix_caching": True, **own}
 
 
 def test_the_users_own_values_win_over_every_default():
-    own = {"enable_prefix_caching": False, "disable_log_stats": False, "performance_mode": "throughput"}
-    assert engine_defaults(dict(own)) == own
+    own = {"enable_prefix_caching": False, "disable_log_stats": False}
+    kwargs, _ = engine_defaults(dict(own), vllm_max_num_seqs=1024)
+    assert {k: kwargs[k] for k in own} == own
 
 
-def test_a_batch_mode_does_not_change_the_cache_label():
-    """performance_mode changes speed, not answers: a cached answer survives it."""
-    assert "performance_mode" in PERFORMANCE_ONLY_ARGS
+def test_vllm_names_this_cpus_limit_below_the_measured_cards():
+    """The CPU build answers with its own table: the wider limit is not chosen here."""
+    seqs = vllm_api.default_max_num_seqs()
+    assert seqs is None or seqs < 1024
+
+
+def test_a_batch_limit_does_not_change_the_cache_label():
+    """Batch limits change speed, not answers: a cached answer survives them."""
+    assert {"performance_mode", "max_num_seqs", "max_num_batched_tokens"} <= PERFORMANCE_ONLY_ARGS
     plain = ModelSpec(model="m", engine_kwargs={})
     assert plain.label() == plain.with_engine_kwargs(performance_mode="throughput").label()
+    assert plain.label() == plain.with_engine_kwargs(max_num_seqs=2048).label()
     assert plain.label() != plain.with_engine_kwargs(dtype="float16").label()

@@ -118,14 +118,38 @@ class ModelSpec:
             return tokenizer
 
 
-def engine_defaults(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``engine_kwargs`` over the adapter's engine defaults: quiet per-request stats, and
-    vLLM's prefix cache (DSPy prompts share long system and demo prefixes).
+# The batch limits a user may set; one who sets any keeps vLLM's own (max_num_batched_tokens
+# must stay >= max_num_seqs, so the adapter never raises one under a user's other).
+_BATCH_ARGS = ("performance_mode", "max_num_seqs", "max_num_batched_tokens")
+# vLLM's own max_num_seqs for LLM-class engines on the cards the wider limit was measured on
+# (H100 and H200, and the larger B200 class: 1024; A100 and smaller cards get 256, where vLLM keeps
+# its limits low on purpose and nothing was measured).
+WIDE_SEQS_FROM = 1024
+# What twice vLLM's max_num_seqs gave, measured side by side (issue #20, BENCHMARKS.md).
+WIDE_SEQS_GAIN = ("measured on one H100, vLLM 0.26: W5 at once 1.19x, every other workload 0.995x-1.05x, "
+                  "0.6B and 8B shapes")
 
-    vLLM's batch limits stay vLLM's: ``performance_mode="throughput"`` (both limits doubled)
-    was measured as a default and not taken (issue #20, BENCHMARKS.md: 1.22x on W5 at once,
-    0.89x on W2 from 256 DSPy threads, one H100)."""
-    return {"disable_log_stats": True, "enable_prefix_caching": True, **engine_kwargs}
+
+def engine_defaults(engine_kwargs: dict[str, Any], *, vllm_max_num_seqs: int | None = None,
+                    ) -> tuple[dict[str, Any], str | None]:
+    """``engine_kwargs`` over the adapter's engine defaults, and the line to log once about the
+    batch limit chosen (None: vLLM's kept).
+
+    Always (unless set): quiet per-request stats, and vLLM's prefix cache (DSPy prompts share
+    long system and demo prefixes). ``max_num_seqs`` twice vLLM's own (2048 on an H100 or H200)
+    when ``vllm_max_num_seqs`` (vLLM's own for this card, None where unknown) is at least
+    ``WIDE_SEQS_FROM`` and the user set no batch limit: chosen by measurement (issue #20, W5 at
+    once 1.19x and no workload below 0.98x). vLLM's ``performance_mode="throughput"``, which
+    also doubles ``max_num_batched_tokens``, was measured and not taken (W2 from 256 DSPy
+    threads 0.89x)."""
+    chosen: dict[str, Any] = {"disable_log_stats": True, "enable_prefix_caching": True}
+    message = None
+    if (vllm_max_num_seqs is not None and vllm_max_num_seqs >= WIDE_SEQS_FROM
+            and not any(engine_kwargs.get(name) is not None for name in _BATCH_ARGS)):
+        chosen["max_num_seqs"] = 2 * vllm_max_num_seqs
+        message = (f"max_num_seqs={2 * vllm_max_num_seqs} (vLLM's own on this card: {vllm_max_num_seqs}): more "
+                   f"sequences per step for batch work ({WIDE_SEQS_GAIN}). Pass max_num_seqs=... to choose.")
+    return {**chosen, **engine_kwargs}, message
 
 
 # max_loras when enable_lora=True and the user set none (vLLM's own default is 4).

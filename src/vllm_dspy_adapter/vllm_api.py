@@ -67,6 +67,7 @@ USED: tuple[str, ...] = (
     f"{_ARGS}.max_model_len", f"{_ARGS}.enforce_eager", f"{_ARGS}.enable_lora", f"{_ARGS}.max_loras",
     f"{_ARGS}.max_lora_rank", f"{_ARGS}.tensor_parallel_size", f"{_ARGS}.load_format", f"{_ARGS}.tokenizer",
     f"{_ARGS}.trust_remote_code", f"{_ARGS}.tokenizer_revision", f"{_ARGS}.distributed_executor_backend",
+    f"{_ARGS}.max_num_seqs", f"{_ARGS}.get_batch_defaults",
     "vllm.usage.usage_lib.UsageContext.LLM_CLASS",
     _LLM, f"{_LLM}.from_vllm_config", f"{_LLM}.from_vllm_config(usage_context)",
     f"{_LLM}.from_vllm_config(disable_log_stats)",
@@ -195,6 +196,19 @@ def engine_arg_names() -> frozenset[str]:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+def default_max_num_seqs(world_size: int = 1) -> int | None:
+    """vLLM's own ``max_num_seqs`` for an LLM-class engine on this machine's accelerator
+    (vLLM reads the device: 1024 on an H100 or H200, 256 on smaller cards and on CPUs);
+    None where vLLM cannot say."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    try:
+        return int(AsyncEngineArgs.get_batch_defaults(world_size)[1][UsageContext.LLM_CLASS])
+    except Exception:  # a platform vLLM has no table for
+        return None
 
 
 def sampling_field_names() -> frozenset[str]:

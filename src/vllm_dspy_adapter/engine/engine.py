@@ -42,6 +42,7 @@ __all__ = ["Engine"]
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
+_told: set[str] = set()  # the default-choice lines already logged in this process
 
 
 class Engine(EngineLifetime):
@@ -106,7 +107,13 @@ class Engine(EngineLifetime):
 
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
-        kwargs = engine_defaults(self.spec.engine_kwargs)
+        world = int(self.spec.engine_kwargs.get("tensor_parallel_size") or 1) * int(
+            self.spec.engine_kwargs.get("pipeline_parallel_size") or 1)
+        kwargs, chosen = engine_defaults(self.spec.engine_kwargs,
+                                         vllm_max_num_seqs=vllm_api.default_max_num_seqs(world))
+        if chosen is not None and chosen not in _told:
+            _told.add(chosen)
+            logger.info("%s: %s", self.name, chosen)
         address = endpoint() if self.spec.cache_events else None
         if address is not None:
             kwargs["kv_events_config"] = vllm_api.kv_events_config(address)
