@@ -83,7 +83,7 @@ solo() {
 weights() { python -c "from benchmarks.bench_models import benchmark_weights_path as p; print(p('$1'))" 2>/dev/null; }
 case "$GROUP" in
   # Every change to src/: the GPU smoke (first call after the kit).
-  smoke) solo python -m benchmarks.gpu_smoke --out "$OUT/$GROUP" ;;
+  smoke) solo python -m benchmarks.gpu_smoke --out "$OUT/$GROUP" "$@" ;;  # [--only LINE,...]
   # issue 21 item 6: GRPO step timing on the 0.6B shape, then the 8B shape (random weights on disk).
   grpo-0.6b) solo python -m benchmarks.grpo_bench --model "$(weights 0.6b)" --gpus 1 --gpu-memory-utilization 0.5 \
                  --examples 16 --rollouts 8 --max-tokens 512 --steps 3 --out "$OUT/$GROUP" ;;
