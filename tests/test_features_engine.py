@@ -83,6 +83,19 @@ def test_non_streamed_requests_keep_final_only_outputs():
     assert make_sampling_params({"max_tokens": 4}, streamed=True).output_kind == RequestOutputKind.DELTA
 
 
+def test_a_stream_keeps_vllms_detokenisation_even_when_asked_for_none():
+    """detokenize=False saves vLLM's per-step decoding for answers decoded once at the end;
+    a stream is that per-step text, so a streamed request keeps it."""
+    from vllm_dspy_adapter.engine.vllm_io import to_vllm_inputs
+    from vllm_dspy_adapter.protocol import GenerationRequest
+
+    request = GenerationRequest(prompt=[1, 2, 3], sampling={"max_tokens": 4, "detokenize": False})
+    common = dict(model="m", max_model_len=64, model_defaults={}, is_multimodal=False)
+    _, plain = to_vllm_inputs(request, lambda r: list(r.prompt), **common)
+    _, streamed = to_vllm_inputs(request, lambda r: list(r.prompt), streamed=True, **common)
+    assert (plain.detokenize, streamed.detokenize) == (False, True)
+
+
 def test_streamify_shows_the_reasoning_field_in_pieces(lm):
     program = dspy.ChainOfThought("question -> answer")
     listener = dspy.streaming.StreamListener(signature_field_name="reasoning")

@@ -133,6 +133,24 @@ def test_logprobs_when_asked(lm):
     assert out[0]["logprobs"] is not None
 
 
+def test_detokenize_false_decodes_the_finished_answer_once_as_vllm_would(lm):
+    """detokenize=False: vLLM skips its per-step detokenisation; the adapter decodes the
+    finished ids once. Same text as vLLM's own at temperature 0, EOS left out, logprobs named."""
+    tag = uuid.uuid4().hex[:6]
+    prompts = [[{"role": "user", "content": f"Name three colours. ({tag})"}],
+               [{"role": "user", "content": f"Say hello to Ada in French. ({tag})"}],
+               f"The capital of France is ({tag})"]
+    theirs = lm.batch_generate(prompts, max_tokens=40, temperature=0.0, return_outputs=True, progress=False)
+    ours = lm.batch_generate(prompts, max_tokens=40, temperature=0.0, return_outputs=True, progress=False,
+                             detokenize=False)
+    assert [o.text for o in ours] == [o.text for o in theirs]
+    assert all(o.text.strip() for o in ours), [o.text for o in ours]
+    assert [o.token_ids for o in ours] == [o.token_ids for o in theirs]
+    named = lm.batch_generate(prompts[:1], max_tokens=5, logprobs=2, return_outputs=True, progress=False,
+                              detokenize=False)[0]
+    assert named.logprobs and all(entry.token for entry in named.logprobs), named.logprobs
+
+
 def test_over_long_prompt_raises_context_window_error_and_engine_keeps_serving(lm):
     with pytest.raises(dspy.ContextWindowExceededError):
         lm("word " * 5000, cache=False)

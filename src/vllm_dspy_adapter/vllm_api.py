@@ -84,7 +84,7 @@ USED: tuple[str, ...] = (
     "vllm.SamplingParams", _SP, f"{_SP}.output_kind", f"{_SP}.structured_outputs", f"{_SP}.max_tokens",
     f"{_SP}.temperature", f"{_SP}.top_p", f"{_SP}.top_k", f"{_SP}.seed", f"{_SP}.presence_penalty",
     f"{_SP}.frequency_penalty", f"{_SP}.stop", f"{_SP}.logprobs", f"{_SP}.n", f"{_SP}.skip_special_tokens",
-    f"{_SP}.ignore_eos",
+    f"{_SP}.ignore_eos", f"{_SP}.detokenize", f"{_SP}.include_stop_str_in_output",
     "vllm.sampling_params.RequestOutputKind.DELTA", "vllm.sampling_params.RequestOutputKind.FINAL_ONLY",
     "vllm.sampling_params.StructuredOutputsParams", "vllm.sampling_params.StructuredOutputsParams.json",
     "vllm.sampling_params.StructuredOutputsParams.json_object",
@@ -92,7 +92,7 @@ USED: tuple[str, ...] = (
     "vllm.outputs.RequestOutput.outputs", "vllm.outputs.RequestOutput.prompt_token_ids",
     "vllm.outputs.RequestOutput.num_cached_tokens", "vllm.outputs.CompletionOutput.text",
     "vllm.outputs.CompletionOutput.token_ids", "vllm.outputs.CompletionOutput.finish_reason",
-    "vllm.outputs.CompletionOutput.logprobs",
+    "vllm.outputs.CompletionOutput.logprobs", "vllm.logprobs.Logprob.decoded_token",
     # LoRA
     "vllm.lora.request.LoRARequest", "vllm.lora.request.LoRARequest.lora_name",
     "vllm.lora.request.LoRARequest.lora_int_id", "vllm.lora.request.LoRARequest.lora_path",

@@ -279,7 +279,7 @@ class Engine(EngineLifetime):
             why = "the engine was shut down" if self._closing else "vLLM aborted it"
             raise ReplicaDeadError(f"{self.name}: request {request_id} did not finish: {why}")
         generation = deltas.generation(request_id) if deltas is not None and deltas.count else (
-            to_generation(final, request_id))
+            to_generation(final, request_id, params=params, tokenizer=self.tokenizer))
         generation.adapter = adapter  # what vLLM ran it with (the pool refuses an answer of another model)
         self._count(generation=generation)
         return generation

@@ -41,6 +41,8 @@ def to_vllm_inputs(request: GenerationRequest, tokenize: Callable[[GenerationReq
             )
         prompt = {"prompt_token_ids": ids}
     sampling = {**model_defaults, **{k: v for k, v in request.sampling.items() if v is not None}}
+    if streamed:  # a stream is vLLM's text as it is decoded: detokenize=False cannot apply to it
+        sampling.pop("detokenize", None)
     room = max_model_len - n_prompt
     sampling["max_tokens"] = min(int(sampling.get("max_tokens") or room), room)
     try:
@@ -50,25 +52,45 @@ def to_vllm_inputs(request: GenerationRequest, tokenize: Callable[[GenerationReq
     return prompt, params
 
 
-def to_generation(output, request_id: str) -> Generation:
-    """A finished ``RequestOutput`` (FINAL_ONLY) to the ``Generation`` that crosses processes."""
+def to_generation(output, request_id: str, *, params=None, tokenizer=None) -> Generation:
+    """A finished ``RequestOutput`` (FINAL_ONLY) to the ``Generation`` that crosses processes.
+
+    With ``detokenize=False`` in ``params`` vLLM skips its per-step incremental
+    detokenisation and returns token ids only; the text (and the logprobs' tokens) are
+    then decoded here once, from the finished ids, with ``tokenizer``, as vLLM would have:
+    special tokens skipped unless ``skip_special_tokens=False``, and the token that
+    stopped the answer left out unless ``include_stop_str_in_output``."""
     completion = output.outputs[0]
-    return _generation(text=completion.text, token_ids=completion.token_ids, logprobs=completion.logprobs,
+    text, name = completion.text, None
+    if params is not None and not params.detokenize and tokenizer is not None:
+        ids = list(completion.token_ids)
+        if completion.finish_reason == "stop" and ids and not params.include_stop_str_in_output:
+            ids = ids[:-1]  # EOS or a stop token id (stop strings need vLLM's detokenisation)
+        text = tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+        def name(token_id: int) -> str:
+            return tokenizer.decode([token_id])
+    return _generation(text=text, token_ids=completion.token_ids, logprobs=completion.logprobs,
                        finish_reason=completion.finish_reason, prompt_token_ids=output.prompt_token_ids,
-                       num_cached_tokens=output.num_cached_tokens, request_id=request_id)
+                       num_cached_tokens=output.num_cached_tokens, request_id=request_id, name=name)
 
 
 def _generation(*, text: str, token_ids, logprobs, finish_reason, prompt_token_ids, num_cached_tokens,
-                request_id: str) -> Generation:
+                request_id: str, name: Callable[[int], str] | None = None) -> Generation:
+    """``name``: a token id's text where vLLM decoded none (``detokenize=False``)."""
     logprob_data = None
     if logprobs is not None:
         logprob_data = []
+
+        def text_of(token_id, lp) -> str:
+            return lp.decoded_token if lp.decoded_token is not None or name is None else name(int(token_id))
+
         for token_id, entry in zip(token_ids, logprobs):
             chosen = entry[token_id]
-            top = sorted(((lp.decoded_token or "", lp.logprob, tid, lp.rank) for tid, lp in entry.items()),
+            top = sorted(((text_of(tid, lp) or "", lp.logprob, tid, lp.rank) for tid, lp in entry.items()),
                          key=lambda item: item[3] or 0)
             logprob_data.append(TokenLogprobData(
-                token=chosen.decoded_token or "", logprob=float(chosen.logprob), token_id=int(token_id),
+                token=text_of(token_id, chosen) or "", logprob=float(chosen.logprob), token_id=int(token_id),
                 top=[(t, float(v), int(i)) for t, v, i, _ in top],
             ))
     return Generation(
