@@ -8,7 +8,9 @@ with the same prompts, so every ratio compares runs of one call on one card.
 
 ``--configs``: ``LABEL:KEY=VALUE,KEY=VALUE`` (``LABEL:`` alone: the LM's own defaults, which
 is what a user who sets nothing gets: on an H100 or H200 ``max_num_seqs=2048``, twice vLLM's;
-``vllm:max_num_seqs=1024`` is vLLM's own there). ``--order``: the labels, one engine start each; a
+``vllm:max_num_seqs=1024`` is vLLM's own there). A key ``sampling.NAME`` is a ``SamplingParams``
+field for every request of that start (the LM's ``sampling_params``), for instance
+``final:sampling.detokenize=false`` (vLLM's per-step detokenisation off, the answer decoded once). ``--order``: the labels, one engine start each; a
 label that comes back starts again (round 2), and its rows are the same prompts as round 1's
 of every label. Workloads (the harness's generators, ``benchmarks/workloads.py``):
 ``w5-batch`` (W5, every request at once through ``batch_generate``), ``w5-N`` (W5 from N DSPy
@@ -149,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {label}: not started, out of --budget-s", flush=True)
                 break
             seen[label] = round_no = seen.get(label, 0) + 1
-            config = {**engine, **configs[label]}
+            own = configs[label]
+            config = {**engine, **{k: v for k, v in own.items() if not k.startswith("sampling.")}}
+            sampling = {k[len("sampling."):]: v for k, v in own.items() if k.startswith("sampling.")}
             print(f"== {label} (round {round_no}): starting with {configs[label] or 'the LM defaults'}", flush=True)
             started = time.monotonic()
-            driver = Ours(model, config, n=1, routing=None, tp=False, on_gpu=on_gpu, ignore_eos=True)
+            driver = Ours(model, config, n=1, routing=None, tp=False, on_gpu=on_gpu, ignore_eos=True,
+                          lm_kwargs={"sampling_params": sampling} if sampling else None)
             try:
                 child.warm_up_w5(driver, settings, tokenizer, 1)
                 start_s = time.monotonic() - started

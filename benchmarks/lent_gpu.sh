@@ -10,7 +10,7 @@
 #   bash benchmarks/lent_gpu.sh GROUP [ARGS...] # GROUP: ours-ray, peers, tp, w4-http, w5-single, w5-raw, w5-ours,
 #                                               # or any; ARGS go to benchmarks.run
 #   bash benchmarks/lent_gpu.sh smoke|grpo-0.6b|grpo-8b|w6-spill|w6-k34|w6-8b|w6-replay [mipro|gepa]|lora [N,...]
-#                               |knob-0.6b|knob-8b
+#                               |knob-0.6b|knob-8b|knob-detok
 #                                               # (see solo below)
 #   py-spy for --profile-s: its wheel unpacked into $HOME/site (then $HOME/site/bin is on PATH).
 #
@@ -108,6 +108,10 @@ case "$GROUP" in
   knob-8b) knob="${1:-lm:}"
            solo python -m benchmarks.knob_bench --shape 8b --configs vllm:max_num_seqs=1024 "$knob" --order "vllm,${knob%%:*}" \
                --workloads w1,w2-256,w6 --budget-s "$(left 30)" --start-s 200 --out "$OUT/$GROUP" ;;
+  # issue 20, item 3: vLLM's per-step detokenisation off (the adapter decodes each answer once) against
+  # the LM's defaults, 0.6B shape, starts lm, final, final, lm (about 7 minutes).
+  knob-detok) solo python -m benchmarks.knob_bench --shape 0.6b --configs lm: final:sampling.detokenize=false \
+                  --budget-s "$(left 30)" --out "$OUT/$GROUP" ;;
   # issue 20: 16 adapters on one replica; lora N[,M...]: max_loras=N, then M, one engine start each in
   # one run (0 leaves it unset: the LM's default). The default: unset, 4 and 16, about 7 minutes on 8B.
   lora) solo python -m benchmarks.lora_bench --gpus 1 --adapters 16 --max-loras "${1:-0,4,16}" --out "$OUT/$GROUP" ;;

@@ -327,8 +327,9 @@ class Ours(Driver):
                  replicas_per_gpu: int = 1):
         from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
 
-        common = dict(cache=False, sampling_params={"ignore_eos": True} if ignore_eos else None,
-                      **(lm_kwargs or {}), **engine_kwargs)
+        lm_kwargs = dict(lm_kwargs or {})
+        sampling = {**({"ignore_eos": True} if ignore_eos else {}), **(lm_kwargs.pop("sampling_params", None) or {})}
+        common = dict(cache=False, sampling_params=sampling or None, **lm_kwargs, **engine_kwargs)
         self._router = None  # the subset policy of a multi-replica LM (set_active)
         if tp:
             self.lm = vLLMOffline(model=model, tensor_parallel_size=n, **common)

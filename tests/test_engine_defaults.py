@@ -50,3 +50,10 @@ def test_a_batch_limit_does_not_change_the_cache_label():
     assert plain.label() == plain.with_engine_kwargs(performance_mode="throughput").label()
     assert plain.label() == plain.with_engine_kwargs(max_num_seqs=2048).label()
     assert plain.label() != plain.with_engine_kwargs(dtype="float16").label()
+
+
+def test_detokenize_off_keeps_the_cache_label_and_other_sampling_options_do_not():
+    """detokenize=False gives the same text (decoded once at the end): a cached answer survives it."""
+    plain = ModelSpec(model="m", engine_kwargs={})
+    assert ModelSpec(model="m", engine_kwargs={}, sampling={"detokenize": False}).label() == plain.label()
+    assert ModelSpec(model="m", engine_kwargs={}, sampling={"top_k": 20}).label() != plain.label()

@@ -20,7 +20,8 @@ from typing import Any
 from . import vllm_api
 from .errors import ConfigurationError
 
-__all__ = ["ModelSpec", "PERFORMANCE_ONLY_ARGS", "check_engine_kwargs", "check_sampling_kwargs", "engine_defaults",
+__all__ = ["ModelSpec", "PERFORMANCE_ONLY_ARGS", "PERFORMANCE_ONLY_SAMPLING", "check_engine_kwargs",
+           "check_sampling_kwargs", "engine_defaults",
            "lora_defaults", "LORA_SLOTS", "LORA_SLOTS_COST", "lora_slots_warning"]
 
 # Engine arguments that change speed or memory but not what the model answers.
@@ -37,6 +38,9 @@ PERFORMANCE_ONLY_ARGS = frozenset({
     # answers are cached under the adapter's own label, see lora.AdapterSpec.label).
     "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "fully_sharded_loras",
 })
+# SamplingParams fields of the same kind: ``detokenize=False`` only moves the decoding of
+# the answer from vLLM's steps to its end (engine.vllm_io.to_generation), same text.
+PERFORMANCE_ONLY_SAMPLING = frozenset({"detokenize"})
 
 # SamplingParams fields the adapter owns: they are set from DSPy's request or
 # by the adapter itself and may not be fixed at construction.
@@ -66,7 +70,7 @@ class ModelSpec:
         identity = {
             "model": self.model if self.model_name is None else self.model_name,
             "engine": {k: v for k, v in sorted(self.engine_kwargs.items()) if k not in PERFORMANCE_ONLY_ARGS},
-            "sampling": dict(sorted(self.sampling.items())),
+            "sampling": {k: v for k, v in sorted(self.sampling.items()) if k not in PERFORMANCE_ONLY_SAMPLING},
             "chat_template_kwargs": dict(sorted(self.chat_template_kwargs.items())),
         }
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=repr).encode()).hexdigest()[:10]
