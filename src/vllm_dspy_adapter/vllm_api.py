@@ -198,15 +198,15 @@ def engine_arg_names() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
 
 
-def default_max_num_seqs(world_size: int = 1) -> int | None:
-    """vLLM's own ``max_num_seqs`` for an LLM-class engine on this machine's accelerator
-    (vLLM reads the device: 1024 on an H100 or H200, 256 on smaller cards and on CPUs);
-    None where vLLM cannot say."""
+def default_max_num_seqs() -> int | None:
+    """vLLM's own ``max_num_seqs`` for an LLM-class engine on one of this machine's devices
+    (vLLM reads the device: 1024 on an H100 or H200, 256 on smaller cards and on CPUs, where
+    vLLM multiplies it by the world size; here always one); None where vLLM cannot say."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
     try:
-        return int(AsyncEngineArgs.get_batch_defaults(world_size)[1][UsageContext.LLM_CLASS])
+        return int(AsyncEngineArgs.get_batch_defaults(1)[1][UsageContext.LLM_CLASS])
     except Exception:  # a platform vLLM has no table for
         return None
 

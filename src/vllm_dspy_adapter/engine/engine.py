@@ -107,10 +107,7 @@ class Engine(EngineLifetime):
 
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
-        world = int(self.spec.engine_kwargs.get("tensor_parallel_size") or 1) * int(
-            self.spec.engine_kwargs.get("pipeline_parallel_size") or 1)
-        kwargs, chosen = engine_defaults(self.spec.engine_kwargs,
-                                         vllm_max_num_seqs=vllm_api.default_max_num_seqs(world))
+        kwargs, chosen = engine_defaults(self.spec.engine_kwargs, vllm_max_num_seqs=vllm_api.default_max_num_seqs())
         if chosen is not None and chosen not in _told:
             _told.add(chosen)
             logger.info("%s: %s", self.name, chosen)
