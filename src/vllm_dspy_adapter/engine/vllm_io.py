@@ -61,29 +61,30 @@ def to_generation(output, request_id: str, *, params=None, tokenizer=None) -> Ge
     special tokens skipped unless ``skip_special_tokens=False``, and the token that
     stopped the answer left out unless ``include_stop_str_in_output``."""
     completion = output.outputs[0]
-    text, name = completion.text, None
-    if params is not None and not params.detokenize and tokenizer is not None:
+    text = completion.text
+    decoder = tokenizer if params is not None and not params.detokenize else None
+    if decoder is not None:
         ids = list(completion.token_ids)
         if completion.finish_reason == "stop" and ids and not params.include_stop_str_in_output:
             ids = ids[:-1]  # EOS or a stop token id (stop strings need vLLM's detokenisation)
-        text = tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
-
-        def name(token_id: int) -> str:
-            return tokenizer.decode([token_id])
+        text = decoder.decode(ids, skip_special_tokens=params.skip_special_tokens)
     return _generation(text=text, token_ids=completion.token_ids, logprobs=completion.logprobs,
                        finish_reason=completion.finish_reason, prompt_token_ids=output.prompt_token_ids,
-                       num_cached_tokens=output.num_cached_tokens, request_id=request_id, name=name)
+                       num_cached_tokens=output.num_cached_tokens, request_id=request_id, decoder=decoder)
 
 
 def _generation(*, text: str, token_ids, logprobs, finish_reason, prompt_token_ids, num_cached_tokens,
-                request_id: str, name: Callable[[int], str] | None = None) -> Generation:
-    """``name``: a token id's text where vLLM decoded none (``detokenize=False``)."""
+                request_id: str, decoder=None) -> Generation:
+    """``decoder``: the tokenizer that names a logprob's token where vLLM decoded none
+    (``detokenize=False``)."""
     logprob_data = None
     if logprobs is not None:
         logprob_data = []
 
         def text_of(token_id, lp) -> str:
-            return lp.decoded_token if lp.decoded_token is not None or name is None else name(int(token_id))
+            if lp.decoded_token is not None or decoder is None:
+                return lp.decoded_token
+            return decoder.decode([int(token_id)])
 
         for token_id, entry in zip(token_ids, logprobs):
             chosen = entry[token_id]
