@@ -10,7 +10,8 @@ with the same prompts, so every ratio compares runs of one call on one card.
 is what a user who sets nothing gets: on an H100 or H200 ``max_num_seqs=2048``, twice vLLM's;
 ``vllm:max_num_seqs=1024`` is vLLM's own there). A key ``sampling.NAME`` is a ``SamplingParams``
 field for every request of that start (the LM's ``sampling_params``), for instance
-``final:sampling.detokenize=false`` (vLLM's per-step detokenisation off, the answer decoded once). ``--order``: the labels, one engine start each; a
+``final:sampling.detokenize=false`` (vLLM's per-step detokenisation off, the answer decoded
+once). ``--order``: the labels, one engine start each; a
 label that comes back starts again (round 2), and its rows are the same prompts as round 1's
 of every label. Workloads (the harness's generators, ``benchmarks/workloads.py``):
 ``w5-batch`` (W5, every request at once through ``batch_generate``), ``w5-N`` (W5 from N DSPy
