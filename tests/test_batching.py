@@ -6,7 +6,7 @@ import threading
 from conftest import wait_for
 from fakes import SPEC
 from vllm_dspy_adapter.backends.fake import FakeBackend
-from vllm_dspy_adapter.lm.offline import _Layout, vLLMOffline
+from vllm_dspy_adapter import vLLMOfflineMultiGPU
 from vllm_dspy_adapter.protocol import GenerationRequest
 from vllm_dspy_adapter.serving.batching import group_by_prefix
 from vllm_dspy_adapter.serving.pool import ReplicaPool
@@ -35,7 +35,7 @@ def test_a_group_is_cut_into_pieces_of_at_most_max_size():
 
 
 def test_submit_group_sends_the_whole_group_where_its_first_went():
-    backend = FakeBackend(3)
+    backend = FakeBackend(replicas=3)
     pool = ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=0, health_timeout=None)
     first = pool.submit_group([GenerationRequest(prompt=A + str(i)) for i in range(5)])
     second = pool.submit_group([GenerationRequest(prompt=B + str(i)) for i in range(4)])
@@ -49,7 +49,7 @@ def test_submit_group_sends_the_whole_group_where_its_first_went():
 
 
 def test_a_group_member_whose_replica_died_is_routed_elsewhere():
-    backend = FakeBackend(2)
+    backend = FakeBackend(replicas=2)
     pool = ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=0, health_timeout=None)
     futures = pool.submit_group([GenerationRequest(prompt=A + str(i)) for i in range(3)])
     home = next(r for r in backend.replicas if r.requests)
@@ -61,15 +61,13 @@ def test_a_group_member_whose_replica_died_is_routed_elsewhere():
     pool.close()
 
 
-class FakeLM(vLLMOffline):
-    """The real LM class over fake replicas (answers echo the prompt)."""
-
-    def __init__(self, backend):
-        self._open(None, _Layout(backend, RoundRobinRouter(), max_restarts=0), health_timeout=None, cache=False)
+def FakeLM(backend):
+    """The real LM class over fake replicas that hold requests until the test answers (echo)."""
+    return vLLMOfflineMultiGPU(backend=backend, routing="round_robin", health_timeout=None, cache=False)
 
 
-def test_batch_generate_groups_by_prefix_and_returns_results_in_input_order(default_model):
-    backend = FakeBackend(3)
+def test_batch_generate_groups_by_prefix_and_returns_results_in_input_order():
+    backend = FakeBackend(replicas=3)
     lm = FakeLM(backend)
     prompts = [A + "1", B + "1", "short", A + "2", B + "2", A + "3", "short too", B + "3"]
     out: list = []
@@ -87,10 +85,10 @@ def test_batch_generate_groups_by_prefix_and_returns_results_in_input_order(defa
     assert len({results[i].replica for i in (1, 4, 7)}) == 1
 
 
-def test_a_batch_sharing_one_system_prompt_still_spreads_over_every_replica(default_model):
+def test_a_batch_sharing_one_system_prompt_still_spreads_over_every_replica():
     # Every DSPy prompt of one signature shares its system message: one group of the whole
     # batch. Pinned whole it would run on one replica while the others idle.
-    backend = FakeBackend(3)
+    backend = FakeBackend(replicas=3)
     lm = FakeLM(backend)
     prompts = [A + str(i) for i in range(12)]
     out: list = []

@@ -27,7 +27,7 @@ def request(i: int) -> GenerationRequest:
 
 
 def fake_pool(n=2):
-    backend = FakeBackend(n)
+    backend = FakeBackend(replicas=n)
     pool = ReplicaPool.start(backend, SPEC, RoundRobinRouter(), max_restarts=0, health_timeout=None)
     return pool, backend.replicas
 

@@ -236,7 +236,7 @@ class _RaisingRouter(RoundRobinRouter):
 
 
 def _fake_pool(n, router, **kwargs):
-    backend = FakeBackend(n)
+    backend = FakeBackend(replicas=n)
     kwargs.setdefault("max_restarts", 0)  # a dead fake stays dead unless the test says otherwise
     pool = _made(ReplicaPool.start(backend, SPEC, router, health_timeout=None, **kwargs))
     return pool, backend.replicas
@@ -377,7 +377,7 @@ def test_a_restart_after_the_shutdown_launches_nothing():
 
 def test_no_backend_restarts_a_replica_after_its_shutdown():
     # The rule lives in ReplicaHandle (_launching); the public fake follows it too.
-    backend = FakeBackend(1)
+    backend = FakeBackend(replicas=1)
     [replica] = backend.start(SPEC, on_death=lambda *args: None)
     replica.shutdown()
     with pytest.raises(ReplicaStartError, match="shut down"):
@@ -397,7 +397,7 @@ def test_start_is_all_or_none():
 
 
 def fake_pool(n=2, **kwargs):
-    backend = FakeBackend(n)
+    backend = FakeBackend(replicas=n)
     kwargs.setdefault("max_restarts", 0)  # a dead fake stays dead unless the test says otherwise
     pool = _made(ReplicaPool.start(backend, SPEC, RoundRobinRouter(), **kwargs))
     return pool, backend.replicas

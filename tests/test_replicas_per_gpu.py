@@ -170,7 +170,7 @@ def request(text: str) -> GenerationRequest:
 
 
 def pool_of(devices, router, spill_at):
-    backend = FakeBackend(len(devices))
+    backend = FakeBackend(replicas=len(devices))
     pool = ReplicaPool.start(backend, SPEC, router, max_restarts=0, health_timeout=None, spill_at=spill_at)
     for replica, device in zip(backend.replicas, devices):
         replica.device, replica.share = device, split_device(device)[1]

@@ -27,6 +27,11 @@ __all__ = [
     "vLLMOffline",
     "vLLMOfflineMultiGPU",
     "GenerationOutput",
+    "FakeBackend",
+    "FakeTokenizer",
+    "Generation",
+    "GenerationRequest",
+    "StreamPiece",
     "default_model_path",
     "visible_gpu_count",
     "VllmDspyAdapterError",
@@ -43,7 +48,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .backends.fake import FakeBackend, FakeTokenizer
     from .lm.offline import GenerationOutput, vLLMOffline, vLLMOfflineMultiGPU
+    from .protocol import Generation, GenerationRequest, StreamPiece
 
 
 def default_model_path() -> str:
@@ -70,4 +77,13 @@ def __getattr__(name: str) -> Any:
         from .lm import offline
 
         return getattr(offline, name)
+    # The test seam (docs/VLLM_OFFLINE_GUIDE.md, "Testing without a model") and the types its handler sees.
+    if name in ("FakeBackend", "FakeTokenizer"):
+        from .backends import fake
+
+        return getattr(fake, name)
+    if name in ("Generation", "GenerationRequest", "StreamPiece"):
+        from . import protocol
+
+        return getattr(protocol, name)
     raise AttributeError(f"module 'vllm_dspy_adapter' has no attribute {name!r}")

@@ -96,11 +96,12 @@ class ModelSpec:
             return None
         return int(self.engine_kwargs.get("max_loras") or 4)  # vLLM's default
 
-    def tokenize(self, prompt: str, *, chat: bool) -> list[int]:
+    def tokenize(self, prompt: str, *, chat: bool, tokenizer=None) -> list[int]:
         """The one tokenising rule of a text prompt, the engines' and the router's: a
         chat-rendered prompt already holds its special tokens (BOS where the template
-        wants one); a raw prompt gets them as ``LLM.generate`` gives them."""
-        return self.load_tokenizer().encode(prompt, add_special_tokens=not chat)
+        wants one); a raw prompt gets them as ``LLM.generate`` gives them. ``tokenizer``:
+        the backend's (``ModelFacts``); None: the model's own (``load_tokenizer``)."""
+        return (tokenizer or self.load_tokenizer()).encode(prompt, add_special_tokens=not chat)
 
     def with_engine_kwargs(self, **updates: Any) -> ModelSpec:
         return dataclasses.replace(self, engine_kwargs={**self.engine_kwargs, **updates})

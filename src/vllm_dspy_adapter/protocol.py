@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from .config import ModelSpec
 
-__all__ = ["GenerationRequest", "Generation", "TokenLogprobData", "ReplicaInfo", "StreamPiece", "Replica", "Backend",
-           "OnDeath", "BlocksStored", "BlocksRemoved", "CacheCleared", "CacheEventsLost", "CacheEvent"]
+__all__ = ["GenerationRequest", "Generation", "TokenLogprobData", "ReplicaInfo", "StreamPiece", "ModelFacts", "Replica",
+           "Backend", "OnDeath", "BlocksStored", "BlocksRemoved", "CacheCleared", "CacheEventsLost", "CacheEvent"]
 
 
 @dataclass
@@ -102,6 +102,22 @@ class ReplicaInfo:
     engine_pids: list[int] = field(default_factory=list)
     node: str | None = None  # where it runs, for replicas of a cluster
     modalities: tuple[str, ...] | None = None  # input modalities besides text ("image", ...); None: unknown
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver needs of the model before any replica starts, from the backend
+    (``Backend.model_facts``): the model the replicas load, the tokenizer prompts are
+    rendered and counted with, and the sampling fields a request may set.
+
+    ``tokenizer``: an object with ``encode(text, add_special_tokens=...)``, ``decode(ids)``,
+    ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)``
+    and ``chat_template`` (a Hugging Face tokenizer is one). ``sampling_fields``: the
+    ``SamplingParams`` field names (vLLM's own for an engine backend); None takes any."""
+
+    model: str
+    tokenizer: Any
+    sampling_fields: frozenset[str] | None = None
 
 
 # ------------------------------------------------------- KV-cache events (plain data)
@@ -217,7 +233,14 @@ class Replica(Protocol):
 @runtime_checkable
 class Backend(Protocol):
     """Starts and restarts replicas of one kind. Placement is checked when the
-    backend is built, so a bad request fails before any start."""
+    backend is built, so a bad request fails before any start. The LM classes take
+    one by name (``"local"``, ``"ray"``) or as an object (``backend=FakeBackend(handler)``)."""
+
+    def model_facts(self, model: str | None, engine_kwargs: dict[str, Any],
+                    sampling: dict[str, Any]) -> ModelFacts:
+        """Before any start: check the LM's engine arguments and fixed sampling options
+        against what this backend runs (``ConfigurationError`` naming the bad one), resolve
+        ``model`` (None: the default model) and load the driver's tokenizer."""
 
     def start(self, spec: ModelSpec, on_death: OnDeath) -> list[Replica]:
         """Start every replica (in parallel where possible) and return them ready,

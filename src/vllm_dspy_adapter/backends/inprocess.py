@@ -16,7 +16,8 @@ from typing import Any
 from ..config import ModelSpec
 from ..errors import ReplicaStartError
 from .placement import cpu_env, visible_gpu_count
-from ..protocol import GenerationRequest, OnDeath
+from ..protocol import ModelFacts, GenerationRequest, OnDeath
+from .model_facts import vllm_model_facts
 from .base import ReplicaHandle, start_all
 
 __all__ = ["InProcessReplica", "InProcessBackend", "inprocess_device"]
@@ -125,6 +126,9 @@ class InProcessBackend:
     def start(self, spec: ModelSpec, on_death: OnDeath) -> list[InProcessReplica]:
         replica = InProcessReplica(spec, on_death, self.start_timeout)
         return start_all([replica], lambda r: None, InProcessReplica.start)
+
+    def model_facts(self, model, engine_kwargs, sampling) -> ModelFacts:
+        return vllm_model_facts(model, engine_kwargs, sampling)
 
     def restart(self, replica: InProcessReplica) -> None:
         raise ReplicaStartError(f"{replica.name}: a vLLMOffline engine is not restarted; create a new LM")

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 from ..config import ModelSpec
 from ..errors import ReplicaStartError
-from ..protocol import GenerationRequest, OnDeath, StreamPiece
+from ..protocol import ModelFacts, GenerationRequest, OnDeath, StreamPiece
+from .model_facts import vllm_model_facts
 from .base import ReplicaHandle, start_all
 from .placement import Placement
 from .wire import (TO_DRIVER, ProtocolError, AdapterCall, AdapterReply, AskStats, Beat, Cancel, Dead, Done, Error, Pieces, Ready,
@@ -287,6 +288,9 @@ class ProcessBackend:
         # Replicas sharing a GPU start share by share: each one's memory profiling sees the others.
         return start_all(replicas, ProcessReplica.spawn, lambda r: r.wait_ready(self.start_timeout),
                          wave=lambda r: r.share)
+
+    def model_facts(self, model, engine_kwargs, sampling) -> ModelFacts:
+        return vllm_model_facts(model, engine_kwargs, sampling)
 
     def restart(self, replica: ProcessReplica) -> None:
         replica._kill()

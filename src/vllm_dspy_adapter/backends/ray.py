@@ -39,7 +39,8 @@ from typing import Any
 from ..config import ModelSpec
 from ..errors import ConfigurationError, ReplicaStartError
 from .placement import cluster_text, cores_text, free_core_offset, number_shares, plan_ray_placement, split_device
-from ..protocol import OnDeath
+from ..protocol import ModelFacts, OnDeath
+from .model_facts import vllm_model_facts
 from .base import start_all
 from .ray_cluster import alive_nodes, ray_connect, ray_if_up, ray_release, register
 from .ray_cluster import node_id as current_node_id
@@ -223,6 +224,9 @@ class RayBackend:
         return offset, self.plan.cpus_per_replica
 
     # -------------------------------------------------------------- restart
+
+    def model_facts(self, model, engine_kwargs, sampling) -> ModelFacts:
+        return vllm_model_facts(model, engine_kwargs, sampling)
 
     def restart(self, replica: RayReplica) -> None:
         """A new actor for a dead replica, on any node with room (its old one if it

@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import check_sampling_kwargs
 from ..errors import ConfigurationError
 from ..serving.batching import group_by_prefix
 
@@ -27,7 +26,7 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
             f"batch_generate takes a list of prompts, got one {type(prompts).__name__}: "
             f"pass [prompt] for a single prompt, or call the LM itself (lm(prompt)).")
     prompts = list(prompts)
-    check_sampling_kwargs(sampling)
+    runtime.renderer.check_sampling(sampling)
     merged = {**runtime.spec.sampling, **sampling}
     if per_prompt is None:
         per_request = [merged] * len(prompts)

@@ -33,7 +33,7 @@ from .render import SUPPORTED_PARAMS
 from .modalities import supported_from_info
 from .renderer import Prepared, Renderer
 from ..serving.pool import ReplicaPool
-from ..protocol import Backend, Replica, ReplicaInfo
+from ..protocol import Backend, ModelFacts, Replica, ReplicaInfo
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +66,14 @@ class Runtime:
     """What an LM and all its copies share: the pool, its replicas, the backend that
     started them, and the ``Renderer`` of the model they serve."""
 
-    def __init__(self, spec: ModelSpec, pool: ReplicaPool, backend: Backend, replicas: list[Replica],
-                 tool_call_parser: str | None = None):
+    def __init__(self, spec: ModelSpec, facts: ModelFacts, pool: ReplicaPool, backend: Backend,
+                 replicas: list[Replica], tool_call_parser: str | None = None):
         self.spec = spec
         self.pool = pool
         self.backend = backend
         self.replicas = replicas
         self.info: ReplicaInfo = replicas[0].info
-        self.renderer = Renderer(spec, supported_from_info(self.info), tool_call_parser)
+        self.renderer = Renderer(spec, facts, supported_from_info(self.info), tool_call_parser)
         self.label = self.renderer.label
         self._close_lock = threading.Lock()
         self._warned_slots = False

@@ -20,13 +20,13 @@ from typing import Any
 import dspy
 
 from ..serving.adapter_routing import AdapterRouter
-from ..config import ModelSpec, check_engine_kwargs, check_sampling_kwargs, lora_defaults
+from ..config import ModelSpec, lora_defaults
 from .dspy_engine import AsyncDSPyEngine, DSPyEngine, Runtime
 from ..errors import ConfigurationError, LMClosedError
 from .batch import run_batch
 from .lora_methods import LoRAMixin
 from ..serving.pool import DEFAULT_HEALTH_TIMEOUT, ReplicaPool
-from ..protocol import Backend, Generation
+from ..protocol import Backend, Generation, ModelFacts
 from ..serving.routing import SPILL_AT, Router
 from .tools import AUTO, check_parser_name
 
@@ -73,6 +73,16 @@ def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return dspy_kwargs, kwargs
 
 
+def _backend_object(backend: Any) -> Backend:
+    """A backend given as an object (``backend=FakeBackend(handler)``), checked against the contract."""
+    if not isinstance(backend, Backend):
+        raise ConfigurationError(
+            f"backend={backend!r} is neither a backend name nor an object with the Backend contract "
+            "(model_facts, start, restart, shutdown; see vllm_dspy_adapter.protocol.Backend). "
+            "For tests with no model use backend=FakeBackend(handler).")
+    return backend
+
+
 def _check_health_timeout(value: float | None) -> None:
     if value is not None and (not isinstance(value, (int, float)) or value <= 0):
         raise ConfigurationError(f"health_timeout must be a number of seconds > 0, or None to turn the stall "
@@ -111,20 +121,26 @@ class vLLMOffline(LoRAMixin, dspy.LM):
       adapters, loaded at run time with ``load_adapter`` and used through
       ``with_adapter``; ``lm.finetune`` / ``dspy.BootstrapFinetune`` train one
       (docs/LORA_GUIDE.md).
+    - ``backend``: None (one vLLM engine in this process), or a backend object, such as
+      ``FakeBackend(handler)`` to test a DSPy program with no model and no vLLM
+      (docs/VLLM_OFFLINE_GUIDE.md, "Testing without a model"); engine arguments are
+      then the backend's to check.
 
     Use it as a context manager or call ``shutdown()``; engines also stop at exit.
     After a shutdown every call fails with ``LMClosedError``.
     """
 
-    def __init__(self, model: str | None = None, *, sampling_params: dict[str, Any] | None = None,
+    def __init__(self, model: str | None = None, *, backend: Backend | None = None,
+                 sampling_params: dict[str, Any] | None = None,
                  chat_template_kwargs: dict[str, Any] | None = None, start_timeout: float | None = 1800.0,
                  health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT, tool_call_parser: str | None = AUTO,
                  **kwargs: Any):
         from ..backends import make_backend
         from ..serving.routing import RoundRobinRouter
 
+        backend = make_backend("inprocess", start_timeout=start_timeout) if backend is None else _backend_object(backend)
         # One engine here, never restarted (a dead in-process engine means a new LM).
-        layout = _Layout(make_backend("inprocess", start_timeout=start_timeout), RoundRobinRouter(), max_restarts=0)
+        layout = _Layout(backend, RoundRobinRouter(), max_restarts=0)
         self._open(model, layout, sampling_params=sampling_params, chat_template_kwargs=chat_template_kwargs,
                    start_timeout=start_timeout, health_timeout=health_timeout, tool_call_parser=tool_call_parser,
                    **kwargs)
@@ -135,8 +151,6 @@ class vLLMOffline(LoRAMixin, dspy.LM):
               **kwargs: Any) -> None:
         """The one construction path of both classes: check every argument, start the
         layout's replicas, then become a ``dspy.LM`` over them."""
-        from ..models import resolve_model
-
         dspy_kwargs, engine_kwargs = _split_kwargs(dict(kwargs))
         self._init_args = {"model": model, "sampling_params": sampling_params,
                            "chat_template_kwargs": chat_template_kwargs, "start_timeout": start_timeout,
@@ -146,9 +160,9 @@ class vLLMOffline(LoRAMixin, dspy.LM):
                            **engine_kwargs}
         _check_health_timeout(health_timeout)
         self._tool_call_parser = check_parser_name(tool_call_parser)  # an unknown name fails before any start
-        path = resolve_model(model)
-        check_engine_kwargs(engine_kwargs)
-        check_sampling_kwargs(sampling_params or {})
+        # The backend checks the arguments, resolves the model, loads the tokenizer: all before any start.
+        facts = layout.backend.model_facts(model, engine_kwargs, dict(sampling_params or {}))
+        path = facts.model
         engine_kwargs, chosen = lora_defaults(engine_kwargs)  # not in _init_args: a saved LM chooses again
         if chosen is not None:
             logger.info("%s", chosen)
@@ -156,7 +170,7 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         spec = ModelSpec(model=path, engine_kwargs=engine_kwargs, sampling=dict(sampling_params or {}),
                          chat_template_kwargs=dict(chat_template_kwargs or {}), model_name=name,
                          cache_events=layout.cache_events)
-        runtime = self._start(spec, layout, health_timeout=health_timeout)
+        runtime = self._start(spec, facts, layout, health_timeout=health_timeout)
         _LIVE.add(runtime)
         self._runtime = runtime
         dspy_kwargs.setdefault("num_retries", 0)  # a local engine has no transient network errors
@@ -166,19 +180,19 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         super().__init__(model=runtime.label, engine=engine, provider=LoRAProvider(runtime),
                          async_engine=AsyncDSPyEngine(runtime, binding=engine.binding), **dspy_kwargs)
 
-    def _start(self, spec: ModelSpec, layout: _Layout, *, health_timeout: float | None) -> Runtime:
+    def _start(self, spec: ModelSpec, facts: ModelFacts, layout: _Layout, *, health_timeout: float | None) -> Runtime:
         """The backend starts every replica (all ready, or none left running), the pool takes them."""
         backend, router, max_restarts = layout.backend, layout.router, layout.max_restarts
         if spec.max_lora_rank is not None and layout.adapter_routing and not isinstance(router, AdapterRouter):
             router = AdapterRouter(router, max_loras=spec.max_loras)
         try:
             pool = ReplicaPool.start(backend, spec, router, max_restarts=max_restarts, health_timeout=health_timeout,
-                                     spill_at=layout.spill_at)
+                                     spill_at=layout.spill_at, tokenizer=facts.tokenizer)
         except BaseException:
             backend.shutdown()
             raise
         try:
-            return Runtime(spec, pool, backend, pool.replicas, tool_call_parser=self._tool_call_parser)
+            return Runtime(spec, facts, pool, backend, pool.replicas, tool_call_parser=self._tool_call_parser)
         except BaseException:  # Ctrl-C or a tokenizer error: no replica may outlive a failed constructor
             pool.close()
             for replica in pool.replicas:
@@ -284,11 +298,15 @@ class vLLMOfflineMultiGPU(vLLMOffline):
 
     With ``enable_lora=True``, an adapter's requests prefer the replicas where it
     is resident (``AdapterRouter``); ``adapter_routing=False`` turns that off.
+
+    ``backend`` may also be a backend object: ``FakeBackend(handler, replicas=3)`` runs
+    the real pool, routing, restarts and LoRA bookkeeping over replicas with no engine
+    (placement is then the backend's own: leave the GPU and replica arguments unset).
     """
 
     def __init__(self, model: str | None = None, num_gpus: int | None = None, gpus: Sequence[int] | None = None,
                  tensor_parallel_size: int = 1, num_replicas: int | None = None, routing: str | Router = "prefix", *,
-                 backend: str = "local", ray_address: str | None = None, max_restarts: int = 3,
+                 backend: str | Backend = "local", ray_address: str | None = None, max_restarts: int = 3,
                  start_timeout: float | None = 1800.0, placement_timeout: float = 60.0, replicas_per_gpu: int = 1,
                  adapter_routing: bool = True, spill_at: int = SPILL_AT,
                  **kwargs: Any):
@@ -296,8 +314,18 @@ class vLLMOfflineMultiGPU(vLLMOffline):
         from ..backends.placement import replica_share
         from ..serving.routing import make_router
 
-        if backend not in BACKENDS:
+        named = isinstance(backend, str)
+        if named and backend not in BACKENDS:
             raise ConfigurationError(f"Unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+        if not named:
+            placement = {"num_gpus": num_gpus, "gpus": gpus, "num_replicas": num_replicas, "ray_address": ray_address}
+            given = [k for k, v in placement.items() if v is not None]
+            given += [k for k, v in (("tensor_parallel_size", tensor_parallel_size), ("replicas_per_gpu", replicas_per_gpu))
+                      if v != 1]
+            if given:
+                raise ConfigurationError(
+                    f"{', '.join(given)}: placement belongs to the backend object passed as backend= "
+                    "(FakeBackend(handler, replicas=N) for N fake replicas); leave these unset.")
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         if isinstance(spill_at, bool) or not isinstance(spill_at, int) or spill_at < 0:
@@ -306,11 +334,11 @@ class vLLMOfflineMultiGPU(vLLMOffline):
         total_memory = kwargs.get("gpu_memory_utilization")
         # Placement is decided (and refused) here, before any engine starts.
         router = make_router(routing)
-        layout = _Layout(make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
-                                      num_replicas=num_replicas, ray_address=ray_address,
-                                      start_timeout=start_timeout, placement_timeout=placement_timeout,
-                                      replicas_per_gpu=replicas_per_gpu),
-                         router, max_restarts=max_restarts, adapter_routing=bool(adapter_routing),
+        chosen = make_backend(backend, num_gpus=num_gpus, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
+                              num_replicas=num_replicas, ray_address=ray_address, start_timeout=start_timeout,
+                              placement_timeout=placement_timeout,
+                              replicas_per_gpu=replicas_per_gpu) if named else _backend_object(backend)
+        layout = _Layout(chosen, router, max_restarts=max_restarts, adapter_routing=bool(adapter_routing),
                          # Ray actors cannot hand the events over: the pool falls back (and says so)
                          cache_events=router.wants_cache_events and backend != "ray", spill_at=spill_at)
         if tensor_parallel_size > 1:
@@ -324,7 +352,7 @@ class vLLMOfflineMultiGPU(vLLMOffline):
             raise
         self._init_args.update({"num_gpus": num_gpus, "gpus": list(gpus) if gpus else None, "routing": routing,
                                 "num_replicas": num_replicas, "tensor_parallel_size": tensor_parallel_size,
-                                "backend": backend, "ray_address": ray_address, "max_restarts": max_restarts,
+                                "backend": backend if named else None, "ray_address": ray_address, "max_restarts": max_restarts,
                                 "replicas_per_gpu": replicas_per_gpu, "gpu_memory_utilization": total_memory,
                                 "spill_at": spill_at})
 

@@ -10,11 +10,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .. import vllm_api
 from ..chat_template import render_chat
-from ..config import ModelSpec
+from ..config import ModelSpec, check_sampling_kwargs
 from ..errors import ConfigurationError, UnsupportedInputError
-from ..protocol import Generation, GenerationRequest
+from ..protocol import Generation, GenerationRequest, ModelFacts
 from .modalities import check_modalities
 from .render import config_to_sampling, generation_to_response, request_to_messages
 from .tools import ToolCalling, ToolPlan, choose_parser, with_tool_calls
@@ -36,13 +35,14 @@ class Prepared:
 class Renderer:
     """Requests in, responses out, for one model (shared by an LM and all its copies)."""
 
-    def __init__(self, spec: ModelSpec, modalities: tuple[str, ...], tool_call_parser: str | None = None):
+    def __init__(self, spec: ModelSpec, facts: ModelFacts, modalities: tuple[str, ...],
+                 tool_call_parser: str | None = None):
         self.spec = spec
-        self.tokenizer = spec.load_tokenizer()  # the driver's one tokenizer (cached per process)
+        self.tokenizer = facts.tokenizer  # the driver's one tokenizer (the backend's, see Backend.model_facts)
         self.label = spec.label()
         self.model_name = spec.display_name
         self.modalities = modalities
-        self.sampling_fields = vllm_api.sampling_field_names()
+        self.sampling_fields = facts.sampling_fields
         self._lock = threading.Lock()
         # The vLLM tool parser (None: native tool calls off), built on first use:
         # importing vLLM's serving layer takes seconds that a run without tools should not pay.
@@ -79,6 +79,12 @@ class Renderer:
                     **(plan.sampling if plan else {})}
         engine_request = GenerationRequest(prompt=prompt, sampling=sampling, chat=True, images=images)
         return Prepared(engine_request, plan, starts_in_thinking=prompt.rstrip().endswith("<think>"))
+
+    def check_sampling(self, sampling: dict[str, Any]) -> None:
+        """Refuse unknown or adapter-owned sampling options (vLLM's own rules) before
+        anything is submitted; a backend whose ``ModelFacts`` takes any field checks none."""
+        if self.sampling_fields is not None:
+            check_sampling_kwargs(sampling)
 
     def prompt_request(self, prompt, sampling: dict[str, Any]) -> GenerationRequest:
         """A batch_generate prompt: raw text, token ids, or chat messages."""

@@ -102,10 +102,12 @@ class ReplicaPool(PoolAdapters):
     @classmethod
     def start(cls, backend: Backend, spec: ModelSpec, router: Router, *, max_restarts: int = 3,
               max_attempts: int = 3, health_timeout: float | None = DEFAULT_HEALTH_TIMEOUT,
-              spill_at: int = SPILL_AT) -> ReplicaPool:
+              spill_at: int = SPILL_AT, tokenizer=None) -> ReplicaPool:
         """The one start wiring: the backend starts every replica (all ready, or none left
         running), each replica's deaths go to the pool, and a pool that cannot be built
-        leaves no replica behind. ``max_restarts=0``: a dead replica stays dead."""
+        leaves no replica behind. ``max_restarts=0``: a dead replica stays dead.
+        ``tokenizer``: what cache-aware routing counts prompt tokens with (the backend's
+        ``ModelFacts.tokenizer``; None: the spec's own)."""
         pools: list[ReplicaPool] = []
 
         def on_death(replica: Replica, cause: str) -> None:
@@ -118,7 +120,7 @@ class ReplicaPool(PoolAdapters):
                         ", ".join(f"{r.name} in {r.info.start_seconds:.0f} s" for r in replicas))
             pools.append(cls(replicas, router, restart=backend.restart if max_restarts else None,
                              max_restarts=max_restarts, max_attempts=max_attempts, health_timeout=health_timeout,
-                             spill_at=spill_at, tokenize=lambda text, chat: spec.tokenize(text, chat=chat)))
+                             spill_at=spill_at, tokenize=lambda text, chat: spec.tokenize(text, chat=chat, tokenizer=tokenizer)))
             return pools[0]
         except BaseException:  # Ctrl-C here: no replica may outlive a failed start
             for replica in replicas:
