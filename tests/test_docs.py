@@ -93,8 +93,13 @@ def test_notebook_runs_headless(tmp_path, default_model):
 # --------------------------------------------------------------------------- (b) scripts
 
 
+# Example test files (a user copies them beside their program); tests/test_fake_seam.py runs each.
+EXAMPLE_TESTS = ("test_program_with_fake_backend.py",)
+
+
 def test_every_example_script_is_executed_here():
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(SCRIPTS)
+    assert sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in EXAMPLE_TESTS) == sorted(SCRIPTS)
+    assert sorted(p.name for p in EXAMPLES.glob("test_*.py")) == sorted(EXAMPLE_TESTS)
 
 
 @pytest.mark.engine
