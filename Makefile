@@ -1,10 +1,11 @@
 # Developer and CI entry points. `make test` is what CI runs (through .ci/run).
 #
 #   make setup        create .venv and install everything (idempotent, fast when done)
-#   make test         setup, then the whole test suite (engine tests included)
-#   make unit         setup, then only the fast tests (-m "not engine")
+#   make test         setup, then the whole test suite (engine tests included); what CI runs
+#   make check        setup, then the tests that need no engine and no model weights (about a minute)
+#   make unit         setup, then every test that starts no engine (-m "not engine")
 #   make demo         setup, then examples/demo.py
-#   make bench-smoke  setup, then a tiny benchmark run (benchmarks.run --smoke)
+#   make bench-smoke  setup, then the benchmark harness's CPU smoke (tests marked bench, ~13 min): before a GPU lease
 #
 # Extra pytest arguments: make test PYTEST_ARGS="-k models -x"
 
@@ -28,7 +29,7 @@ STAMP     := $(VENV)/.setup-$(SETUP_KEY)
 
 PYTEST_ARGS ?=
 
-.PHONY: setup test unit demo bench-smoke
+.PHONY: setup test check unit demo bench-smoke
 
 setup: $(STAMP)
 
@@ -45,8 +46,12 @@ $(STAMP):
 	rm -f $(VENV)/.setup-*; touch $@; \
 	echo "== setup done in $$(( $$(date +%s) - start )) s"
 
+# --durations: the slowest tests in every CI log; conftest prints the run's engine starts.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q --durations=25 -m "not bench" $(PYTEST_ARGS) tests
+
+check: setup
+	$(PY) -m pytest -q -m "not engine and not model" $(PYTEST_ARGS) tests
 
 unit: setup
 	$(PY) -m pytest -q -m "not engine" $(PYTEST_ARGS) tests
@@ -55,4 +60,4 @@ demo: setup
 	$(PY) examples/demo.py
 
 bench-smoke: setup
-	$(PY) -m benchmarks.run --smoke
+	$(PY) -m pytest -q -m bench $(PYTEST_ARGS) tests

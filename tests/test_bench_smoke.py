@@ -1,5 +1,9 @@
 """The benchmark harness, small, on CPU: every system completes and the report is
-well formed. Speed is never checked here (2 CPU cores say nothing about GPUs)."""
+well formed. Speed is never checked here (2 CPU cores say nothing about GPUs).
+
+Marked ``bench``: about 13 minutes of engine starts (every system of the harness, raw vLLM
+and the HTTP server included) that check the harness, not a path of the library, so
+`make test` leaves them out and `make bench-smoke` runs them (before a GPU lease)."""
 
 import json
 import os
@@ -15,6 +19,7 @@ SYSTEM_LABELS = {"raw-llm", "raw-async", "reference", "http", "ours", "ours-pref
 
 
 @pytest.mark.engine
+@pytest.mark.bench
 @pytest.mark.timeout(1900)  # every system of the harness on CPU: ~7.5 min on 2 cores; the run's own limit is 1800 s
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench"
@@ -57,6 +62,7 @@ def test_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.bench
 def test_benchmark_smoke_w5_replicas_per_gpu(tmp_path):
     """W5 (small models): ours and raw AsyncLLM with 1 and 2 replicas (engines), measured on one
     start of two (--subsets); batch and threads paths; the k=2 vs k=1 targets computed."""
@@ -79,6 +85,7 @@ def test_benchmark_smoke_w5_replicas_per_gpu(tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.bench
 def test_benchmark_smoke_w6_optimiser(tmp_path):
     """W6 (issue 20): two CPU replicas, ours under every routing policy on one LM start and
     raw AsyncLLM engines, batch and threads; each row has its prefix-cache hit rates."""

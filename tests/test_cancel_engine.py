@@ -13,8 +13,7 @@ import uuid
 import dspy
 import pytest
 
-from conftest import ENGINE_KWARGS, wait_for
-from vllm_dspy_adapter import vLLMOffline, vLLMOfflineMultiGPU
+from conftest import wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -22,17 +21,16 @@ LONG = 1500  # output tokens no test waits for
 
 
 def _engine(lm):
-    return lm.stats()[0]
+    """The engines' counters added up over the replicas (a request may run on either)."""
+    rows = lm.stats()
+    return {key: sum(row.get(key, 0) or 0 for row in rows) for key in ("cancelled", "unfinished", "in_flight")}
 
 
-@pytest.fixture(scope="module", params=["inprocess", "process"])
-def lm(request, default_model):
-    if request.param == "inprocess":
-        lm = vLLMOffline(temperature=1.0, max_tokens=LONG, cache=False, **ENGINE_KWARGS)
-    else:
-        lm = vLLMOfflineMultiGPU(num_replicas=1, temperature=1.0, max_tokens=LONG, cache=False, **ENGINE_KWARGS)
-    yield lm
-    lm.shutdown()
+@pytest.fixture(params=["inprocess", "process"])
+def lm(request):
+    # The session's engines (conftest): in this process, and two worker-process replicas.
+    shared = request.getfixturevalue("engine_lm" if request.param == "inprocess" else "pool_lm")
+    return shared.copy(temperature=1.0, max_tokens=LONG, cache=False)
 
 
 def _idle(lm, timeout=5.0):

@@ -10,17 +10,13 @@ import uuid
 import dspy
 import pytest
 
-from conftest import ENGINE_KWARGS
-from vllm_dspy_adapter import vLLMOffline
 
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def lm(default_model):
-    lm = vLLMOffline(temperature=0.0, max_tokens=64, **ENGINE_KWARGS)
-    yield lm
-    lm.shutdown()
+@pytest.fixture
+def lm(engine_lm):
+    return engine_lm  # the session's in-process engine (conftest): greedy, 64 tokens
 
 
 def _png() -> bytes:

@@ -16,11 +16,9 @@ from vllm_dspy_adapter import ConfigurationError, LMClosedError, NoHealthyReplic
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def lm(default_model):
-    lm = vLLMOfflineMultiGPU(num_replicas=2, temperature=0.0, max_tokens=48, cache=False, **ENGINE_KWARGS)
-    yield lm
-    lm.shutdown()
+@pytest.fixture
+def lm(pool_lm):
+    return pool_lm  # the session's two replicas (conftest); this module's last test kills them
 
 
 def test_gpu_request_on_a_cpu_machine_says_what_to_do():
@@ -274,34 +272,42 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
-def test_no_engine_outlives_its_driver(tmp_path, how, default_model):
+def test_no_engine_outlives_its_driver(tmp_path, default_model):
+    """Ctrl-C (SIGINT) and SIGKILL, one driver each, started side by side (one engine start's wait)."""
     import psutil
 
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    # A background job (CI, this test's own runner) may start with SIGINT ignored,
-    # which its children inherit: give the driver the default, as a terminal would.
-    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    drivers = {}
     try:
-        for line in driver.stdout:  # vLLM logs to stdout too
-            if line.strip() == "ready":
-                break
-        else:
-            pytest.fail("the driver never became ready")
-        # Keep draining: the engines log to the same pipe, and a full pipe would block them.
-        threading.Thread(target=driver.stdout.read, daemon=True).start()
-        tree = psutil.Process(driver.pid).children(recursive=True)
-        workers = [p for p in tree if "resource_tracker" not in " ".join(p.cmdline())]
-        assert workers
-        # A worker leads its own process group: collect the engines under it too.
-        pids = {p.pid for p in workers} | {c.pid for w in workers for c in w.children(recursive=True)}
-        driver.send_signal(how)  # Ctrl-C, or the driver killed outright
-        driver.wait(timeout=60)
-        assert wait_for(lambda: not [p for p in pids if psutil.pid_exists(p) and
-                                     psutil.Process(p).status() != psutil.STATUS_ZOMBIE], 60), pids
+        for how in (signal.SIGINT, signal.SIGKILL):
+            # A background job (CI, this test's own runner) may start with SIGINT ignored,
+            # which its children inherit: give the driver the default, as a terminal would.
+            drivers[how] = subprocess.Popen(
+                [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        pids = {}
+        for how, driver in drivers.items():
+            for line in driver.stdout:  # vLLM logs to stdout too
+                if line.strip() == "ready":
+                    break
+            else:
+                pytest.fail(f"the driver for {how!r} never became ready")
+            # Keep draining: the engines log to the same pipe, and a full pipe would block them.
+            threading.Thread(target=driver.stdout.read, daemon=True).start()
+            tree = psutil.Process(driver.pid).children(recursive=True)
+            workers = [p for p in tree if "resource_tracker" not in " ".join(p.cmdline())]
+            assert workers, how
+            # A worker leads its own process group: collect the engines under it too.
+            pids[how] = {p.pid for p in workers} | {c.pid for w in workers for c in w.children(recursive=True)}
+        for how, driver in drivers.items():
+            driver.send_signal(how)  # Ctrl-C, or the driver killed outright
+        for how, driver in drivers.items():
+            driver.wait(timeout=60)
+            assert wait_for(lambda: not [p for p in pids[how] if psutil.pid_exists(p) and
+                                         psutil.Process(p).status() != psutil.STATUS_ZOMBIE], 60), (how, pids[how])
     finally:
-        if driver.poll() is None:
-            driver.kill()
+        for driver in drivers.values():
+            if driver.poll() is None:
+                driver.kill()

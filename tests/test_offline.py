@@ -17,11 +17,9 @@ from vllm_dspy_adapter import ConfigurationError, LMClosedError, ReplicaStartErr
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def lm(default_model):
-    lm = vLLMOffline(temperature=0.0, max_tokens=96, **ENGINE_KWARGS)
-    yield lm
-    lm.shutdown()
+@pytest.fixture
+def lm(engine_lm):
+    return engine_lm.copy(max_tokens=96)  # the session's engine (conftest); its last user below kills it
 
 
 def requests_served(lm):
