@@ -175,7 +175,7 @@ def measure(driver, work: wl.Workload) -> dict[str, Any]:
 
 
 def run_dspy_threads(driver, requests: list[wl.Request], threads: int) -> list:
-    """DSPy's own thread pool calling the LM (``lm(messages=...)``), as a DSPy program does."""
+    """DSPy's own thread pool calling the LM (``driver.dspy_call``: ``lm(Request)``), as a DSPy program does."""
     from dspy.utils.parallelizer import ParallelExecutor
 
     # timeout=0: no straggler resubmission (it would duplicate slow calls and skew counts).

@@ -23,6 +23,7 @@ import time
 
 import psutil
 
+from .dspy_calls import chat_call
 from .options import Settings, _engine_arg
 from .workloads import w1, w2_messages
 
@@ -80,9 +81,9 @@ def main(argv: list[str] | None = None) -> None:
 
         def dspy_calls():
             with concurrent.futures.ThreadPoolExecutor(args.threads) as ex:
-                list(ex.map(lambda m: lm(messages=m), chats))
+                list(ex.map(lambda m: chat_call(lm, m), chats))
 
-        rows.append(measure(f"lm(messages=...) from {args.threads} threads", dspy_calls, n))
+        rows.append(measure(f"lm(Request) of chat messages from {args.threads} threads", dspy_calls, n))
         print(json.dumps({"replicas": len(lm.stats()), "model": lm.model, "cpu": psutil.cpu_count(),
                           "summary": {r["path"]: r["driver_cpu_ms_per_request"] for r in rows}}))
     finally:

@@ -22,6 +22,8 @@ import os
 import sys
 import time
 
+from .dspy_calls import chat_call
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -62,7 +64,7 @@ def run_once(lm, adapters: list[str], messages, lengths, threads: int) -> dict:
     started = time.monotonic()
 
     def call(i: int) -> None:
-        lms[i % len(lms)](messages=messages[i], max_tokens=lengths[i], temperature=0.0)
+        chat_call(lms[i % len(lms)], messages[i], max_tokens=lengths[i], temperature=0.0)
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(call, range(len(messages))))

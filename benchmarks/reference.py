@@ -8,9 +8,14 @@ the pipe costs well under a millisecond per call, nothing next to a generation.
 - ``batch_generate``: the prompt list is split statically into N equal chunks,
   one thread per instance calls ``generate`` on its chunk, results are
   concatenated. We also record when each chunk finished (the "tail").
-- DSPy calls (``forward``): each call goes round-robin to an instance and runs
+- DSPy calls: each call goes round-robin to an instance and runs
   ``generate([prompt])`` there under that instance's lock (``LLM`` is not
   thread-safe), so each instance serves one request at a time.
+
+The guide wrote its LM as a ``dspy.BaseLM`` subclass with ``forward()``, an interface
+DSPy 3.4.1 deprecates (removed in 3.5); the same per-call path is written here on DSPy
+3.4's engine contract instead: a ``dspy.LM`` whose engine's ``complete(Request)`` renders
+the request's messages with the chat template and runs that one generate.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import multiprocessing
 import os
 import threading
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import dspy
@@ -122,12 +126,27 @@ def placement_envs(n: int, on_gpu: bool) -> list[dict[str, str]]:
     return envs
 
 
-class ReferenceMultiGPU(dspy.BaseLM):
-    """The guide's LM: a dspy.BaseLM whose forward() runs one generate per call."""
+class _PerCallEngine:
+    """DSPy 3.4's engine contract (``complete(Request) -> Response``) over the guide's
+    per-call path (``ReferenceMultiGPU.per_call``)."""
+
+    def __init__(self, lm: "ReferenceMultiGPU"):
+        self.lm = lm
+
+    def complete(self, request):
+        return self.lm.per_call(request)
+
+    def close(self) -> None:
+        pass  # the instances are the LM's: ReferenceMultiGPU.shutdown
+
+
+class ReferenceMultiGPU(dspy.LM):
+    """The guide's LM: one generate per call, round robin over the instances."""
 
     def __init__(self, model: str, num_instances: int, engine_kwargs: dict[str, Any], *, on_gpu: bool,
                  sampling: dict[str, Any] | None = None, start_timeout: float = 1800.0):
-        super().__init__(model=f"reference/{os.path.basename(model.rstrip('/'))}", cache=False)
+        super().__init__(model=f"reference/{os.path.basename(model.rstrip('/'))}", engine=_PerCallEngine(self),
+                         cache=False)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -147,20 +166,24 @@ class ReferenceMultiGPU(dspy.BaseLM):
 
     # ----------------------------------------------------------------- DSPy path
 
-    def forward(self, prompt=None, messages=None, **kwargs):
-        messages = messages or [{"role": "user", "content": prompt}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        sampling = {**self.sampling, **_sampling_from(kwargs)}
+    def per_call(self, request):
+        """One DSPy call: the request's chat messages through the chat template, one generate
+        on the next instance, the answer read back as DSPy reads a Chat Completions body."""
+        from dspy import lm15
+
+        text = self.tokenizer.apply_chat_template(_chat_messages(request), tokenize=False,
+                                                  add_generation_prompt=True)
+        sampling = {**self.sampling, **_sampling_from(request.config)}
         inst = self.instances[next(self._next) % len(self.instances)]
         (out_text, n_prompt, n_out, finish), = inst.generate([text], [sampling])
         with self._count_lock:
             self.output_tokens += n_out
-        return SimpleNamespace(
-            choices=[SimpleNamespace(message=SimpleNamespace(content=out_text, role="assistant"),
-                                     finish_reason=finish, index=0)],
-            usage={"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
-            model=self.model,
-        )
+        return lm15.response_from_openai_chat({
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out_text},
+                         "finish_reason": finish}],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
+        }, model=request.model)
 
     # ---------------------------------------------------------------- batch path
 
@@ -199,10 +222,27 @@ class ReferenceMultiGPU(dspy.BaseLM):
         self.instances = []
 
 
-def _sampling_from(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """DSPy call keywords to SamplingParams keywords (what the guide passed through)."""
+def _chat_messages(request) -> list[dict[str, str]]:
+    """An lm15 Request's system text and messages as the chat messages the guide's
+    ``forward`` received (text only: the guide's LM took no other content)."""
+    def text(parts) -> str:
+        if any(p.type != "text" for p in parts):
+            raise ValueError(f"the reference LM takes text only, not {sorted({p.type for p in parts})}")
+        return "".join(p.text for p in parts)
+
+    out = []
+    if request.system is not None:
+        out.append({"role": "system", "content": request.system if isinstance(request.system, str)
+                    else text(request.system)})
+    return out + [{"role": m.role, "content": text(m.parts)} for m in request.messages]
+
+
+def _sampling_from(config) -> dict[str, Any]:
+    """A DSPy call's settings (its Request's ``config``) to SamplingParams keywords (what
+    the guide passed through)."""
     out = {}
-    for key in ("max_tokens", "temperature", "top_p", "stop", "seed", "n"):
-        if kwargs.get(key) is not None:
-            out[key] = kwargs[key]
+    for key in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+        value = getattr(config, key)
+        if value is not None and value != ():
+            out[key] = list(value) if key == "stop" else value
     return out

@@ -3,8 +3,8 @@
 A driver is started with a model and engine arguments and offers some of:
 
 - ``batch(requests)``: every request at once (W1, W2 via batch_generate, W3);
-- ``dspy_lm``: a DSPy LM that DSPy threads call with ``lm(messages=...)``
-  (W2 via threads, W4);
+- ``dspy_lm``: a DSPy LM that DSPy threads call with the chat messages as an lm15
+  Request (``dspy_calls.chat_call``; W2 via threads), and DSPy's adapters call (W4);
 - ``concurrent(requests, threads)``: raw vLLM fed the same requests at the same
   concurrency as DSPy's threads (the W2 ceiling);
 - ``output_tokens()``: cumulative output tokens as the engines counted them.
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dspy_calls import chat_call
 from .workloads import Request
 
 @dataclass
@@ -92,7 +93,7 @@ class Driver:
     def dspy_call(self, r: Request):
         """One DSPy call, as a DSPy thread makes it."""
         extra = {} if r.temperature is None else {"temperature": r.temperature}
-        return self.dspy_lm(messages=r.messages, max_tokens=r.max_tokens, **extra)
+        return chat_call(self.dspy_lm, r.messages, max_tokens=r.max_tokens, **extra)
 
     def set_active(self, k: int) -> None:
         """Serve the next runs with the first ``k`` replicas (engines) only (``--subsets``)."""

@@ -75,11 +75,11 @@ class Http(Driver):
     def dspy_call(self, r: Request):
         """DSPy's native OpenAI-compatible path, with vLLM's ``ignore_eos`` in the body.
 
-        ``ignore_eos`` is not an OpenAI field, so ``lm(messages=..., extra_body=...)``
-        would send the call to LiteLLM, which the GPU kit leaves out; a typed lm15
-        Request carries it in ``config.extensions`` through the same native engine
-        that ``lm(messages=...)`` uses. The conversion runs here, inside the
-        measured call, as DSPy's own conversion would.
+        A typed lm15 Request, as for every driver (DSPy 3.4 deprecates
+        ``lm(messages=...)``; ``dspy_calls``): ``ignore_eos`` is not an OpenAI field, so
+        ``extra_body=`` would send the call to LiteLLM, which the GPU kit leaves out; the
+        Request carries it in ``config.extensions`` through DSPy's native engine. The
+        conversion runs here, inside the measured call, as DSPy's own conversion would.
         """
         import dataclasses
 

@@ -11,7 +11,7 @@ Systems (``--systems``): ``cache``, ``prefix``, ``round_robin``, ``least_loaded`
 ``vLLMOfflineMultiGPU(routing=...)``, one LM start each) and ``raw`` (k ``AsyncLLM`` engines
 on the GPU: every request at once round robin, from threads to the engine with the fewest
 in flight). Modes (``--modes``): ``batch`` (every request at once: ``batch_generate``, which
-groups by prefix) and ``threads`` (``--threads`` DSPy-style threads calling ``lm(messages=...)``).
+groups by prefix) and ``threads`` (``--threads`` DSPy-style threads calling ``lm(Request)``).
 Requests are chat messages: the prefix is the system message, the question the user's,
 both decoded from random token ids; every run draws fresh ones (same for every system).
 ``--replay FILE``: the calls a real optimiser made (``benchmarks.record_optimiser``: GEPA
@@ -29,6 +29,8 @@ import os
 import sys
 import time
 from dataclasses import replace
+
+from .dspy_calls import chat_call
 
 OURS = ("cache", "prefix", "round_robin", "least_loaded")
 ENGINE_ARGS: dict = {}  # --engine-arg, recorded in every row
@@ -99,7 +101,7 @@ class OursW6:
                                per_prompt=[{"max_tokens": r.max_tokens} for r in requests])
 
     def call(self, r) -> None:
-        self.lm(messages=r.messages, max_tokens=r.max_tokens, temperature=0.0)
+        chat_call(self.lm, r.messages, max_tokens=r.max_tokens, temperature=0.0)
 
     def close(self) -> None:
         self.lm.shutdown()

@@ -13,7 +13,11 @@ import os
 import time
 
 import dspy
-from dspy.teleprompt.grpo import GRPO  # DSPy 3.4 does not export it as dspy.GRPO
+
+try:
+    from dspy import GRPO  # a DSPy that exports it
+except ImportError:  # DSPy 3.4 exports it only from its module
+    from dspy.teleprompt.grpo import GRPO
 
 from vllm_dspy_adapter import vLLMOffline, visible_gpu_count
 

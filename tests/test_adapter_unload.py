@@ -76,13 +76,23 @@ async def _apredict(tuned, text):
         return await dspy.Predict(SecretWord).acall(question=text)
 
 
+def _request(tuned, text):
+    """A chat call as DSPy 3.4 writes it (``lm(messages=[...])`` is deprecated, removed in 3.5): an
+    lm15 Request, whose settings are its own ``config`` (the LM's defaults are not applied to it)."""
+    from dspy.lm15 import Config, Message, Request
+
+    return Request(model=tuned.model, messages=(Message.user(text),),
+                   config=Config(max_tokens=MAX_TOKENS, temperature=0.0))
+
+
 def _paths():
     """name -> call(lm, tuned, text): every way a program reaches the adapter's LM."""
     return {
-        "plain call": lambda lm, tuned, text: tuned(messages=[{"role": "user", "content": text}]),
+        "plain call": lambda lm, tuned, text: tuned(text),
+        "lm(Request)": lambda lm, tuned, text: tuned(_request(tuned, text)),
         "plain call n=2": lambda lm, tuned, text: tuned(text, n=2, temperature=0.7),
         "acall": lambda lm, tuned, text: asyncio.run(tuned.acall(text)),
-        "forward": lambda lm, tuned, text: tuned.forward(messages=[{"role": "user", "content": text}]),
+        "forward": lambda lm, tuned, text: tuned.forward(text),
         "copy(temperature=)": lambda lm, tuned, text: tuned.copy(temperature=0.3)(text),
         "Predict ChatAdapter": lambda lm, tuned, text: _predict(tuned, text, adapter=dspy.ChatAdapter),
         "Predict JSONAdapter": lambda lm, tuned, text: _predict(tuned, text, adapter=dspy.JSONAdapter),
@@ -97,9 +107,9 @@ def _paths():
     }
 
 
-PATHS = ["plain call", "plain call n=2", "acall", "forward", "copy(temperature=)", "Predict ChatAdapter",
-         "Predict JSONAdapter", "Predict default adapter", "Predict n=2", "ChainOfThought", "Predict.acall",
-         "batch_generate(adapter=)", "tuned.batch_generate"]
+PATHS = ["plain call", "lm(Request)", "plain call n=2", "acall", "forward", "copy(temperature=)",
+         "Predict ChatAdapter", "Predict JSONAdapter", "Predict default adapter", "Predict n=2", "ChainOfThought",
+         "Predict.acall", "batch_generate(adapter=)", "tuned.batch_generate"]
 
 
 def _question(path: str, salt: str) -> str:

@@ -165,6 +165,6 @@ def test_a_model_without_tool_template_refuses_native_tools_clearly(lm):
     assert lm.supports_function_calling is False  # SmolLM2's template never reads `tools`: auto leaves them off
     before = lm.stats()[0]["requests"]
     with pytest.raises(dspy.LMInvalidRequestError, match="tool_call_parser"):
-        lm(messages=[{"role": "user", "content": f"weather? {uuid.uuid4().hex[:6]}"}],
+        lm(f"weather? {uuid.uuid4().hex[:6]}",
            tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
     assert lm.stats()[0]["requests"] == before  # refused before anything was submitted

@@ -69,8 +69,7 @@ def test_a_required_call_comes_back_as_a_native_tool_call(lm):
     tools = [{"type": "function", "function": {
         "name": "get_weather", "description": "Current weather in a city.",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
-    [out] = lm(messages=[{"role": "user", "content": f"Weather in Paris? ({uuid.uuid4().hex[:6]})"}],
-               tools=tools, tool_choice="required")
+    [out] = lm(f"Weather in Paris? ({uuid.uuid4().hex[:6]})", tools=tools, tool_choice="required")
     [call] = out["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert isinstance(json.loads(call["function"]["arguments"]), dict)

@@ -46,10 +46,10 @@ checks what a model says, only that every call comes back, in order, counted, ty
   finished one holds a ``get_weather`` call with valid JSON arguments.
 - ``lora.*``: a random rank-8 adapter written from config.json's shapes
   (``lora_bench.write_random_adapter``), loaded, then asked through a ``with_adapter`` LM
-  with DSPy's response cache on (a folder of this run): ``lm(messages=...)`` and a
+  with DSPy's response cache on (a folder of this run): ``lm(prompt)`` and a
   ``dspy.Predict``. After ``unload_adapter`` the same calls and new ones must be refused
   with an error naming the adapter, before any request reaches the engine.
-  ``lora.unload_refused``: a new ``lm(messages=...)`` call. ``lora.unload_predict``: a new
+  ``lora.unload_refused``: a new ``lm(prompt)`` call. ``lora.unload_predict``: a new
   ``dspy.Predict`` question, and issue 22's case: the Predict question and the LM call
   answered before the unload, asked again (DSPy's cache answered them under the adapter's
   label; DSPy's parse error on that cached noise is an answer read, not a refusal).

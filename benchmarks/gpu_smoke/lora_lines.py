@@ -12,7 +12,7 @@ from .runner import Check, _error_text, check
 
 
 class LoraLines:
-    """Lines over the ``offline`` LM's adapters (``Smoke`` gives ``plan``, ``_lm``, ``_messages``)."""
+    """Lines over the ``offline`` LM's adapters (``Smoke`` gives ``plan``, ``_lm``, ``_prompt``)."""
 
     def lora_with_adapter(self) -> str:
         import dspy
@@ -31,9 +31,9 @@ class LoraLines:
         tuned = lm.with_adapter(self.ADAPTER).copy(cache=True)
         check(tuned.adapter == self.ADAPTER, f"with_adapter LM carries adapter {tuned.adapter!r}")
         self.tuned = tuned
-        self.asked = {"messages": self._messages("Say hello."), "question": f"What is 2 + 3? ({self.salt})"}
+        self.asked = {"prompt": self._prompt("Say hello."), "question": f"What is 2 + 3? ({self.salt})"}
         before = lm.stats()[0]["requests"]
-        [text] = tuned(messages=self.asked["messages"])
+        [text] = tuned(self.asked["prompt"])
         check(isinstance(text, str) and text.strip(), f"empty answer from the adapter: {text!r}")
         with dspy.context(lm=tuned):
             try:
@@ -46,7 +46,7 @@ class LoraLines:
         check(stats["requests"] >= before + 2, "the adapter's requests did not reach the engine")
         listed = [a["name"] for a in lm.adapters()]
         check(listed == [self.ADAPTER], f"lm.adapters() names {listed}")
-        return (f"loaded in {seconds:.1f} s; lm(messages=...) answered {len(text)} chars, dspy.Predict ended in "
+        return (f"loaded in {seconds:.1f} s; lm(prompt) answered {len(text)} chars, dspy.Predict ended in "
                 f"{predicted}; stats adapters {stats['adapters']}, requests +{stats['requests'] - before}")
 
     def _refused(self, exc: BaseException) -> bool:
@@ -75,7 +75,7 @@ class LoraLines:
         check(all(self.ADAPTER not in s.get("adapters", []) for s in lm.stats()), "stats still list the adapter")
         before = lm.stats()[0]["requests"]
         try:
-            out = self.tuned(messages=self._messages("Say hello again."))
+            out = self.tuned(self._prompt("Say hello again."))
         except Exception as exc:
             check(self._refused(exc), f"raised {_error_text(exc)}, not a refusal naming the adapter")
             check(lm.stats()[0]["requests"] == before, "the refused request reached the engine")
@@ -99,8 +99,8 @@ class LoraLines:
         outcomes = [self._after_unload("dspy.Predict, a new question", lambda: predict(new_question)),
                     self._after_unload("dspy.Predict, the question asked before the unload",
                                        lambda: predict(self.asked["question"])),
-                    self._after_unload("lm(messages=...), the call answered before the unload",
-                                       lambda: self.tuned(messages=self.asked["messages"]))]
+                    self._after_unload("lm(prompt), the call answered before the unload",
+                                       lambda: self.tuned(self.asked["prompt"]))]
         served = lm.stats()[0]["requests"] - before
         summary = "; ".join(text for _, text in outcomes)
         check(all(ok for ok, _ in outcomes), f"requests +{served} (0: DSPy's cache answered; issue 22): {summary}")
@@ -126,8 +126,9 @@ class LoraLines:
             check(len(pending) == 1, f"pending_batch_ids {pending} (groups_per_step 1)")
             # vLLMOffline on one GPU: the trainer shares it (it trained on the CPU until 2026-12-05)
             check(device == ("cpu" if self.plan.cpu else "cuda:0"), f"the trainer is on {device!r}")
-            messages = self._messages("Answer yes or no: is the sky green?")
-            completions = [lm(messages=messages, temperature=1.0)[0] for _ in range(4)]
+            prompt = self._prompt("Answer yes or no: is the sky green?")
+            messages = [{"role": "user", "content": prompt}]  # the group's chat, as DSPy's GRPO hands it over
+            completions = [lm(prompt, temperature=1.0)[0] for _ in range(4)]
             group = [{"messages": messages, "completion": {"role": "assistant", "content": text or ""},
                       "reward": float(i % 2)} for i, text in enumerate(completions)]
             t1 = time.monotonic()
@@ -137,7 +138,7 @@ class LoraLines:
             status = job.get_status()
             check(status["version"] == 1 and lm.adapter == "smoke-grpo-v1",
                   f"after one step: version {status['version']}, the LM serves {lm.adapter!r}")
-            [text] = lm(messages=self._messages("Say hello."))
+            [text] = lm(self._prompt("Say hello."))
             check(isinstance(text, str), f"no answer from the new version: {text!r}")
             served = lm.stats()[0].get("served_by") or {}
             check("smoke-grpo-v1" in str(served), f"stats served_by {served}: the new version served nothing")

@@ -41,7 +41,7 @@ def _chunk_text(chunk) -> str | None:
 
 
 class OfflineLines:
-    """Lines over the ``offline`` LM (``Smoke`` gives ``plan``, ``_lm``, ``_start``, ``_messages``)."""
+    """Lines over the ``offline`` LM (``Smoke`` gives ``plan``, ``_lm``, ``_start``, ``_prompt``)."""
 
     def offline_answer(self) -> str:
         from vllm_dspy_adapter import vLLMOffline
@@ -52,7 +52,7 @@ class OfflineLines:
             kwargs["gpu_memory_utilization"] = plan.single_memory
         start = self._start("offline", lambda: vLLMOffline(plan.model, **kwargs))
         lm = self.lms["offline"]
-        out = lm(messages=self._messages("Say hello."))
+        out = lm(self._prompt("Say hello."))
         check(isinstance(out, list) and len(out) == 1, f"expected a list of one answer, got {out!r:.200}")
         text = out[0] if isinstance(out[0], str) else (out[0] or {}).get("text")
         check(isinstance(text, str) and text.strip(), f"empty answer: {out!r:.200}")
@@ -226,7 +226,7 @@ class OfflineLines:
 
         def one(i):
             own = lm.copy()
-            [out] = own(messages=self._messages("What is the weather?"), tools=tools, tool_choice="required",
+            [out] = own(self._prompt("What is the weather?"), tools=tools, tool_choice="required",
                         max_tokens=self.plan.noise_max_tokens)
             return out, _finish_reason(own), _usage_tokens(own)
 

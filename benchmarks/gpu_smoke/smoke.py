@@ -59,8 +59,10 @@ class Smoke(OfflineLines, LoraLines, ServingLines):
         hi = max(200, min(self.plan.vocab_size - 100, 100_000))
         return [{"prompt_token_ids": [self.rng.randrange(100, hi) for _ in range(length)]} for _ in range(n)]
 
-    def _messages(self, text: str) -> list[dict]:
-        return [{"role": "user", "content": f"{text} ({self.salt}-{self.rng.randrange(10**6)})"}]
+    def _prompt(self, text: str) -> str:
+        """A fresh user message: ``lm(prompt)`` sends it as the one user message (DSPy 3.4
+        deprecates ``lm(messages=[...])``, 3.5 removes it)."""
+        return f"{text} ({self.salt}-{self.rng.randrange(10**6)})"
 
     # ------------------------------------------------------------ shutdowns
 
