@@ -132,3 +132,108 @@ def test_copy_with_the_model_it_serves_is_pinned_too(lm, tmp_path):
     same = lm.copy(model=lm.model)  # DSPy's lm.finetune passes copy(model=...) too
     lm.switch_adapter(None)
     assert served_by(same, "q") == "t-v1" and served_by(lm, "q2") is None
+
+
+# ------------------------------------------------------------ 2. swaps never fail a call
+
+class Progress:
+    """A counter to wait on (with a deadline), instead of polling."""
+
+    def __init__(self):
+        self.count, self.changed = 0, threading.Condition()
+
+    def add(self) -> None:
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+
+    def reach(self, n: int, timeout: float = 30.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.count >= n, timeout)
+
+
+def test_a_call_whose_version_was_read_before_the_swap_holds_it_until_its_answer(lm, tmp_path, monkeypatch):
+    # The window of the issue, widened: each call stops after its adapter version was read
+    # (DSPyEngine reads it just before pool.submit) and before the pool routes it. The swap
+    # (load v2, switch, retire v1) runs while all are stopped there; on the old code the
+    # retirement saw v1 idle, unloaded it, and the calls failed "No adapter named 't-v1'".
+    lm.load_adapter("t-v1", adapter_folder(tmp_path, "v1"))
+    lm.switch_adapter("t-v1")
+    stopped, go = Progress(), threading.Event()
+    original = GenerationRequest.estimated_output_tokens
+
+    def stop_here(request):  # called by the pool's submit, once per request, before routing
+        if request.adapter == "t-v1":
+            stopped.add()
+            assert go.wait(30)
+        return original(request)
+
+    monkeypatch.setattr(GenerationRequest, "estimated_output_tokens", stop_here)
+    results: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        try:
+            results[i] = served_by(lm.copy(), f"in flight {i}")
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results[i] = exc
+
+    callers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for thread in callers:
+        thread.start()
+    assert stopped.reach(4), "the calls did not reach the pool"
+    runtime = lm.engine.runtime
+    lm.load_adapter("t-v2", adapter_folder(tmp_path, "v2"))
+    lm.switch_adapter("t-v2")
+    assert runtime.pool.adapter_users("t-v1") == 4  # held since their version was read
+    assert runtime.retire_adapter("t-v1", timeout=0.2) is False  # still held at the deadline: left loaded
+    assert "t-v1" in [a["name"] for a in lm.adapters()]
+    retired: list[bool] = []
+    retiring = threading.Thread(target=lambda: retired.append(runtime.retire_adapter("t-v1", timeout=30)))
+    retiring.start()
+    go.set()
+    for thread in callers + [retiring]:
+        thread.join(30)
+    assert results == {i: "t-v1" for i in range(4)}  # every call answered, by the version it was sent with
+    assert retired == [True] and [a["name"] for a in lm.adapters()] == ["t-v2"]
+    assert served_by(lm, "after") == "t-v2"
+
+
+def test_swaps_under_load_fail_no_call_and_every_answer_names_a_version_loaded_when_sent(lm, tmp_path):
+    versions = 6
+    lm.load_adapter("t-v1", adapter_folder(tmp_path, "v1"))
+    lm.switch_adapter("t-v1")
+    done, stop = Progress(), threading.Event()
+    answers: list[tuple[int, object, int]] = []  # (version before the call, answer, version after)
+    number = lambda name: int(name.rsplit("-v", 1)[1])  # noqa: E731
+
+    def caller(i: int) -> None:
+        student = lm.copy()  # follows lm, as DSPy's rollout copies do
+        k = 0
+        while not stop.is_set():
+            before = number(student.adapter)
+            try:
+                answer = served_by(student, f"load {i} {k}")
+            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+                answer = exc
+            answers.append((before, answer, number(student.adapter)))
+            done.add()
+            k += 1
+
+    callers = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(6)]
+    for thread in callers:
+        thread.start()
+    runtime = lm.engine.runtime
+    for version in range(2, versions + 1):
+        assert done.reach(done.count + 12), "the callers made no progress"  # calls in flight on the old version
+        lm.load_adapter(f"t-v{version}", adapter_folder(tmp_path, f"v{version}"))
+        lm.switch_adapter(f"t-v{version}")
+        assert runtime.retire_adapter(f"t-v{version - 1}", timeout=30) is True
+    assert done.reach(done.count + 12)
+    stop.set()
+    for thread in callers:
+        thread.join(30)
+    failed = [a for a in answers if isinstance(a[1], Exception)]
+    assert not failed, failed[:3]
+    assert all(before <= number(answer) <= after for before, answer, after in answers), answers
+    assert {number(a) for _, a, _ in answers} == set(range(1, versions + 1))
+    assert [a["name"] for a in lm.adapters()] == [f"t-v{versions}"]
