@@ -4,6 +4,9 @@ default model) and test_grpo.py's fake host standing in for the replicas:
 - the steps trained after the last multiple of ``update_interval`` are published by
   ``terminate()`` (before: trained and thrown away), and a version that cannot be loaded
   then is reported by ``get_status()``;
+- a run on a student that serves an adapter starts from that adapter's weights (before: a
+  fresh LoRA, the base model), in its shape, or is refused when ``train_kwargs`` asks for
+  another rank.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ torch = pytest.importorskip("torch")
 
 from dspy.clients.utils_finetune import TrainDataFormat  # noqa: E402
 
-from test_grpo import FakeHost, _group, _job  # noqa: E402
+from test_grpo import FakeHost, FakeStudent, _group, _job  # noqa: E402
+from vllm_dspy_adapter.lora.reinforce import GRPOJob  # noqa: E402
 from vllm_dspy_adapter.errors import ConfigurationError  # noqa: E402
 
 
@@ -95,3 +99,69 @@ def test_cancel_frees_the_trainer_without_publishing(default_model, tmp_path):
     assert job.get_status()["status"] == "cancelled" and job.get_status()["unpublished_steps"] == 1
     with pytest.raises(ConfigurationError, match="cancelled"):
         step(job, 1)
+
+
+# ------------------------------------------------ a run continues from what the student serves
+
+class ServingStudent(FakeStudent):
+    """A student that serves an adapter of the host (``lm.adapters()``: name, folder, rank)."""
+
+    def __init__(self, host, adapter):
+        super().__init__()
+        self.host, self.adapter, self.model = host, adapter, f"base+{adapter}"
+
+    def adapters(self):
+        import json
+
+        def rank(path):
+            with open(os.path.join(path, "adapter_config.json")) as fh:
+                return json.load(fh)["r"]
+
+        return [{"name": n, "path": p, "rank": rank(p)} for n, p in self.host.loaded.items()]
+
+
+def _start(host, student, **train_kwargs):
+    job = GRPOJob.bound(host)(lm=student, train_kwargs={"learning_rate": 2e-4, "beta": 0.0, **train_kwargs})
+    job.initialize()
+    return job
+
+
+def test_a_run_starts_from_the_adapter_the_student_serves_in_its_shape(default_model, tmp_path):
+    host = FakeHost(default_model)
+    first = _job(host, output_dir=str(tmp_path / "first"), adapter_name="t", rank=4, alpha=8)
+    step(first, 0)
+    first.terminate()
+    served = served_weights(host.loaded["t-v1"])  # what the replicas serve: rank 4
+
+    # Another name, no rank given: the adapter's shape and weights; the user's adapter is not retired.
+    job = _start(host, ServingStudent(host, "t-v1"), output_dir=str(tmp_path / "second"), adapter_name="u")
+    try:
+        assert (job.config.rank, job.config.alpha) == (4, 8)
+        start = trainer_weights(job)
+        assert start.keys() == served.keys() and all(torch.equal(start[k], served[k]) for k in served)
+        assert job.get_status()["adapter"] == "t-v1" and job.get_status()["version"] == 0
+        step(job, 0)
+        assert job.lm.adapter == "u-v1" and sorted(host.loaded) == ["t-v1", "u-v1"] and host.retired == []
+    finally:
+        job.terminate()
+
+    # The same name: the numbering goes on, and the version it replaces is retired as any of the run's.
+    job = _start(host, ServingStudent(host, "t-v1"), output_dir=str(tmp_path / "first"), adapter_name="t")
+    try:
+        assert job.get_status()["version"] == 1
+        step(job, 0)
+        assert job.lm.adapter == "t-v2" and "t-v1" in host.retired and "t-v2" in host.loaded
+    finally:
+        job.terminate()
+
+
+def test_a_rank_unlike_the_served_adapters_is_refused_with_the_fix(default_model, tmp_path):
+    host = FakeHost(default_model)
+    first = _job(host, output_dir=str(tmp_path / "first"), adapter_name="t", rank=4)
+    step(first, 0)
+    first.terminate()
+    with pytest.raises(ConfigurationError, match=r"serves adapter 't-v1' \(rank 4\).*asks for rank 8.*"
+                                                  r"Drop 'rank'.*lm.switch_adapter\(None\)"):
+        _start(host, ServingStudent(host, "t-v1"), output_dir=str(tmp_path / "second"), rank=8)
+    with pytest.raises(ConfigurationError, match=r"asks for rank 8"):  # TRL's lora_config names it too
+        _start(host, ServingStudent(host, "t-v1"), output_dir=str(tmp_path / "second"), lora_config={"r": 8})

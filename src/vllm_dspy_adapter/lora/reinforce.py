@@ -41,6 +41,7 @@ from dspy.clients.utils_finetune import TrainDataFormat
 
 from ..errors import ConfigurationError, TrainingStepError
 from .grpo import GRPOConfig, StepMetrics, check_groups
+from .grpo_start import choose_start
 from .registry import check_adapter_name
 from .trainer_device import ServingPlacement, check_room, choose_trainer_device
 from .training import check_rank_fits
@@ -71,8 +72,11 @@ class StudentLM(Protocol):
 
     model: str
     kwargs: dict[str, Any]
+    adapter: str | None  # what it serves now: a run continues from it (grpo_start.py)
 
     def switch_adapter(self, name: str | None) -> None: ...
+
+    def adapters(self) -> list[dict[str, Any]]: ...
 
 
 class GRPOJob(ReinforceJob):
@@ -100,6 +104,7 @@ class GRPOJob(ReinforceJob):
         self.last_step: StepMetrics | None = None
         self.swap_seconds: list[float] = []
         self._retiring: list[str] = []  # old versions still held by requests at their deadline
+        self._own: set[str] = set()  # the versions of this run's line (retired when replaced), not a user's adapter
         self._published_steps = 0  # self.steps when the serving version was published
         self.publish_error: str | None = None  # why terminate() could not publish the last steps
         self._next_batch = 0
@@ -114,6 +119,7 @@ class GRPOJob(ReinforceJob):
         if host is None:
             raise ConfigurationError("GRPOJob is not bound to an LM: use lm.reinforce(train_kwargs) on a "
                                      "vLLMOffline / vLLMOfflineMultiGPU.")
+        start = choose_start(self.lm, config, self.train_kwargs)  # the served adapter's shape, or refused
         check_rank_fits(config.rank, host.max_lora_rank, "GRPO (a LoRA trained and served live)")
         for earlier in list(self.live):  # one trainer per LM: a run given up on (Ctrl-C) frees its memory now
             logger.warning("GRPO job %s was still running on this LM: terminating it (its unpublished steps "
@@ -153,7 +159,14 @@ class GRPOJob(ReinforceJob):
                            "train_kwargs['groups_per_step'] to it, or the rest are trained in later steps, "
                            "off-policy (sampled by an older version).", self.job_id, config.groups_per_step)
         self.trainer = GRPOTrainer(host.base_model_path, config, temperature=float(temperature),
-                                   chat_template_kwargs=host.chat_template_kwargs)
+                                   chat_template_kwargs=host.chat_template_kwargs,
+                                   start_from=None if start is None else start.path)
+        if start is not None:
+            logger.info("GRPO job %s: continuing from %s, which the student serves (%s)", self.job_id, start.adapter,
+                        start.path)
+            self.adapter, self.version = start.adapter, start.version
+            if start.version:  # an earlier run of this name: its versions are this line's
+                self._own.add(start.adapter)
         self.output_dir = config.output_dir or _default_dir(config.adapter_name)
         self._issue_batches()
         self._status = "running"
@@ -268,7 +281,8 @@ class GRPOJob(ReinforceJob):
         self._published_steps = self.steps
         loaded = time.monotonic() - started
         old, self.adapter, self.version = self.adapter, name, version
-        if old is not None:
+        self._own.add(name)
+        if old in self._own:  # a user's adapter the run started from stays loaded
             self._retiring.append(old)
         self._retire_waiting(timeout=config.swap_timeout)
         self.swap_seconds.append(loaded)
