@@ -86,6 +86,7 @@ def test_dspy_grpo_runs_two_steps_and_swaps_the_adapter_live(default_model, tmp_
                      cache=False, **ENGINE_KWARGS) as lm:
         program = dspy.Predict(YesNo)
         program.set_lm(lm)
+        base = lm.with_adapter(None)  # made while the student serves the base: stays the base (issue 35)
         optimizer = GRPO(metric=said_yes, num_threads=4, num_train_steps=2, seed=0,
                               num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=4,
                               exclude_demos=True, multitask=True,
@@ -97,6 +98,10 @@ def test_dspy_grpo_runs_two_steps_and_swaps_the_adapter_live(default_model, tmp_
             assert [a["name"] for a in lm.adapters()] == ["yes-v2"]  # v1 unloaded once idle
             answer = compiled(question=QUESTIONS[0]).answer  # served by v2
         assert isinstance(answer, str)
+        for handle, expected in ((base, None), (lm.copy(temperature=0.5), "yes-v2")):
+            handle("Is fire cold?")
+            response = handle.history[-1]["response"]
+            assert response.provider_data["adapter"] == expected and handle.adapter == expected
         served = lm.stats()[0]["served_by"]
         assert served.get("yes-v1", 0) >= 8 and served.get("yes-v2", 0) >= 1, served  # step 2's rollouts ran on v1
         adapter_path = lm.adapters()[0]["path"]

@@ -155,8 +155,9 @@ class AdapterBinding:
     The sync and async engine of an LM (and every shallow ``copy`` of it, which shares
     them) hold the same binding, so ``switch`` moves all their requests to another
     adapter in one assignment: a request reads the pair once, just before it is
-    submitted, and runs and is labelled with that pair (``dspy.GRPO`` updates the
-    student LM in place, see ``lm.switch_adapter``)."""
+    submitted, holding the adapter from that read on (``ReplicaPool.hold_chosen``), and
+    runs and is labelled with that pair (``dspy.GRPO`` updates the student LM in place,
+    see ``lm.switch_adapter``)."""
 
     def __init__(self, adapter: str | None, label: str):
         self.current: tuple[str | None, str] = (adapter, label)
@@ -196,8 +197,15 @@ class DSPyEngine:
         validate_request(request)
         try:
             prepared = self.runtime.renderer.build(request)
-            prepared.request.adapter, prepared.label = self.binding.current  # once, just before submitting
-            return self.runtime.pool.submit(prepared.request, sink=sink), prepared
+            pool = self.runtime.pool
+            # Read once, just before submitting, and held from this read on (a swap's retirement waits for it).
+            (prepared.request.adapter, prepared.label), hold = pool.hold_chosen(lambda: self.binding.current)
+            try:
+                return pool.submit(prepared.request, sink=sink, hold=hold), prepared
+            except BaseException:
+                if hold is not None:
+                    hold.release()
+                raise
         except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
 

@@ -44,17 +44,18 @@ class LoRAMixin:
 
     def with_adapter(self, name: str | None):
         """A DSPy LM sharing this LM's replicas whose every request carries adapter
-        ``name`` (None: the base model). Its ``model`` is the adapter's own cache
-        label, so DSPy never returns a base-model answer for it, nor one of an
-        earlier adapter saved in the same folder."""
+        ``name`` (None: the base model), whatever this LM serves now or later: it has
+        its own engines, so ``switch_adapter`` on this LM (a ``dspy.GRPO`` run) never
+        moves it. Its ``model`` is the adapter's own cache label, so DSPy never returns
+        a base-model answer for it, nor one of an earlier adapter saved in the same folder."""
         runtime = self._runtime
         return self.copy(model=runtime.label if name is None else runtime.adapter_model(name))
 
     def switch_adapter(self, name: str | None) -> None:
         """Move this LM's requests to adapter ``name`` (None: the base model) in place: this
-        LM and every copy sharing its engines (``lm.copy(temperature=...)``, not
-        ``with_adapter``) send each request from now on with it, and ``model`` becomes its
-        label. A request already submitted finishes with the adapter it was sent with.
+        LM and every copy sharing its engines (``lm.copy(temperature=...)``, DSPy's rollout
+        copies; never an LM made by ``with_adapter`` or ``copy(model=...)``, which is pinned)
+        send each request from now on with it, and ``model`` becomes its label. A request already submitted finishes with the adapter it was sent with.
         This is how a ``dspy.GRPO`` run's student LM follows each new adapter version
         (DSPy's GRPO updates the student's LM in place). ``ConfigurationError`` if
         ``name`` is not loaded."""
@@ -83,10 +84,12 @@ class LoRAMixin:
         return adapter is None or adapter in runtime.pool.adapters
 
     def copy(self, **kwargs: Any):
-        """``dspy.LM.copy``; ``model=`` may name an adapter's label (what ``with_adapter``
-        and DSPy's ``lm.finetune`` pass): the copy then serves that adapter."""
+        """``dspy.LM.copy``. Without ``model=`` the copy shares this LM's engines, so it
+        follows ``switch_adapter``. ``model=`` names the base model's label or an adapter's
+        (what ``with_adapter`` and DSPy's ``lm.finetune`` pass): the copy gets engines of
+        its own, pinned to that model, even when it is the one this LM serves now."""
         model = kwargs.get("model")
-        if model is not None and model != self.model and "engine" not in kwargs:
+        if model is not None and "engine" not in kwargs:
             runtime = self._runtime
             name = None if model == runtime.label else runtime.adapter_of_label(model)
             if name is None and model != runtime.label:

@@ -30,7 +30,10 @@ class GRPOTrainer:
     """One LoRA trained by GRPO steps (see the module docstring)."""
 
     def __init__(self, base_model: str, config: GRPOConfig, *, temperature: float = 1.0,
-                 chat_template_kwargs: dict[str, Any] | None = None):
+                 chat_template_kwargs: dict[str, Any] | None = None, start_from: str | None = None):
+        """``start_from``: a PEFT folder of this shape (``config``'s rank, alpha, target
+        modules) whose weights the LoRA starts from (and the served policy is); None: a
+        fresh LoRA (B = 0: the base model)."""
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,6 +61,8 @@ class GRPOTrainer:
         except ValueError as exc:  # PEFT: "Target modules {...} not found in the base model"
             raise ConfigurationError(f"LoRA target_modules {list(config.target_modules)} do not match this model: "
                                      f"{exc}. Pass train_kwargs={{'target_modules': [...]}}.") from exc
+        if start_from is not None:
+            self._load_start(start_from)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = _scheduler(self.optimizer, config)
@@ -79,6 +84,19 @@ class GRPOTrainer:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.model, state)
+
+    def _load_start(self, folder: str) -> None:
+        """The LoRA's weights from ``folder``, every one of them, or ``ConfigurationError``."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        weights = load_peft_weights(folder, device=self.device)
+        result = set_peft_model_state_dict(self.model, weights)
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise ConfigurationError(f"GRPO: the adapter in {folder} does not fit this model's LoRA (missing "
+                                     f"{missing[:3]}, unexpected {list(result.unexpected_keys)[:3]}); start from the "
+                                     "base model with lm.switch_adapter(None) before lm.reinforce(...).")
 
     # ------------------------------------------------------------ log-probs
 

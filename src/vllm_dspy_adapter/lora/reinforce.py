@@ -10,7 +10,8 @@ per pending id; at the end ``terminate()``. It expects the job to update the
 student LM in place.
 
 ``GRPOJob`` keeps one ``GRPOTrainer`` (PEFT model in memory) from ``initialize``
-to ``terminate``. Every ``update_interval`` steps it publishes a version: saves
+to ``terminate``. Every ``update_interval`` steps (and at ``terminate``, for the
+steps after the last multiple) it publishes a version: saves
 the adapter to ``<output_dir>/v<N>``, loads it on every replica as
 ``<adapter_name>-v<N>`` (all or none), switches the student LM to it
 (``switch_adapter``: one assignment, every request after it carries the new
@@ -40,6 +41,7 @@ from dspy.clients.utils_finetune import TrainDataFormat
 
 from ..errors import ConfigurationError, TrainingStepError
 from .grpo import GRPOConfig, StepMetrics, check_groups
+from .grpo_start import choose_start
 from .registry import check_adapter_name
 from .trainer_device import ServingPlacement, check_room, choose_trainer_device
 from .training import check_rank_fits
@@ -70,8 +72,11 @@ class StudentLM(Protocol):
 
     model: str
     kwargs: dict[str, Any]
+    adapter: str | None  # what it serves now: a run continues from it (grpo_start.py)
 
     def switch_adapter(self, name: str | None) -> None: ...
+
+    def adapters(self) -> list[dict[str, Any]]: ...
 
 
 class GRPOJob(ReinforceJob):
@@ -99,6 +104,9 @@ class GRPOJob(ReinforceJob):
         self.last_step: StepMetrics | None = None
         self.swap_seconds: list[float] = []
         self._retiring: list[str] = []  # old versions still held by requests at their deadline
+        self._own: set[str] = set()  # the versions of this run's line (retired when replaced), not a user's adapter
+        self._published_steps = 0  # self.steps when the serving version was published
+        self.publish_error: str | None = None  # why terminate() could not publish the last steps
         self._next_batch = 0
         self._pending: list[int] = []
         self._status = "not_started"
@@ -111,10 +119,13 @@ class GRPOJob(ReinforceJob):
         if host is None:
             raise ConfigurationError("GRPOJob is not bound to an LM: use lm.reinforce(train_kwargs) on a "
                                      "vLLMOffline / vLLMOfflineMultiGPU.")
+        start = choose_start(self.lm, config, self.train_kwargs)  # the served adapter's shape, or refused
         check_rank_fits(config.rank, host.max_lora_rank, "GRPO (a LoRA trained and served live)")
         for earlier in list(self.live):  # one trainer per LM: a run given up on (Ctrl-C) frees its memory now
-            logger.warning("GRPO job %s was still running on this LM: terminating it", earlier.job_id)
-            earlier.terminate()
+            logger.warning("GRPO job %s was still running on this LM: terminating it (its unpublished steps "
+                           "are dropped)", earlier.job_id)
+            with earlier._lock:
+                earlier._close("terminated")
         placement = host.trainer_placement()
         device = choose_trainer_device(config.device, placement)
         check_room(device, placement)
@@ -148,19 +159,38 @@ class GRPOJob(ReinforceJob):
                            "train_kwargs['groups_per_step'] to it, or the rest are trained in later steps, "
                            "off-policy (sampled by an older version).", self.job_id, config.groups_per_step)
         self.trainer = GRPOTrainer(host.base_model_path, config, temperature=float(temperature),
-                                   chat_template_kwargs=host.chat_template_kwargs)
+                                   chat_template_kwargs=host.chat_template_kwargs,
+                                   start_from=None if start is None else start.path)
+        if start is not None:
+            logger.info("GRPO job %s: continuing from %s, which the student serves (%s)", self.job_id, start.adapter,
+                        start.path)
+            self.adapter, self.version = start.adapter, start.version
+            if start.version:  # an earlier run of this name: its versions are this line's
+                self._own.add(start.adapter)
         self.output_dir = config.output_dir or _default_dir(config.adapter_name)
         self._issue_batches()
         self._status = "running"
         self.live.add(self)
 
     def terminate(self) -> None:
-        """Free the trainer; the student LM keeps serving the last published version."""
+        """Publish the steps trained since the last published version (``update_interval`` > 1
+        leaves up to ``update_interval - 1`` of them), then free the trainer; the student LM
+        keeps serving the last version. If that version cannot be loaded, the previous one
+        keeps serving and ``get_status()`` says so (``publish_error``, ``unpublished_steps``)."""
         with self._lock:
+            if self.trainer is not None and self._status == "running" and self.steps > self._published_steps:
+                try:
+                    self._publish()
+                except Exception as exc:  # noqa: BLE001 - the job ends either way; the status says why
+                    self.publish_error = str(exc)
+                    logger.warning("GRPO job %s: the last %d step(s) were not published: %s", self.job_id,
+                                   self.steps - self._published_steps, exc)
             self._close("terminated")
 
     def cancel(self) -> None:
-        self.terminate()
+        """Free the trainer without publishing the steps trained since the last version."""
+        with self._lock:
+            self._close("cancelled")
 
     def _close(self, status: str) -> None:
         self.live.discard(self)
@@ -177,13 +207,16 @@ class GRPOJob(ReinforceJob):
     # ------------------------------------------------------------ status
 
     def get_status(self) -> dict[str, Any]:
-        """DSPy's ``GRPOStatus`` plus ``version``, ``adapter``, ``device`` (the trainer's),
-        ``steps``, ``swap_seconds`` and ``last_step`` (loss, kl, reward mean, seconds of the last step)."""
+        """DSPy's ``GRPOStatus`` plus ``version``, ``adapter`` (the version serving), ``device``
+        (the trainer's), ``steps``, ``unpublished_steps`` (trained since ``adapter`` was
+        published), ``publish_error`` (why ``terminate`` could not publish them, or None),
+        ``swap_seconds`` and ``last_step`` (loss, kl, reward mean, seconds of the last step)."""
         return {"job_id": self.job_id, "status": self._status, "current_model": self.lm.model,
                 "checkpoints": dict(self.checkpoints), "last_checkpoint": self.last_checkpoint,
                 "pending_batch_ids": list(self._pending), "version": self.version, "adapter": self.adapter,
                 "device": self.config.device,
-                "steps": self.steps, "swap_seconds": list(self.swap_seconds),
+                "steps": self.steps, "unpublished_steps": self.steps - self._published_steps,
+                "publish_error": self.publish_error, "swap_seconds": list(self.swap_seconds),
                 "last_step": None if self.last_step is None else vars(self.last_step)}
 
     def status(self) -> str:
@@ -245,9 +278,11 @@ class GRPOJob(ReinforceJob):
                                     f"({exc}); {self.adapter or 'the base model'} keeps serving.") from exc
         self.lm.switch_adapter(name)
         self.trainer.mark_served()
+        self._published_steps = self.steps
         loaded = time.monotonic() - started
         old, self.adapter, self.version = self.adapter, name, version
-        if old is not None:
+        self._own.add(name)
+        if old in self._own:  # a user's adapter the run started from stays loaded
             self._retiring.append(old)
         self._retire_waiting(timeout=config.swap_timeout)
         self.swap_seconds.append(loaded)

@@ -134,13 +134,15 @@ class ReplicaPool(PoolAdapters):
             return [ReplicaLoad(r.index, r.alive, self._outstanding[i], self._in_flight[i], r.share)
                     for i, r in enumerate(self.replicas)]
 
-    def submit(self, request: GenerationRequest, sink=None) -> concurrent.futures.Future:
+    def submit(self, request: GenerationRequest, sink=None, hold=None) -> concurrent.futures.Future:
         """Route one request; the future resolves to its ``Generation``. With
         ``stream`` (a ``lm.stream_channel.StreamChannel``) the replica also puts each new
         piece of text on it. A streamed request whose replica dies before its
         first piece is resubmitted like any other; after it, it fails with
-        ``StreamInterruptedError`` (what was shown cannot be taken back)."""
-        return self._submit_job(request, sink).future
+        ``StreamInterruptedError`` (what was shown cannot be taken back). ``hold``: the
+        ``AdapterHold`` taken when the request's adapter was chosen (``hold_chosen``),
+        released with the answer."""
+        return self._submit_job(request, sink, hold=hold).future
 
     def submit_group(self, requests: Sequence[GenerationRequest]) -> list[concurrent.futures.Future]:
         """Requests that share a prefix (``batching.group_by_prefix``): the first is routed
@@ -155,8 +157,9 @@ class ReplicaPool(PoolAdapters):
             futures.append(job.future)
         return futures
 
-    def _submit_job(self, request: GenerationRequest, sink, pin: int | None = None) -> _Job:
+    def _submit_job(self, request: GenerationRequest, sink, pin: int | None = None, hold=None) -> _Job:
         job = _Job(request, concurrent.futures.Future(), 0, stream=sink, pin=pin)
+        self._hold_adapter(job, hold)  # first: every way out below settles the future, which releases it
         if (self.router.wants_token_ids and request.token_ids is None and isinstance(request.prompt, str)
                 and not request.images):
             try:  # here, in the caller's thread: the engine then uses these ids as they are
@@ -166,7 +169,6 @@ class ReplicaPool(PoolAdapters):
                 return job
         job.cost = request.estimated_output_tokens() + request.estimated_prompt_tokens() // 8
         job.future.add_done_callback(lambda f: self._caller_gave_up(job) if f.cancelled() else None)
-        self._hold_adapter(job)
         self._dispatch(job)
         return job
 

@@ -1,6 +1,7 @@
 """The pool's LoRA adapters (a mixin of ``ReplicaPool``): load on every live replica or
 on none, unload, retire once no request holds an adapter (``retire_adapter``, for
-live adapter versions: GRPO), and load them again on a restarted replica.
+live adapter versions: GRPO; a request holds its version from the moment it is chosen,
+``hold_chosen``, until its answer), and load them again on a restarted replica.
 
 ``ReplicaPool`` sets the state used here: ``replicas``, ``router``, ``adapters`` (the
 registry), ``_lock`` and ``_users_changed`` (a condition on it), ``_adapter_lock``,
@@ -12,40 +13,71 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import NoHealthyReplicaError, ReplicaDeadError
 from ..lora.registry import AdapterSpec
 from ..protocol import Replica
 
-__all__ = ["PoolAdapters"]
+__all__ = ["AdapterHold", "PoolAdapters"]
 
 logger = logging.getLogger(__name__)
+
+
+class AdapterHold:
+    """One request's claim on its adapter version: ``retire_adapter`` does not unload the
+    version while a hold on it is not released. Released once (later calls do nothing)."""
+
+    def __init__(self, pool: PoolAdapters, name: str):
+        self.name = name
+        self._pool: PoolAdapters | None = pool
+
+    def release(self, _future=None) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        with pool._users_changed:
+            pool._adapter_users[self.name] -= 1
+            if not pool._adapter_users[self.name]:
+                del pool._adapter_users[self.name]
+                pool._users_changed.notify_all()
 
 
 class PoolAdapters:
     """Adapter methods of ``ReplicaPool`` (see the module docstring)."""
 
-    def _hold_adapter(self, job) -> None:
-        """Count the request as a user of its adapter until its future is done, so that
-        ``retire_adapter`` unloads the adapter only when no request holds it. Checked and
-        counted under the lock ``retire_adapter`` takes: a request either holds the adapter
-        before it is retired, or finds it gone and fails fast in ``_route``."""
-        name = job.request.adapter
-        if name is None:
-            return
+    def hold_chosen(self, choose: Callable[[], tuple]) -> tuple[tuple, AdapterHold | None]:
+        """Call ``choose()`` (a tuple whose first item is the adapter a request will carry,
+        or None) and hold that adapter, in one step under the lock ``retire_adapter`` takes:
+        a version read this way is held before any retirement can see it idle, however long
+        the request takes to reach ``submit`` (``DSPyEngine`` reads its LM's adapter so,
+        while a GRPO swap may switch it and retire the old one). Returns ``(chosen, hold)``;
+        ``hold`` is None for the base model or an adapter not loaded (its request fails fast
+        in routing). Pass ``hold`` to ``submit``, which releases it with the request's
+        answer; release it yourself if the request is not submitted."""
         with self._lock:
-            if name not in self.adapters:
-                return
-            self._adapter_users[name] = self._adapter_users.get(name, 0) + 1
+            chosen = choose()
+            return chosen, self._count_user(chosen[0])
 
-        def release(_future) -> None:
-            with self._users_changed:
-                self._adapter_users[name] -= 1
-                if not self._adapter_users[name]:
-                    del self._adapter_users[name]
-                    self._users_changed.notify_all()
+    def _count_user(self, name: str | None) -> AdapterHold | None:
+        """A hold on ``name`` (the lock held by the caller); None for the base model or an
+        adapter not loaded."""
+        if name is None or name not in self.adapters:
+            return None
+        self._adapter_users[name] = self._adapter_users.get(name, 0) + 1
+        return AdapterHold(self, name)
 
-        job.future.add_done_callback(release)
+    def _hold_adapter(self, job, hold: AdapterHold | None = None) -> None:
+        """Count the request as a user of its adapter until its future is done, so that
+        ``retire_adapter`` unloads the adapter only when no request holds it: ``hold``
+        (taken when its version was chosen, ``hold_chosen``), else counted now, under the
+        lock ``retire_adapter`` takes: a request either holds the adapter before it is
+        retired, or finds it gone and fails fast in ``_route``."""
+        if hold is None:
+            with self._lock:
+                hold = self._count_user(job.request.adapter)
+        if hold is not None:
+            job.future.add_done_callback(hold.release)
 
     def adapter_users(self, name: str) -> int:
         """Requests for adapter ``name`` submitted and not yet answered."""
