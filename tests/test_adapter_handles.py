@@ -1,5 +1,5 @@
 """Which model an LM handle serves while its parent switches adapters (issue 35), on fake
-replicas (no vLLM; the default model's tokenizer renders the prompts).
+replicas (``backend=FakeBackend(handler)``: no model, no vLLM).
 
 1. ``with_adapter(name)`` (None included) is pinned to that model whatever its parent does
    later; only the parent and its plain copies (``lm.copy(...)``, DSPy's rollout copies)
@@ -17,62 +17,18 @@ import threading
 
 import pytest
 
-from conftest import wait_for
-from fakes import FakeReplica
-from vllm_dspy_adapter.lm.offline import _Layout, vLLMOffline
+from vllm_dspy_adapter import vLLMOfflineMultiGPU
+from vllm_dspy_adapter.backends.fake import FakeBackend
 from vllm_dspy_adapter.protocol import GenerationRequest
-from vllm_dspy_adapter.serving.routing import RoundRobinRouter
 
 dspy = pytest.importorskip("dspy")
 
 
-class ServingReplica(FakeReplica):
-    """A fake replica that answers every request (``echo``, with the adapter it ran) as soon
-    as ``admit`` is set (set by default), and loads and unloads adapters as an engine does."""
-
-    def __init__(self, index, on_death):
-        super().__init__(index, on_death)
-        self.admit = threading.Event()
-        self.admit.set()
-
-    def submit(self, request, request_id=None, *, sink=None):
-        future = super().submit(request, request_id, sink=sink)
-        threading.Thread(target=self._answer, args=(self.incarnation, request_id, request), daemon=True).start()
-        return future
-
-    def _answer(self, incarnation, request_id, request) -> None:
-        if self.admit.wait(30):
-            self.requests.pop(request_id, None)
-            self.reply_from(incarnation, request_id, request)
-
-    def _adapter_call(self, op, payload, timeout):
-        """An engine's add_lora / remove_lora: nothing to do (the handle tracks ``adapters``)."""
-
-
-class ServingBackend:
-    """The Backend contract over ``ServingReplica``s."""
-
-    def __init__(self, n: int = 2):
-        self.n, self.replicas = n, []
-
-    def start(self, spec, on_death):
-        self.replicas = [ServingReplica(i, on_death) for i in range(self.n)]
-        return list(self.replicas)
-
-    def restart(self, replica):
-        replica.come_back()
-
-    def shutdown(self):
-        """Nothing of its own."""
-
-
-def fake_lm(backend) -> vLLMOffline:
-    """The real LM class over fake replicas, with LoRA on (as tests/test_batching.py's
-    FakeLM; ``vLLMOffline(backend=FakeBackend(...))`` once that seam exists)."""
-    lm = vLLMOffline.__new__(vLLMOffline)
-    lm._open(None, _Layout(backend, RoundRobinRouter(), max_restarts=0), health_timeout=None, cache=False,
-             enable_lora=True, max_lora_rank=8, max_loras=2)
-    return lm
+def fake_lm():
+    """The real LM class over two fake replicas (the public seam) with LoRA on: every
+    request is answered at once, and its Generation names the adapter it carried."""
+    return vLLMOfflineMultiGPU(backend=FakeBackend(lambda request: "ok", replicas=2), routing="round_robin",
+                               health_timeout=None, cache=False, enable_lora=True, max_lora_rank=8, max_loras=2)
 
 
 def adapter_folder(root, name: str) -> str:
@@ -91,8 +47,8 @@ def served_by(llm, prompt: str):
 
 
 @pytest.fixture
-def lm(default_model):
-    lm = fake_lm(ServingBackend(2))
+def lm():
+    lm = fake_lm()
     yield lm
     lm.shutdown()
 
