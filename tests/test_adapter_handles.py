@@ -193,3 +193,34 @@ def test_swaps_under_load_fail_no_call_and_every_answer_names_a_version_loaded_w
     assert all(before <= number(answer) <= after for before, answer, after in answers), answers
     assert {number(a) for _, a, _ in answers} == set(range(1, versions + 1))
     assert [a["name"] for a in lm.adapters()] == [f"t-v{versions}"]
+
+
+def test_a_batch_holds_its_version_until_its_last_answer_while_a_swap_retires_it(tmp_path):
+    """batch_generate reads its LM's adapter and holds it in one step, until the batch is done:
+    a swap meanwhile waits to retire the old version, and every answer names it."""
+    release = threading.Event()
+    arrived = threading.Semaphore(0)
+
+    def handler(request):
+        arrived.release()
+        release.wait(10)
+        return "ok"
+
+    with vLLMOfflineMultiGPU(backend=FakeBackend(handler, replicas=2), routing="round_robin", health_timeout=None,
+                             cache=False, enable_lora=True, max_lora_rank=8, max_loras=2) as lm:
+        lm.load_adapter("t-v1", adapter_folder(tmp_path, "v1"))
+        lm.switch_adapter("t-v1")
+        out: list = []
+        batch = threading.Thread(target=lambda: out.extend(lm.batch_generate(
+            [f"p{i}" for i in range(8)], progress=False, return_outputs=True)))
+        batch.start()
+        assert all(arrived.acquire(timeout=10) for _ in range(8)), "the batch did not reach the replicas"
+        runtime = lm.engine.runtime
+        lm.load_adapter("t-v2", adapter_folder(tmp_path, "v2"))
+        lm.switch_adapter("t-v2")
+        assert runtime.pool.adapter_users("t-v1") == 9  # its 8 requests and the batch itself
+        assert runtime.retire_adapter("t-v1", timeout=0.2) is False  # held: left loaded
+        release.set()
+        batch.join(10)
+        assert [g.adapter for g in out] == ["t-v1"] * 8
+        assert runtime.retire_adapter("t-v1", timeout=5) is True  # the batch is done: retired now

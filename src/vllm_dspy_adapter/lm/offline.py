@@ -224,9 +224,15 @@ class vLLMOffline(LoRAMixin, dspy.LM):
         runtime = self._runtime
         if runtime.closed:
             raise LMClosedError("This LM was shut down; create a new one.")
-        return run_batch(runtime, prompts, adapter=adapter if adapter is not None else self.adapter,
-                         progress=progress, return_outputs=return_outputs, raise_on_error=raise_on_error,
-                         per_prompt=per_prompt, sampling=sampling)
+        # The adapter is read and held in one step (a GRPO swap may retire this LM's version meanwhile),
+        # and held until the batch is done; each request holds it too from its submission on.
+        (chosen,), hold = runtime.pool.hold_chosen(lambda: (adapter if adapter is not None else self.adapter,))
+        try:
+            return run_batch(runtime, prompts, adapter=chosen, progress=progress, return_outputs=return_outputs,
+                             raise_on_error=raise_on_error, per_prompt=per_prompt, sampling=sampling)
+        finally:
+            if hold is not None:
+                hold.release()
 
     def stats(self) -> list[dict[str, Any]]:
         """One dict per replica: device, alive, restarts, stalls and the time of the
