@@ -61,9 +61,9 @@ def default_model():
 
 # ------------------------------------------------------------------ engines shared by the session
 # Each real engine start costs 30-40 s on CI's 2 cores, so tests that read what a real engine does
-# share one. Files run in name order; the one test that kills a shared LM is the last of the last
-# file that uses it (test_offline for `engine_lm`, test_multigpu for `pool_lm`), and a later user
-# would be told so by `_alive`. Tests take copies with their own DSPy settings
+# share one. Their users run last, in SHARED_ENGINE_MODULES' order (below); the one test that kills
+# a shared LM is the last of the last module that uses it (test_offline for `engine_lm`,
+# test_multigpu for `pool_lm`), and a later user would be told so by `_alive`. Tests take copies with their own DSPy settings
 # (`engine_lm.copy(max_tokens=...)`): a copy shares the engines.
 
 
@@ -160,7 +160,23 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"engine starts: {len(_ENGINE_CORES)} vLLM engine cores started by this run")
 
 
+# The modules that use the session's shared engines run last, together and in this order (each
+# shared LM is killed by the last test of its last user, test_multigpu and test_offline): the idle
+# shared engines (about 3 GB each on CPU) then never sit beside another module's engines, whose
+# sum would pass CI's 24 GB.
+SHARED_ENGINE_MODULES = ("test_features_engine.py", "test_cancel_engine.py", "test_multigpu.py", "test_offline.py")
+
+
+def _shared_last(items):
+    def rank(item):
+        name = item.path.name
+        return SHARED_ENGINE_MODULES.index(name) + 1 if name in SHARED_ENGINE_MODULES else 0
+
+    items.sort(key=rank)  # stable: every module keeps its own order, the others theirs
+
+
 def pytest_collection_modifyitems(config, items):
+    _shared_last(items)
     # `model`: a test that loads the embedded model's weights or tokenizer through PyTorch /
     # transformers (the real GRPO trainer, LoRA training, a tokenizer's template) without an engine.
     # `make check` leaves these and the engine tests out; `make unit` and `make test` run them.
