@@ -139,7 +139,8 @@ def test_two_replicas_swap_live_and_a_restarted_replica_gets_the_current_version
         # (Requests sent *while* a step trains, on 2 CPU cores shared by two pinned replicas and the trainer,
         # stalled past swap_timeout here: see the report; the swap alone is measured by benchmarks/grpo_bench.py.)
         job.step([{"batch_id": 1, "group": group}], "grpo_chat")
-        after = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 4, progress=False, return_outputs=True)
+        after = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 4, progress=False, return_outputs=True,
+                                  max_tokens=4)
         assert {o.adapter for o in after} == {"live-v2"}  # the student's requests moved to v2
         assert [a["name"] for a in lm.adapters()] == ["live-v2"]
         swap = job.get_status()["swap_seconds"]
@@ -149,7 +150,8 @@ def test_two_replicas_swap_live_and_a_restarted_replica_gets_the_current_version
         os.kill(victim["engine_pids"][0], signal.SIGKILL)
         assert wait_for(lambda: lm.stats()[1]["alive"] and lm.stats()[1]["restarts"] == 1, 300), lm.stats()
         assert wait_for(lambda: sorted(lm.adapters()[0]["replicas"]) == [0, 1], 60), lm.adapters()
-        outputs = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 6, progress=False, return_outputs=True)
+        outputs = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 6, progress=False, return_outputs=True,
+                                    max_tokens=4)
         assert {o.adapter for o in outputs} == {"live-v2"} and {o.replica for o in outputs} == {0, 1}
         job.terminate()
         assert job.get_status()["status"] == "terminated" and lm.adapter == "live-v2"
