@@ -57,3 +57,32 @@ def test_detokenize_off_keeps_the_cache_label_and_other_sampling_options_do_not(
     plain = ModelSpec(model="m", engine_kwargs={})
     assert ModelSpec(model="m", engine_kwargs={}, sampling={"detokenize": False}).label() == plain.label()
     assert ModelSpec(model="m", engine_kwargs={}, sampling={"top_k": 20}).label() != plain.label()
+
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx fma avx2\n"
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd bf16\n"
+
+
+def test_the_cpu_flags_tell_whether_bfloat16_matmuls_are_native():
+    assert not vllm_api.has_native_bf16(AVX2_ONLY)
+    assert vllm_api.has_native_bf16(SAPPHIRE_RAPIDS)
+    assert not vllm_api.has_native_bf16(ARM)  # no "flags" line: cpu_without_native_bf16 says False there
+
+
+def test_on_a_cpu_without_native_bfloat16_the_engine_runs_float32_and_says_so():
+    kwargs, told = engine_defaults({}, slow_cpu_bf16=True)
+    assert kwargs["dtype"] == "float32"
+    assert "dtype=float32" in told and "Pass dtype=" in told and "13.8 s" in told
+    assert "dtype" not in engine_defaults({}, slow_cpu_bf16=False)[0]
+
+
+def test_a_user_who_sets_a_dtype_keeps_it_on_any_cpu():
+    kwargs, told = engine_defaults({"dtype": "bfloat16"}, slow_cpu_bf16=True)
+    assert kwargs["dtype"] == "bfloat16" and told is None
+
+
+def test_both_choices_are_told_in_one_line():
+    kwargs, told = engine_defaults({}, slow_cpu_bf16=True, vllm_max_num_seqs=1024)
+    assert kwargs["dtype"] == "float32" and kwargs["max_num_seqs"] == 2048
+    assert "dtype=float32" in told and "max_num_seqs=2048" in told

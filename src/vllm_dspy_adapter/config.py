@@ -135,8 +135,14 @@ WIDE_SEQS_GAIN = ("measured on one H100, vLLM 0.26: W5 at once 1.19x, every othe
                   "0.6B and 8B shapes")
 
 
+# On a CPU without native bfloat16 matmuls (x86 without AVX-512 BF16 or AMX: AVX2-only machines
+# such as the AMD EPYC CI runs on) torch runs bfloat16 on a slow fallback; float32 is faster there.
+CPU_FLOAT32_GAIN = ("a 334-token prefill of SmolLM2-135M took 13.8 s in bfloat16 and 2.5 s in float32, side by "
+                    "side on a 2-core AMD EPYC with AVX2 only, vLLM 0.32 CPU build")
+
+
 def engine_defaults(engine_kwargs: dict[str, Any], *, vllm_max_num_seqs: int | None = None,
-                    ) -> tuple[dict[str, Any], str | None]:
+                    slow_cpu_bf16: bool = False) -> tuple[dict[str, Any], str | None]:
     """``engine_kwargs`` over the adapter's engine defaults, and the line to log once about the
     batch limit chosen (None: vLLM's kept).
 
@@ -146,14 +152,20 @@ def engine_defaults(engine_kwargs: dict[str, Any], *, vllm_max_num_seqs: int | N
     ``WIDE_SEQS_FROM`` and the user set no batch limit: chosen by measurement (issue #20, W5 at
     once 1.19x and no workload below 0.98x). vLLM's ``performance_mode="throughput"``, which
     also doubles ``max_num_batched_tokens``, was measured and not taken (W2 from 256 DSPy
-    threads 0.89x)."""
+    threads 0.89x). ``slow_cpu_bf16`` (the engine runs on a CPU without native bfloat16):
+    ``dtype="float32"`` unless the user chose a dtype (``CPU_FLOAT32_GAIN``)."""
     chosen: dict[str, Any] = {"disable_log_stats": True, "enable_prefix_caching": True}
     message = None
+    if slow_cpu_bf16 and engine_kwargs.get("dtype") is None:
+        chosen["dtype"] = "float32"
+        message = (f"dtype=float32: this CPU has no native bfloat16 matmuls (no AVX-512 BF16 or AMX), where "
+                   f"bfloat16 runs on a slow fallback ({CPU_FLOAT32_GAIN}). Pass dtype=... to choose.")
     if (vllm_max_num_seqs is not None and vllm_max_num_seqs >= WIDE_SEQS_FROM
             and not any(engine_kwargs.get(name) is not None for name in _BATCH_ARGS)):
         chosen["max_num_seqs"] = 2 * vllm_max_num_seqs
-        message = (f"max_num_seqs={2 * vllm_max_num_seqs} (vLLM's own on this card: {vllm_max_num_seqs}): more "
-                   f"sequences per step for batch work ({WIDE_SEQS_GAIN}). Pass max_num_seqs=... to choose.")
+        wide = (f"max_num_seqs={2 * vllm_max_num_seqs} (vLLM's own on this card: {vllm_max_num_seqs}): more "
+                f"sequences per step for batch work ({WIDE_SEQS_GAIN}). Pass max_num_seqs=... to choose.")
+        message = wide if message is None else f"{message} {wide}"
     return {**chosen, **engine_kwargs}, message
 
 

@@ -67,7 +67,7 @@ USED: tuple[str, ...] = (
     f"{_ARGS}.max_model_len", f"{_ARGS}.enforce_eager", f"{_ARGS}.enable_lora", f"{_ARGS}.max_loras",
     f"{_ARGS}.max_lora_rank", f"{_ARGS}.tensor_parallel_size", f"{_ARGS}.load_format", f"{_ARGS}.tokenizer",
     f"{_ARGS}.trust_remote_code", f"{_ARGS}.tokenizer_revision", f"{_ARGS}.distributed_executor_backend",
-    f"{_ARGS}.max_num_seqs", f"{_ARGS}.get_batch_defaults",
+    f"{_ARGS}.max_num_seqs", f"{_ARGS}.get_batch_defaults", f"{_ARGS}.dtype",
     "vllm.usage.usage_lib.UsageContext.LLM_CLASS",
     _LLM, f"{_LLM}.from_vllm_config", f"{_LLM}.from_vllm_config(usage_context)",
     f"{_LLM}.from_vllm_config(disable_log_stats)",
@@ -209,6 +209,30 @@ def default_max_num_seqs() -> int | None:
         return int(AsyncEngineArgs.get_batch_defaults(1)[1][UsageContext.LLM_CLASS])
     except Exception:  # a platform vLLM has no table for
         return None
+
+
+def has_native_bf16(cpuinfo: str) -> bool:
+    """Whether ``/proc/cpuinfo``'s flags name a bfloat16 matmul unit (AVX-512 BF16 or AMX)."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_without_native_bf16() -> bool:
+    """Whether engines here run on the CPU (torch sees no CUDA device: the CPU build) of a
+    machine whose ``/proc/cpuinfo`` names no bfloat16 matmul unit; False where it cannot say."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpuinfo = fh.read()
+    except OSError:
+        return False
+    return "flags" in cpuinfo and not has_native_bf16(cpuinfo)  # x86 only: ARM's lists "Features"
 
 
 def sampling_field_names() -> frozenset[str]:

@@ -107,7 +107,8 @@ class Engine(EngineLifetime):
 
     async def _start(self) -> None:
         # Built inside the loop so AsyncLLM attaches its output handler to it.
-        kwargs, chosen = engine_defaults(self.spec.engine_kwargs, vllm_max_num_seqs=vllm_api.default_max_num_seqs())
+        kwargs, chosen = engine_defaults(self.spec.engine_kwargs, vllm_max_num_seqs=vllm_api.default_max_num_seqs(),
+                                         slow_cpu_bf16=vllm_api.cpu_without_native_bf16())
         if chosen is not None and chosen not in _told:
             _told.add(chosen)
             logger.info("%s: %s", self.name, chosen)
