@@ -3,10 +3,12 @@ pure grouping, the pool's pinning, and an LM over fake replicas that keeps input
 
 import threading
 
+import pytest
+
 from conftest import wait_for
 from fakes import SPEC
 from vllm_dspy_adapter.backends.fake import FakeBackend
-from vllm_dspy_adapter import vLLMOfflineMultiGPU
+from vllm_dspy_adapter import ConfigurationError, vLLMOfflineMultiGPU
 from vllm_dspy_adapter.protocol import GenerationRequest
 from vllm_dspy_adapter.serving.batching import group_by_prefix
 from vllm_dspy_adapter.serving.pool import ReplicaPool
@@ -105,3 +107,24 @@ def test_a_batch_sharing_one_system_prompt_still_spreads_over_every_replica():
     results = out[0]
     assert [g.text for g in results] == [f"echo:{p}" for p in prompts]
     assert [len({results[j].replica for j in range(i, i + 4)}) for i in (0, 4, 8)] == [1, 1, 1]
+
+
+def test_per_prompt_sampling_reaches_each_request_in_input_order_and_bad_entries_are_refused_first():
+    seen: list = []
+
+    def handler(request):
+        seen.append(request)
+        return f"{request.sampling.get('max_tokens')}|{request.sampling.get('ignore_eos')}"
+
+    lm = vLLMOfflineMultiGPU(backend=FakeBackend(handler, replicas=2), health_timeout=None, cache=False)
+    wanted = [1 + i % 5 for i in range(10)]
+    texts = lm.batch_generate([f"q{i}" for i in range(10)], per_prompt=[{"max_tokens": n} for n in wanted],
+                              ignore_eos=True, progress=False)
+    assert texts == [f"{n}|True" for n in wanted]
+    seen.clear()
+    with pytest.raises(ConfigurationError, match="per_prompt has 1 entries for 2 prompts"):
+        lm.batch_generate(["a", "b"], per_prompt=[{}], progress=False)
+    with pytest.raises(ConfigurationError, match=r"per_prompt\[1\] is str"):
+        lm.batch_generate(["a", "b"], per_prompt=[{}, "max_tokens=3"], progress=False)
+    assert seen == []  # refused before any request ran
+    lm.shutdown()

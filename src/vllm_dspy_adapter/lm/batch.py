@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
@@ -31,7 +31,7 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
     if per_prompt is None:
         per_request = [merged] * len(prompts)
     else:
-        per_request = _per_prompt_sampling(per_prompt, merged, len(prompts))
+        per_request = _per_prompt_sampling(per_prompt, merged, len(prompts), runtime.renderer.check_sampling)
     # Refuse bad input before submitting any: nothing runs half-done.
     requests = [runtime.renderer.prompt_request(p, s) for p, s in zip(prompts, per_request)]
     if adapter is not None:
@@ -81,8 +81,9 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
     return results
 
 
-def _per_prompt_sampling(per_prompt: Sequence[dict[str, Any]], base: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """One merged sampling dict per prompt; checks each distinct override once."""
+def _per_prompt_sampling(per_prompt: Sequence[dict[str, Any]], base: dict[str, Any], n: int,
+                         check: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """One merged sampling dict per prompt; ``check`` (the renderer's rule) sees each distinct override once."""
     per_prompt = list(per_prompt)
     if len(per_prompt) != n:
         raise ConfigurationError(
@@ -98,7 +99,7 @@ def _per_prompt_sampling(per_prompt: Sequence[dict[str, Any]], base: dict[str, A
         key = repr(sorted(extra.items()))
         if key not in checked:
             try:
-                check_sampling_kwargs(extra)
+                check(extra)
             except ConfigurationError as exc:
                 raise ConfigurationError(f"per_prompt[{i}]: {exc}") from exc
             checked.add(key)
