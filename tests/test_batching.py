@@ -128,3 +128,25 @@ def test_per_prompt_sampling_reaches_each_request_in_input_order_and_bad_entries
         lm.batch_generate(["a", "b"], per_prompt=[{}, "max_tokens=3"], progress=False)
     assert seen == []  # refused before any request ran
     lm.shutdown()
+
+
+def test_an_interrupt_without_a_real_signal_stops_the_batch_and_aborts_what_was_held():
+    # _thread.interrupt_main sets Python's interrupt flag without a signal that would wake a
+    # blocked wait: the collection must look at it while every prompt is still held.
+    import _thread
+    import signal
+
+    backend = FakeBackend(replicas=2)
+    lm = FakeLM(backend)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lm.batch_generate([f"q{i}" for i in range(6)], progress=False)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert wait_for(lambda: sum(len(r.aborted) for r in backend.replicas) == 6, 5), \
+        [r.aborted for r in backend.replicas]
+    lm.shutdown()

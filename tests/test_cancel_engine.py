@@ -85,7 +85,7 @@ def test_ctrl_c_during_batch_generate_aborts_the_batch_and_the_lm_serves_right_a
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            lm.batch_generate(prompts, progress=False)
+            lm.batch_generate(prompts, max_tokens=LONG, progress=False)  # batch_generate takes no LM default
     finally:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)

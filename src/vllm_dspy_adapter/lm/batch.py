@@ -15,6 +15,8 @@ from ..serving.batching import group_by_prefix
 
 __all__ = ["run_batch"]
 
+WAKE_S = 0.25  # the longest the collection waits without looking at the interrupt flag
+
 
 def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress: bool, return_outputs: bool,
               raise_on_error: bool, per_prompt: Sequence[dict[str, Any]] | None,
@@ -51,19 +53,26 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
         bar = _progress_bar(len(futures), progress)
         started, out_tokens = time.monotonic(), 0
         index_of = {id(f): i for i, f in enumerate(futures)}
-        for future in concurrent.futures.as_completed(futures):
-            i = index_of[id(future)]
-            exc = future.exception()
-            if exc is not None:
-                results[i] = exc
-            else:
-                generation = future.result()
-                out_tokens += generation.num_output_tokens
-                results[i] = generation if return_outputs else generation.text
-            if bar is not None:
-                elapsed = max(time.monotonic() - started, 1e-9)
-                bar.set_postfix_str(f"{bar.n / elapsed:.1f} req/s, {out_tokens / elapsed:.0f} tok/s", refresh=False)
-                bar.update(1)
+        pending = set(futures)
+        while pending:
+            # A bounded wait, so a KeyboardInterrupt set without a real signal (_thread.interrupt_main,
+            # some notebook front ends) is seen within WAKE_S, not when the next prompt finishes.
+            done, pending = concurrent.futures.wait(pending, timeout=WAKE_S,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                i = index_of[id(future)]
+                exc = future.exception()
+                if exc is not None:
+                    results[i] = exc
+                else:
+                    generation = future.result()
+                    out_tokens += generation.num_output_tokens
+                    results[i] = generation if return_outputs else generation.text
+                if bar is not None:
+                    elapsed = max(time.monotonic() - started, 1e-9)
+                    bar.set_postfix_str(f"{bar.n / elapsed:.1f} req/s, {out_tokens / elapsed:.0f} tok/s",
+                                        refresh=False)
+                    bar.update(1)
     except BaseException:  # Ctrl-C (a notebook's interrupt) or an error here: abort the whole batch,
         for future in futures:  # so the GPU is free for the next call, which gets none of these results
             if future is not None:
