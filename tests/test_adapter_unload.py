@@ -1,10 +1,12 @@
 """Issue 22: an LM made by ``with_adapter(name)`` answers nothing once ``name`` is unloaded.
 
-The scenario of the issue on real CPU replicas of the default model: two
-replicas (worker processes), ``enable_lora=True``, two random rank-8 PEFT
-adapters written here (``acc-ft`` stays loaded, ``acc-b`` is unloaded), and
-DSPy's response cache ON (DSPy's default; here in a temporary folder, so the
-test neither reads nor fills ``~/.dspy_cache``).
+The scenario of the issue on two fake replicas (``backend=FakeBackend(handler)``, the
+public seam: the rule lives in the LM, DSPy's cache and the pool, not in vLLM), each
+answer naming the adapter the request carried, ``enable_lora=True``, two adapters
+(``acc-ft`` stays loaded, ``acc-b`` is unloaded), and DSPy's response cache ON (DSPy's
+default; here in a temporary folder, so the test neither reads nor fills
+``~/.dspy_cache``). The same refusal on a real engine: test_lora's
+``test_unloaded_adapter_fails_fast``.
 
 The root cause the issue hit: DSPy's ``execute()`` looks a call up in its
 response cache *before* it reaches our engine, under the LM's ``model``, which
@@ -27,34 +29,41 @@ fails until ``Generation`` has an ``adapter`` field).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import dspy
 import pytest
 
-from conftest import ENGINE_KWARGS
-
-pytestmark = pytest.mark.engine
+from vllm_dspy_adapter.backends.fake import FakeBackend
 
 UNLOADED, KEPT = "acc-b", "acc-ft"
 REFUSED = f"No adapter named '{UNLOADED}' is loaded"
 MAX_TOKENS = 16
 
 
-def write_adapter(model_dir: str, out_dir: str, *, seed: int, rank: int = 8, scale: float = 0.1) -> str:
-    """A PEFT-format LoRA for ``model_dir``'s shapes with random A and B, large enough
-    (``scale``) that its greedy answers differ from the base model's."""
-    from benchmarks.lora_bench import write_random_adapter
-
-    return write_random_adapter(model_dir, out_dir, rank=rank, seed=seed, scale=scale)
-
-
-def _served(lm) -> list[tuple[int, int, int]]:
-    """Per replica: requests routed to it, answered by its engine, failed there."""
-    return [(s["routed"], s.get("requests", 0), s.get("failed", 0)) for s in lm.stats()]
+def write_adapter(root, name: str) -> str:
+    """A folder that passes the adapter checks (config, rank, weights file); fakes never read the weights."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(name.encode())
+    return str(folder)
 
 
-# ---------------------------------------------------------------------------- the paths
+def answer_with_the_adapter(request):
+    """Every answer names the model that ran it, in the ChatAdapter's format."""
+    label = request.adapter or "base"
+    return f"[[ ## reasoning ## ]]\nasked {label}\n\n[[ ## answer ## ]]\n{label}\n\n[[ ## completed ## ]]"
+
+
+BACKEND: list[FakeBackend] = []  # the module's backend: its replicas count what they answered
+
+
+def _served(lm) -> list[tuple[int, int]]:
+    """Per replica: requests routed to it, answered by it."""
+    return [(s["routed"], len(r.served)) for s, r in zip(lm.stats(), BACKEND[0].replicas)]
+
 
 class SecretWord(dspy.Signature):
     """Answer the question."""
@@ -129,19 +138,20 @@ def dspy_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scenario(default_model, tmp_path_factory, dspy_cache):
+def scenario(tmp_path_factory, dspy_cache):
     """The issue's steps 1-2: load, answer through every path, unload. Yields
     (lm, tuned LM of the unloaded adapter, salt, what each path answered before)."""
     from dspy.utils.exceptions import AdapterParseError
 
     from vllm_dspy_adapter import vLLMOfflineMultiGPU
 
-    lm = vLLMOfflineMultiGPU(num_replicas=2, enable_lora=True, max_loras=1, max_lora_rank=8, temperature=0.0,
-                             max_tokens=MAX_TOKENS, **ENGINE_KWARGS)  # cache: DSPy's default (on)
+    BACKEND[:] = [FakeBackend(answer_with_the_adapter, replicas=2)]
+    lm = vLLMOfflineMultiGPU(backend=BACKEND[0], enable_lora=True, max_loras=1, max_lora_rank=8, temperature=0.0,
+                             max_tokens=MAX_TOKENS, health_timeout=None)  # cache: DSPy's default (on)
     try:
         folder = tmp_path_factory.mktemp("adapters")
-        lm.load_adapter(KEPT, write_adapter(default_model, str(folder / KEPT), seed=1))
-        tuned = lm.load_adapter(UNLOADED, write_adapter(default_model, str(folder / UNLOADED), seed=2))
+        lm.load_adapter(KEPT, write_adapter(folder, KEPT))
+        tuned = lm.load_adapter(UNLOADED, write_adapter(folder, UNLOADED))
         assert tuned.adapter == UNLOADED and tuned.model != lm.model
         salt = uuid.uuid4().hex[:8]
         # Step 1: the adapter answers, and not as the base model does.
@@ -157,7 +167,7 @@ def scenario(default_model, tmp_path_factory, dspy_cache):
         # Step 2: unload; listed nowhere.
         lm.unload_adapter(UNLOADED)
         assert [a["name"] for a in lm.adapters()] == [KEPT]
-        assert all(UNLOADED not in s["adapters"] and KEPT in s["adapters"] for s in lm.stats()), lm.stats()
+        assert sorted(lm.adapters()[0]["replicas"]) == [0, 1], lm.adapters()  # KEPT still on both
         yield lm, tuned, salt, before
     finally:
         lm.shutdown()
@@ -211,8 +221,8 @@ def test_the_kept_adapter_and_the_base_still_answer(scenario):
     lm, _, salt, _ = scenario
     kept = lm.with_adapter(KEPT).copy(cache=False)
     served = sum(r[1] for r in _served(lm))
-    assert kept(f"Say one word. ({salt}-kept)")[0]
-    assert lm.copy(cache=False)(f"Say one word. ({salt}-base)")[0]
+    assert KEPT in kept(f"Say one word. ({salt}-kept)")[0]
+    assert "base" in lm.copy(cache=False)(f"Say one word. ({salt}-base)")[0]
     assert sum(r[1] for r in _served(lm)) == served + 2
 
 

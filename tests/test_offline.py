@@ -78,14 +78,14 @@ def test_evaluate_with_32_threads_batches_calls_together(lm):
     from vllm_dspy_adapter.cli import arithmetic_devset
 
     before = lm.stats()[0]
-    devset = arithmetic_devset(64, seed=int(time.time()))
+    devset = arithmetic_devset(32, seed=int(time.time()))
     program = dspy.Predict("question -> answer")
     with dspy.context(lm=lm.copy(cache=False)):
         result = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: e.answer in str(p.answer),
                                num_threads=32, display_progress=False)(program)
     after = lm.stats()[0]
-    assert after["requests"] - before["requests"] >= 64
-    assert len(result.results) == 64
+    assert after["requests"] - before["requests"] >= 32
+    assert len(result.results) == 32
     # vLLM's own count of requests it held at once: calls from threads shared the batch.
     assert after["peak_unfinished"] > 8
     assert after["peak_in_flight"] > 8
