@@ -46,7 +46,9 @@ def mean_logps(model_path, adapter_path, messages_list):
     from vllm_dspy_adapter.lora.grpo import tokenize_completion
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter_path).eval()
+    # float32: the checkpoint is bfloat16, which CI's AVX2 CPU multiplies on a slow fallback (minutes here)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_path).eval()
     out = {"base": [], "tuned": []}
     with torch.no_grad():
         for messages in messages_list:

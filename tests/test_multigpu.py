@@ -48,18 +48,18 @@ def test_evaluate_spreads_over_both_replicas(lm):
     before = [s["requests"] for s in lm.stats()]
     program = dspy.ChainOfThought("question -> answer")
     with dspy.context(lm=lm):
-        result = dspy.Evaluate(devset=arithmetic_devset(48, seed=1), metric=lambda e, p, t=None: True,
-                               num_threads=24, display_progress=False)(program)
-    assert len(result.results) == 48
+        result = dspy.Evaluate(devset=arithmetic_devset(16, seed=1), metric=lambda e, p, t=None: True,
+                               num_threads=16, display_progress=False)(program)
+    assert len(result.results) == 16
     served = [s["requests"] - b for s, b in zip(lm.stats(), before)]
-    assert sum(served) >= 48 and min(served) > 0, served
+    assert sum(served) >= 16 and min(served) > 0, served
 
 
 def test_batch_generate_keeps_order_and_completeness(lm):
-    outs = lm.batch_generate(prompts(300, "alpha"), max_tokens=4, progress=False, return_outputs=True)
-    assert len(outs) == 300
+    outs = lm.batch_generate(prompts(100, "alpha"), max_tokens=4, progress=False, return_outputs=True)
+    assert len(outs) == 100
     lengths = [o.num_prompt_tokens for o in outs]
-    assert lengths == sorted(lengths) and len(set(lengths)) == 300
+    assert lengths == sorted(lengths) and len(set(lengths)) == 100
     assert {o.replica for o in outs} == {0, 1}
     texts = lm.batch_generate(prompts(5, "beta"), max_tokens=4, progress=False)
     assert all(isinstance(t, str) for t in texts)
