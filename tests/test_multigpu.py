@@ -103,17 +103,17 @@ def test_killed_replica_loses_no_result_and_comes_back(lm, caplog):
 
     resubmitted_before = replica(lm, 1)["resubmitted"]
     threading.Thread(target=kill_when_busy, daemon=True).start()
-    outs = lm.batch_generate(prompts(240, "gamma"), max_tokens=24, progress=False, return_outputs=True)
+    outs = lm.batch_generate(prompts(96, "gamma"), max_tokens=16, progress=False, return_outputs=True)
     assert done.is_set()
-    assert len(outs) == 240 and all(o is not None for o in outs)
+    assert len(outs) == 96 and all(o is not None for o in outs)
     lengths = [o.num_prompt_tokens for o in outs]
-    assert lengths == sorted(lengths) and len(set(lengths)) == 240  # each prompt exactly once, in order
+    assert lengths == sorted(lengths) and len(set(lengths)) == 96  # each prompt exactly once, in order
     assert replica(lm, 1)["resubmitted"] > resubmitted_before
     assert "died" in caplog.text
     # restarted in the background, then serving again
     assert wait_for(lambda: replica(lm, 1)["alive"], 240), "replica 1 was not restarted"
     assert replica(lm, 1)["restarts"] == 1
-    again = lm.batch_generate(prompts(40, "delta"), max_tokens=4, progress=False, return_outputs=True)
+    again = lm.batch_generate(prompts(20, "delta"), max_tokens=4, progress=False, return_outputs=True)
     assert {o.replica for o in again} == {0, 1}
 
 
