@@ -150,3 +150,22 @@ def test_an_interrupt_without_a_real_signal_stops_the_batch_and_aborts_what_was_
     assert wait_for(lambda: sum(len(r.aborted) for r in backend.replicas) == 6, 5), \
         [r.aborted for r in backend.replicas]
     lm.shutdown()
+
+
+def test_an_interrupt_without_a_real_signal_stops_a_synchronous_call_and_aborts_it():
+    import _thread
+    import signal
+
+    backend = FakeBackend(replicas=1)
+    lm = FakeLM(backend)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lm("Tell me a long story.")
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert wait_for(lambda: len(backend.replicas[0].aborted) == 1, 5), backend.replicas[0].aborted
+    lm.shutdown()

@@ -5,17 +5,15 @@ abort the whole batch when the caller gives up (Ctrl-C)."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
 from ..serving.batching import group_by_prefix
+from .waiting import first_completed
 
 __all__ = ["run_batch"]
-
-WAKE_S = 0.25  # the longest the collection waits without looking at the interrupt flag
 
 
 def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress: bool, return_outputs: bool,
@@ -55,10 +53,7 @@ def run_batch(runtime, prompts: Sequence[Any], *, adapter: str | None, progress:
         index_of = {id(f): i for i, f in enumerate(futures)}
         pending = set(futures)
         while pending:
-            # A bounded wait, so a KeyboardInterrupt set without a real signal (_thread.interrupt_main,
-            # some notebook front ends) is seen within WAKE_S, not when the next prompt finishes.
-            done, pending = concurrent.futures.wait(pending, timeout=WAKE_S,
-                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            done, pending = first_completed(pending)  # an interrupt is seen at once (waiting.py)
             for future in done:
                 i = index_of[id(future)]
                 exc = future.exception()

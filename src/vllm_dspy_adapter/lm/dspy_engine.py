@@ -32,6 +32,7 @@ from .dspy_stream import astream_events, stream_events, submit_off_loop
 from .render import SUPPORTED_PARAMS
 from .modalities import supported_from_info
 from .renderer import Prepared, Renderer
+from .waiting import result as wait_for_result
 from ..serving.pool import ReplicaPool
 from ..protocol import Backend, ModelFacts, Replica, ReplicaInfo
 
@@ -212,7 +213,7 @@ class DSPyEngine:
     def complete(self, request):
         future, prepared = self._submit(request)
         try:
-            generation = future.result()
+            generation = wait_for_result(future)  # an interrupt is seen at once (waiting.py)
         except VllmDspyAdapterError as exc:
             raise to_lm15_error(exc) from exc
         except BaseException:  # Ctrl-C, a pool shutting down: abort the request, never leave it running
