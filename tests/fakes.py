@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import threading
 
@@ -24,6 +25,15 @@ SPEC = ModelSpec(model="/nonexistent/fake-model")
 
 
 generation = echo  # the answer every fake gives
+
+
+def adapter_folder(root, name: str) -> str:
+    """A folder that passes the adapter checks (config, rank, weights file); fakes never read the weights."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
+    (folder / "adapter_model.safetensors").write_bytes(name.encode())
+    return str(folder)
 
 
 class FakeProcess:

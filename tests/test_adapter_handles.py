@@ -12,11 +12,11 @@ replicas (``backend=FakeBackend(handler)``: no model, no vLLM).
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
 
+from fakes import adapter_folder
 from vllm_dspy_adapter import vLLMOfflineMultiGPU
 from vllm_dspy_adapter.backends.fake import FakeBackend
 from vllm_dspy_adapter.protocol import GenerationRequest
@@ -29,15 +29,6 @@ def fake_lm():
     request is answered at once, and its Generation names the adapter it carried."""
     return vLLMOfflineMultiGPU(backend=FakeBackend(lambda request: "ok", replicas=2), routing="round_robin",
                                health_timeout=None, cache=False, enable_lora=True, max_lora_rank=8, max_loras=2)
-
-
-def adapter_folder(root, name: str) -> str:
-    """A folder that passes the adapter checks (config, rank, weights file); fakes never read the weights."""
-    folder = root / name
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
-    (folder / "adapter_model.safetensors").write_bytes(name.encode())
-    return str(folder)
 
 
 def served_by(llm, prompt: str):

@@ -29,26 +29,17 @@ fails until ``Generation`` has an ``adapter`` field).
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import dspy
 import pytest
 
+from fakes import adapter_folder
 from vllm_dspy_adapter.backends.fake import FakeBackend
 
 UNLOADED, KEPT = "acc-b", "acc-ft"
 REFUSED = f"No adapter named '{UNLOADED}' is loaded"
 MAX_TOKENS = 16
-
-
-def write_adapter(root, name: str) -> str:
-    """A folder that passes the adapter checks (config, rank, weights file); fakes never read the weights."""
-    folder = root / name
-    folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
-    (folder / "adapter_model.safetensors").write_bytes(name.encode())
-    return str(folder)
 
 
 def answer_with_the_adapter(request):
@@ -150,8 +141,8 @@ def scenario(tmp_path_factory, dspy_cache):
                              max_tokens=MAX_TOKENS, health_timeout=None)  # cache: DSPy's default (on)
     try:
         folder = tmp_path_factory.mktemp("adapters")
-        lm.load_adapter(KEPT, write_adapter(folder, KEPT))
-        tuned = lm.load_adapter(UNLOADED, write_adapter(folder, UNLOADED))
+        lm.load_adapter(KEPT, adapter_folder(folder, KEPT))
+        tuned = lm.load_adapter(UNLOADED, adapter_folder(folder, UNLOADED))
         assert tuned.adapter == UNLOADED and tuned.model != lm.model
         salt = uuid.uuid4().hex[:8]
         # Step 1: the adapter answers, and not as the base model does.

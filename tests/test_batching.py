@@ -130,42 +130,36 @@ def test_per_prompt_sampling_reaches_each_request_in_input_order_and_bad_entries
     lm.shutdown()
 
 
-def test_an_interrupt_without_a_real_signal_stops_the_batch_and_aborts_what_was_held():
-    # _thread.interrupt_main sets Python's interrupt flag without a signal that would wake a
-    # blocked wait: the collection must look at it while every prompt is still held.
+def interrupt_without_a_signal(call) -> None:
+    """``call()`` in this (the main) thread, interrupted after 0.5 s by ``_thread.interrupt_main``,
+    which sets Python's interrupt flag without a signal that would wake a blocked wait: the call
+    must see it while its prompts are still held, and raise ``KeyboardInterrupt``."""
     import _thread
     import signal
 
-    backend = FakeBackend(replicas=2)
-    lm = FakeLM(backend)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, _thread.interrupt_main)
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            lm.batch_generate([f"q{i}" for i in range(6)], progress=False)
+            call()
     finally:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_without_a_real_signal_stops_the_batch_and_aborts_what_was_held():
+    backend = FakeBackend(replicas=2)
+    lm = FakeLM(backend)
+    interrupt_without_a_signal(lambda: lm.batch_generate([f"q{i}" for i in range(6)], progress=False))
     assert wait_for(lambda: sum(len(r.aborted) for r in backend.replicas) == 6, 5), \
         [r.aborted for r in backend.replicas]
     lm.shutdown()
 
 
 def test_an_interrupt_without_a_real_signal_stops_a_synchronous_call_and_aborts_it():
-    import _thread
-    import signal
-
     backend = FakeBackend(replicas=1)
     lm = FakeLM(backend)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.5, _thread.interrupt_main)
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            lm("Tell me a long story.")
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGINT, previous)
+    interrupt_without_a_signal(lambda: lm("Tell me a long story."))
     assert wait_for(lambda: len(backend.replicas[0].aborted) == 1, 5), backend.replicas[0].aborted
     lm.shutdown()
