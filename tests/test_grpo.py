@@ -132,6 +132,8 @@ def test_trl_names_that_would_change_the_training_are_refused(kwargs, message):
     ({"beta": -1}, "beta"),
     ({"update_interval": 0}, "update_interval"),
     ({"temperature": 0}, "temperature"),
+    ({"cpu_threads": 0}, "cpu_threads"),
+    ({"cpu_threads": 1.5}, "cpu_threads must be an integer"),
 ])
 def test_bad_train_kwargs_are_refused_by_name(kwargs, message):
     with pytest.raises(ConfigurationError, match=message):
@@ -235,6 +237,14 @@ class FakeStudent:
 
     def switch_adapter(self, name):
         self.adapter, self.model = name, f"base+{name}"
+
+
+def test_a_cpu_trainer_uses_every_core_of_the_process_unless_told():
+    from vllm_dspy_adapter.lora.trainer_device import usable_cores
+
+    assert GRPOConfig.from_kwargs({}).cpu_threads is None  # the trainer then takes usable_cores()
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+    assert GRPOConfig.from_kwargs({"cpu_threads": 2}).cpu_threads == 2
 
 
 def _job(host, **train_kwargs):

@@ -93,7 +93,6 @@ def test_dspy_grpo_runs_two_steps_and_swaps_the_adapter_live(default_model, tmp_
                               num_dspy_examples_per_grpo_step=2, num_rollouts_per_grpo_step=4,
                               exclude_demos=True, multitask=True,
                               train_kwargs={"learning_rate": 4e-4, "groups_per_step": 2, "adapter_name": "yes",
-                                            "cpu_threads": 2,  # the engine is idle while a step trains
                                             "output_dir": str(tmp_path / "yes")})
         with dspy.context(adapter=dspy.ChatAdapter()):  # rollouts and training data in one format
             compiled = optimizer.compile(program, trainset=trainset)

@@ -93,7 +93,9 @@ class GRPOConfig:
     seed: int = 0
     device: str | None = None  # None: the replicas' GPU when there is one, else "cpu"
     dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
-    cpu_threads: int = 1  # torch threads of a CPU trainer: the CPU build's engines spin on the other cores
+    # torch threads of a CPU trainer; None: every core this process may use (the engines wait, idle and
+    # without spinning, while a step trains; give fewer when other threads call the LM during training)
+    cpu_threads: int | None = None
     adapter_name: str = "grpo"  # versions are served as <adapter_name>-v1, -v2, ...
     output_dir: str | None = None  # None: $DSPY_FINETUNEDIR/lora/<adapter_name>
     swap_timeout: float = 120.0  # seconds to load a version, and for requests to release the old one
@@ -127,14 +129,14 @@ class GRPOConfig:
                     "alpha": self.alpha, "batch_size": self.batch_size, "max_seq_length": self.max_seq_length,
                     "gradient_accumulation_steps": self.gradient_accumulation_steps,
                     "update_interval": self.update_interval, "groups_per_step": self.groups_per_step,
-                    "cpu_threads": self.cpu_threads,
+                    "cpu_threads": 1 if self.cpu_threads is None else self.cpu_threads,
                     "swap_timeout": self.swap_timeout}
         for name, value in positive.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigurationError(f"GRPO option {name} must be a positive number; got {value!r}")
         for name in ("gradient_accumulation_steps", "update_interval", "groups_per_step", "batch_size", "rank",
                      "cpu_threads"):
-            if not isinstance(getattr(self, name), int):
+            if not isinstance(getattr(self, name), int) and not (name == "cpu_threads" and self.cpu_threads is None):
                 raise ConfigurationError(f"GRPO option {name} must be an integer; got {getattr(self, name)!r}")
         if not isinstance(self.beta, (int, float)) or self.beta < 0:
             raise ConfigurationError(f"GRPO option beta (the KL weight) must be >= 0; got {self.beta!r}")

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import ConfigurationError, TrainingStepError
 from .grpo import (GRPOConfig, StepMetrics, aggregate_loss, check_groups, completion_means, group_advantages,
                    grpo_token_losses, sample_std, tokenize_completion)
+from .trainer_device import usable_cores
 from .training import device_and_dtype
 
 __all__ = ["GRPOTrainer"]
@@ -197,8 +198,8 @@ class GRPOTrainer:
         saved_adapter, saved_optimizer = self._adapter_state(), copy.deepcopy(self.optimizer.state_dict())
         saved_scheduler = self.scheduler.state_dict()
         threads = torch.get_num_threads()
-        if self.device == "cpu":  # vLLM's CPU engines busy-wait on their cores: a many-thread trainer starves them
-            torch.set_num_threads(config.cpu_threads)
+        if self.device == "cpu":
+            torch.set_num_threads(config.cpu_threads or usable_cores())
         try:
             while True:
                 try:

@@ -15,16 +15,24 @@ not fit, naming the ``gpu_memory_utilization`` that would leave the room.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 from ..errors import ConfigurationError
 
-__all__ = ["ServingPlacement", "choose_trainer_device", "check_room", "trainer_bytes"]
+__all__ = ["ServingPlacement", "choose_trainer_device", "check_room", "trainer_bytes", "usable_cores"]
 
 GIB = 1 << 30
 VLLM_DEFAULT_UTILIZATION = 0.9
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a CPU trainer's threads when ``cpu_threads`` is unset."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
