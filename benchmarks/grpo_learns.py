@@ -1,6 +1,8 @@
-"""Does GRPO learn? (issue 35, item 5.) A task the embedded model can learn in minutes: answer
-briefly. The reward of a completion is ``1 - output_tokens / max_tokens`` (0 when it runs to
-``max_tokens``); the prompts say nothing about length, so only the trainer can move it.
+"""Does GRPO learn? (issue 35, item 5.) A task the embedded model can learn in minutes: say yes.
+The questions are yes/no questions about everyday facts, half of them false, and the reward of a
+completion is 1 when its answer contains the word "yes", else 0; the prompts do not ask for it, so
+only the trainer can move the rate (the base model answers "no" to the false ones, and often
+neither word).
 
     python -m benchmarks.grpo_learns --cpu --out benchmarks/results/grpo-learns-cpu   # CPU build, ~10 min
     python -m benchmarks.grpo_learns --model /models/qwen3-0.6b --out /tmp/out      # a GPU
@@ -20,26 +22,36 @@ import argparse
 import json
 import math
 import os
+import re
+import shutil
 import statistics
+import tempfile
 import time
 
-TRAIN_TOPICS = ("the sea", "bread", "winter", "a river", "music", "the moon", "trains", "coffee", "a forest",
-                "paper", "bees", "glass", "rain", "a library", "tea", "salt", "clocks", "bridges", "wool",
-                "honey", "maps", "the desert", "candles", "owls", "snow", "copper", "gardens", "kites", "ink",
-                "lighthouses", "apples", "volcanoes")
-HELD_OUT_TOPICS = ("mountains", "cheese", "the wind", "violins", "deserts at night", "whales", "bicycles",
-                   "silk", "thunder", "chess", "islands", "lanterns", "pepper", "foxes", "marble", "clouds")
+TRAIN_QUESTIONS = (
+    "Is the sea salty?", "Is fire cold?", "Do birds have feathers?", "Is ice hot?", "Is grass green?",
+    "Is the sun dark?", "Do fish live in water?", "Can a stone swim?", "Is honey sweet?", "Is snow black?",
+    "Do cats have four legs?", "Is a mouse bigger than a horse?", "Is bread made from flour?",
+    "Is the moon made of cheese?", "Do trees have leaves?", "Is sugar sour?", "Is rain wet?",
+    "Can a car fly on its own?", "Is milk white?", "Is a circle square?", "Do bees make honey?",
+    "Is winter warmer than summer?", "Is coffee a drink?", "Is glass soft?", "Do owls fly at night?",
+    "Is the desert wet?", "Is copper a metal?", "Can fish climb trees?", "Is tea made from leaves?",
+    "Is salt sweet?", "Do clocks tell the time?", "Is a river dry?")
+HELD_OUT_QUESTIONS = (
+    "Is the sky blue?", "Is a lemon sweet?", "Do dogs bark?", "Is stone soft?", "Is water wet?",
+    "Are whales small?", "Do cows give milk?", "Is night bright?", "Is chocolate brown?", "Can a pig fly?",
+    "Do bicycles have wheels?", "Is thunder quiet?", "Is silk smooth?", "Is pepper sweet?",
+    "Do foxes have tails?", "Are clouds heavy as rocks?")
+YES = re.compile(r"\byes\b", re.IGNORECASE)
 
 
-def chat(topic: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": f"Tell me about {topic}."}]
+def chat(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
 
 
 def reward(output, max_tokens: int) -> float:
-    """Brevity: the share of ``max_tokens`` left unused; a completion cut at ``max_tokens`` gets 0."""
-    if output.finish_reason == "length":
-        return 0.0
-    return 1.0 - output.num_output_tokens / max_tokens
+    """1 when the answer says "yes" (the word, any case), else 0. ``max_tokens`` is unused here."""
+    return 1.0 if YES.search(output.text) else 0.0
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -49,13 +61,18 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def held_out(lm, args) -> dict:
-    prompts = [chat(t) for t in HELD_OUT_TOPICS[:args.held_out] for _ in range(args.samples)]
+    prompts = [chat(q) for q in HELD_OUT_QUESTIONS[:args.held_out] for _ in range(args.samples)]
     outs = lm.batch_generate(prompts, max_tokens=args.max_tokens, temperature=1.0, return_outputs=True,
                              progress=False)
     row = summary([reward(o, args.max_tokens) for o in outs])
     row["adapters"] = sorted({str(o.adapter) for o in outs})
     row["mean_output_tokens"] = round(statistics.fmean(o.num_output_tokens for o in outs), 2)
     return row
+
+
+def title_model(label: str) -> str:
+    """``/path/SmolLM2-135M-Instruct@a653590e7c`` -> ``SmolLM2-135M-Instruct``."""
+    return label.rsplit("/", 1)[-1].split("@", 1)[0]
 
 
 def plot(rows: list[dict], title: str, path: str) -> None:
@@ -74,7 +91,7 @@ def plot(rows: list[dict], title: str, path: str) -> None:
     ax.plot([s for s, _ in train], [v for _, v in train], marker=".", linestyle="--",
             label="training rollouts (before the step)")
     ax.set_xlabel("GRPO step (0: the base model)")
-    ax.set_ylabel("mean reward (1 - output tokens / max_tokens)")
+    ax.set_ylabel("mean reward (share of answers saying yes)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -88,11 +105,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--cpu", action="store_true", help="the embedded model on the CPU build (float32)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--groups", type=int, default=2, help="training questions per step")
+    parser.add_argument("--groups", type=int, default=4, help="training questions per step")
     parser.add_argument("--rollouts", type=int, default=6, help="samples per training question")
     parser.add_argument("--held-out", type=int, default=16, help="held-out questions (at most 16)")
-    parser.add_argument("--samples", type=int, default=2, help="samples per held-out question")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=4, help="samples per held-out question")
+    parser.add_argument("--max-tokens", type=int, default=12)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -111,18 +128,18 @@ def main(argv=None) -> dict:
     lm = vLLMOffline(args.model, **engine)
     result: dict = {"model": lm.model, "cpu": args.cpu, "args": vars(args), "start_s": round(time.monotonic() - started)}
     rows: list[dict] = []
+    out_dir = tempfile.mkdtemp(prefix="grpo_learns-")  # the versions' weights: not results
     try:
         rows.append({"step": 0, "train_reward": None, "held_out": held_out(lm, args), "seconds": 0.0})
         print(f"step 0 (base): {rows[-1]}", flush=True)
-        out_dir = os.path.join(args.out or "/tmp/grpo_learns", "adapters")
         job = lm.reinforce({"learning_rate": args.learning_rate, "rank": args.rank, "groups_per_step": args.groups,
-                            "adapter_name": "brief", "output_dir": out_dir, "seed": args.seed})
+                            "adapter_name": "say-yes", "output_dir": out_dir, "seed": args.seed})
         result["trainer_device"] = job.get_status()["device"]
         for step in range(1, args.steps + 1):
             t = time.monotonic()
-            first = ((step - 1) * args.groups) % len(TRAIN_TOPICS)
-            topics = [TRAIN_TOPICS[(first + g) % len(TRAIN_TOPICS)] for g in range(args.groups)]
-            prompts = [chat(topic) for topic in topics for _ in range(args.rollouts)]
+            first = ((step - 1) * args.groups) % len(TRAIN_QUESTIONS)
+            questions = [TRAIN_QUESTIONS[(first + g) % len(TRAIN_QUESTIONS)] for g in range(args.groups)]
+            prompts = [chat(q) for q in questions for _ in range(args.rollouts)]
             outs = lm.batch_generate(prompts, max_tokens=args.max_tokens, temperature=1.0, return_outputs=True,
                                      progress=False)
             rewards = [reward(o, args.max_tokens) for o in outs]
@@ -141,6 +158,7 @@ def main(argv=None) -> dict:
         job.terminate()
     finally:
         lm.shutdown()
+        shutil.rmtree(out_dir, ignore_errors=True)
     base, last = rows[0]["held_out"], rows[-1]["held_out"]
     result["gain"] = {"last_minus_base": round(last["mean"] - base["mean"], 4),
                       "ci95": round(math.hypot(last["ci95"], base["ci95"]), 4),
@@ -151,7 +169,7 @@ def main(argv=None) -> dict:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "grpo_learns.json"), "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
-        title = (f"GRPO, brevity reward: {lm.model.rsplit('/', 1)[-1]}, {'CPU' if args.cpu else 'GPU'}, "
+        title = (f"GRPO, reward for saying yes: {title_model(result['model'])}, {'CPU' if args.cpu else 'GPU'}, "
                  f"{args.groups}x{args.rollouts} rollouts/step, lr {args.learning_rate}, rank {args.rank}")
         plot(rows, title, os.path.join(args.out, "grpo_learns.png"))
     return result
