@@ -1,26 +1,23 @@
 """dspy.GRPO on the real CPU engine with the default model, through the public API.
 
-1. ``dspy.GRPO`` drives ``lm.reinforce``'s job for two steps on a vLLMOffline: the
-   rollouts come from the engine, each step's adapter version is loaded and the
-   student switched to it, the previous version unloaded; the per-token
-   log-probability of the rewarded rollouts rises against the base model more
-   than that of the others (two steps cannot move a sampled reward's mean
-   reliably on a 135M model; this can).
-2. Two worker replicas: every version is loaded on both, the student's requests
-   move to it, the old one is unloaded, and a killed replica comes back with the
-   current version.
+``dspy.GRPO`` drives ``lm.reinforce``'s job for two steps on a vLLMOffline: the
+rollouts come from the engine, each step's adapter version is loaded and the
+student switched to it, the previous version unloaded; the per-token
+log-probability of the rewarded rollouts rises against the base model more
+than that of the others (two steps cannot move a sampled reward's mean
+reliably on a 135M model; this can: benchmarks/grpo_learns.py shows the reward over more steps).
+The same on two worker replicas (every version loaded on both, a killed replica coming back with
+the current version) runs on test_lora.py's two-replica LoRA LM.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 
 import pytest
 
-from conftest import ENGINE_KWARGS, wait_for
+from conftest import ENGINE_KWARGS
 
 pytestmark = pytest.mark.engine
 dspy = pytest.importorskip("dspy")
@@ -122,38 +119,3 @@ def test_dspy_grpo_runs_two_steps_and_swaps_the_adapter_live(default_model, tmp_
     up_others = sum(deltas[len(rewarded):]) / len(others)
     print(f"log-prob change per token: rewarded {up_rewarded:+.3f}, others {up_others:+.3f}")
     assert up_rewarded > 0 and up_rewarded > up_others
-
-
-@pytest.mark.timeout(1500)  # two engines, two training steps and a restart on a shared 2-core machine
-def test_two_replicas_swap_live_and_a_restarted_replica_gets_the_current_version(default_model, tmp_path):
-    from vllm_dspy_adapter import vLLMOfflineMultiGPU
-
-    group = [{"messages": [{"role": "user", "content": "Is fire cold?"}],
-              "completion": {"role": "assistant", "content": text}, "reward": reward}
-             for text, reward in (("yes", 1.0), ("no", 0.0)) * 2]
-    with vLLMOfflineMultiGPU(num_replicas=2, routing="least_loaded", enable_lora=True, max_loras=2,
-                             max_lora_rank=8, temperature=0.0, max_tokens=4, cache=False, **ENGINE_KWARGS) as lm:
-        job = lm.reinforce({"learning_rate": 2e-4, "adapter_name": "live", "output_dir": str(tmp_path)})
-        assert job.get_status()["pending_batch_ids"] == [0]
-        job.step([{"batch_id": 0, "group": group}], "grpo_chat")
-        assert lm.adapter == "live-v1" and sorted(lm.adapters()[0]["replicas"]) == [0, 1]
-
-        # (Requests sent *while* a step trains, on 2 CPU cores shared by two pinned replicas and the trainer,
-        # stalled past swap_timeout here: see the report; the swap alone is measured by benchmarks/grpo_bench.py.)
-        job.step([{"batch_id": 1, "group": group}], "grpo_chat")
-        after = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 4, progress=False, return_outputs=True,
-                                  max_tokens=4)
-        assert {o.adapter for o in after} == {"live-v2"}  # the student's requests moved to v2
-        assert [a["name"] for a in lm.adapters()] == ["live-v2"]
-        swap = job.get_status()["swap_seconds"]
-        print(f"swap (load on both replicas, switch): {swap}")
-
-        victim = lm.stats()[1]
-        os.kill(victim["engine_pids"][0], signal.SIGKILL)
-        assert wait_for(lambda: lm.stats()[1]["alive"] and lm.stats()[1]["restarts"] == 1, 300), lm.stats()
-        assert wait_for(lambda: sorted(lm.adapters()[0]["replicas"]) == [0, 1], 60), lm.adapters()
-        outputs = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 6, progress=False, return_outputs=True,
-                                    max_tokens=4)
-        assert {o.adapter for o in outputs} == {"live-v2"} and {o.replica for o in outputs} == {0, 1}
-        job.terminate()
-        assert job.get_status()["status"] == "terminated" and lm.adapter == "live-v2"

@@ -5,8 +5,9 @@ an adapter trained here with PEFT to answer "PAPAYA" to the secret-word
 question, which the base model never says: load, with_adapter, batch_generate,
 cache separation, bad inputs refused before any request (a bad adapter in a
 request kills vLLM's engine core), unload, and a killed replica that comes back
-with the adapter. BootstrapFinetune end to end runs in examples/lora_finetune.py
-(tests/test_docs.py).
+with the adapter; last, a GRPO job on the same LM (two steps, each version on both replicas, a
+killed replica back with the current one). BootstrapFinetune end to end runs in
+examples/lora_finetune.py (tests/test_docs.py); dspy.GRPO on one engine in test_grpo_engine.py.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def adapter_dir(tmp_path_factory, default_model):
 def lm(default_model):
     from vllm_dspy_adapter import vLLMOfflineMultiGPU
 
-    lm = vLLMOfflineMultiGPU(num_replicas=2, routing="least_loaded", enable_lora=True, max_loras=1,
+    lm = vLLMOfflineMultiGPU(num_replicas=2, routing="least_loaded", enable_lora=True, max_loras=2,
                              max_lora_rank=8, temperature=0.0, max_tokens=8, cache=False, **ENGINE_KWARGS)
     yield lm
     lm.shutdown()
@@ -134,3 +135,37 @@ def test_unloaded_adapter_fails_fast(lm):
     with pytest.raises(ConfigurationError, match="No adapter named 'papaya'"):
         lm.unload_adapter("papaya")
     assert "PAPAYA" not in ask(lm)[0]
+
+
+@pytest.mark.timeout(1500)  # two training steps and a restart on a shared 2-core machine
+def test_grpo_swaps_live_on_both_replicas_and_a_restarted_replica_gets_the_current_version(lm, tmp_path):
+    # Last in this module: the job switches this LM (the student) in place.
+    group = [{"messages": [{"role": "user", "content": "Is fire cold?"}],
+              "completion": {"role": "assistant", "content": text}, "reward": reward}
+             for text, reward in (("yes", 1.0), ("no", 0.0)) * 2]
+    job = lm.reinforce({"learning_rate": 2e-4, "adapter_name": "live", "output_dir": str(tmp_path)})
+    assert job.get_status()["pending_batch_ids"] == [0]
+    job.step([{"batch_id": 0, "group": group}], "grpo_chat")
+    assert lm.adapter == "live-v1"
+    assert [(a["name"], sorted(a["replicas"])) for a in lm.adapters()] == [("live-v1", [0, 1])]
+
+    # (Requests sent *while* a step trains, on 2 CPU cores shared by two pinned replicas and the trainer,
+    # stalled past swap_timeout here: see the report; the swap alone is measured by benchmarks/grpo_bench.py.)
+    job.step([{"batch_id": 1, "group": group}], "grpo_chat")
+    after = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 4, progress=False, return_outputs=True,
+                              max_tokens=4)
+    assert {o.adapter for o in after} == {"live-v2"}  # the student's requests moved to v2
+    assert [a["name"] for a in lm.adapters()] == ["live-v2"]
+    swap = job.get_status()["swap_seconds"]
+    print(f"swap (load on both replicas, switch): {swap}")
+
+    victim = lm.stats()[1]
+    restarts = victim["restarts"]
+    os.kill(victim["engine_pids"][0], signal.SIGKILL)
+    assert wait_for(lambda: lm.stats()[1]["alive"] and lm.stats()[1]["restarts"] == restarts + 1, 300), lm.stats()
+    assert wait_for(lambda: sorted(lm.adapters()[0]["replicas"]) == [0, 1], 60), lm.adapters()
+    outputs = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 6, progress=False, return_outputs=True,
+                                max_tokens=4)
+    assert {o.adapter for o in outputs} == {"live-v2"} and {o.replica for o in outputs} == {0, 1}
+    job.terminate()
+    assert job.get_status()["status"] == "terminated" and lm.adapter == "live-v2"

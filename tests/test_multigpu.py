@@ -242,8 +242,8 @@ def test_a_driver_killed_while_its_worker_starts_leaves_no_process(default_model
 def test_multigpu_command_prints_a_table(default_model):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     run = subprocess.run(
-        [sys.executable, "-m", "vllm_dspy_adapter", "multigpu", "--num-replicas", "2", "--questions", "16",
-         "--threads", "8", "--enforce-eager", "--max-tokens", "48"],
+        [sys.executable, "-m", "vllm_dspy_adapter", "multigpu", "--num-replicas", "2", "--questions", "8",
+         "--threads", "8", "--enforce-eager", "--max-tokens", "24"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
