@@ -29,7 +29,7 @@ from typing import Any
 __all__ = [
     "SUPPORTED", "MIN_VERSION", "USED", "DIFFERENCES", "AVOIDED", "Release", "Difference", "release",
     "installed_version",
-    "engine_arg_names", "sampling_field_names", "make_sampling_params", "make_lora_request", "start_async_llm",
+    "engine_arg_names", "sampling_field_names", "make_sampling_params", "make_lora_request", "preload", "start_async_llm",
     "EngineFacts", "model_modalities", "has", "check_sampling_params", "OPTIONAL", "generate", "abort", "is_sleeping", "errored",
     "add_lora", "remove_lora", "shutdown", "output_handler", "is_engine_dead", "tool_parser_names",
     "response_template_has_tools", "parser_class", "chat_completion_request", "kv_events_config",
@@ -282,6 +282,13 @@ class EngineFacts:
     is_multimodal: bool
     model_defaults: dict[str, Any]
     modalities: tuple[str, ...]
+
+
+def preload() -> None:
+    """Import what ``start_async_llm`` needs: a worker spawned ahead of its spec does it
+    while the driver checks the arguments (seconds of a start, on every replica)."""
+    import vllm.engine.arg_utils  # noqa: F401
+    import vllm.v1.engine.async_llm  # noqa: F401
 
 
 def start_async_llm(model: str, engine_kwargs: dict[str, Any]):

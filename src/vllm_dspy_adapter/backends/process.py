@@ -31,7 +31,7 @@ from .model_facts import vllm_model_facts
 from .base import ReplicaHandle, start_all
 from .placement import Placement
 from .wire import (TO_DRIVER, ProtocolError, AdapterCall, AdapterReply, AskStats, Beat, Cancel, Dead, Done, Error, Pieces, Ready,
-                   Shutdown, StatsReply, Submit, checked)
+                   Shutdown, Start, StatsReply, Submit, checked)
 from .worker import serve
 
 __all__ = ["ProcessReplica", "ProcessBackend", "Launcher", "WorkerProcess", "spawn_worker"]
@@ -64,8 +64,9 @@ how a worker starts. ``spawn_worker`` is the real one; the fast tests pass a
 worker that is a thread on a real pipe."""
 
 
-def spawn_worker(spec: ModelSpec, placement: Placement, name: str, heartbeat_s: float):
-    """A worker process pinned to the placement's devices through its environment."""
+def spawn_worker(spec: ModelSpec | None, placement: Placement, name: str, heartbeat_s: float):
+    """A worker process pinned to the placement's devices through its environment
+    (``spec`` None: one that imports vLLM and waits for ``Start``; see ``serve``)."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=True)
     process = ctx.Process(target=serve, name=name, daemon=False,
@@ -272,8 +273,41 @@ class ProcessReplica(ReplicaHandle):
         return self._process.pid if self._process is not None else None
 
 
+class _AdoptFirst:
+    """A replica's launcher whose first launch adopts a worker spawned ahead of its spec
+    (it imported vLLM while the driver checked the arguments) by sending it ``Start``;
+    a later launch (a restart), or one whose waiting worker died, spawns a fresh worker."""
+
+    def __init__(self, waiting: tuple[Any, Connection] | None):
+        self._waiting = waiting
+
+    def __call__(self, spec: ModelSpec, placement: Placement, name: str, heartbeat_s: float):
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            process, conn = waiting
+            try:
+                conn.send(Start(spec, name, heartbeat_s))
+                return process, conn
+            except (OSError, EOFError, ValueError):
+                _stop_waiting(process, conn)
+        return spawn_worker(spec, placement, name, heartbeat_s)
+
+
+def _stop_waiting(process, conn: Connection) -> None:
+    conn.close()
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=10)
+    _reap_group(process)
+
+
 class ProcessBackend:
-    """Replicas as worker processes on this machine (the ``Backend`` contract)."""
+    """Replicas as worker processes on this machine (the ``Backend`` contract).
+
+    ``model_facts`` spawns each replica's worker first (with the real launcher): they
+    import vLLM, about 5 s, while the driver checks the arguments, and ``start`` hands
+    each its spec. A failed check stops them before it raises; ``shutdown`` stops any
+    not taken."""
 
     def __init__(self, placements: list[Placement], start_timeout: float | None, *,
                  launch: Launcher | None = None, heartbeat_s: float = HEARTBEAT_S):
@@ -281,16 +315,38 @@ class ProcessBackend:
         self.start_timeout = start_timeout
         self._launch = launch
         self._heartbeat_s = heartbeat_s
+        self._waiting: dict[int, tuple[Any, Connection]] = {}  # placement index -> a worker spawned ahead
 
     def start(self, spec: ModelSpec, on_death: OnDeath) -> list[ProcessReplica]:
-        replicas = [ProcessReplica(spec, placement, on_death, launch=self._launch, heartbeat_s=self._heartbeat_s)
+        waiting, self._waiting = self._waiting, {}
+        replicas = [ProcessReplica(spec, placement, on_death, heartbeat_s=self._heartbeat_s,
+                                   launch=self._launch or _AdoptFirst(waiting.pop(placement.index, None)))
                     for placement in self.placements]
+        for process, conn in waiting.values():  # none left unless the placements changed
+            _stop_waiting(process, conn)
         # Replicas sharing a GPU start share by share: each one's memory profiling sees the others.
         return start_all(replicas, ProcessReplica.spawn, lambda r: r.wait_ready(self.start_timeout),
                          wave=lambda r: r.share)
 
     def model_facts(self, model, engine_kwargs, sampling) -> ModelFacts:
-        return vllm_model_facts(model, engine_kwargs, sampling)
+        if self._launch is None and not self._waiting:
+            try:
+                for placement in self.placements:
+                    self._waiting[placement.index] = spawn_worker(None, placement, f"worker[{placement.device}]",
+                                                                  self._heartbeat_s)
+            except BaseException:
+                self._stop_all_waiting()
+                raise
+        try:
+            return vllm_model_facts(model, engine_kwargs, sampling)
+        except BaseException:  # bad input: no process outlives the refusal
+            self._stop_all_waiting()
+            raise
+
+    def _stop_all_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for process, conn in waiting.values():
+            _stop_waiting(process, conn)
 
     def restart(self, replica: ProcessReplica) -> None:
         replica._kill()
@@ -298,7 +354,8 @@ class ProcessBackend:
         replica.wait_ready(self.start_timeout)
 
     def shutdown(self) -> None:
-        """Nothing of its own to release."""
+        """Stop the workers spawned ahead that no replica took (a start that never came)."""
+        self._stop_all_waiting()
 
 
 def _answer(waiting: dict[int, concurrent.futures.Future], call_id: int, value) -> None:

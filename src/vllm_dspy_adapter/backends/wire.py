@@ -1,7 +1,8 @@
 """The messages on a worker's pipe: one frozen dataclass each, shared by the worker
 (``worker.py``), the driver's handle (``process.py``) and the test fake.
 
-driver -> worker: ``Submit``, ``Cancel``, ``AskStats``, ``AdapterCall``, ``Shutdown``
+driver -> worker: ``Start`` (only to a worker spawned ahead of its spec, and only first),
+``Submit``, ``Cancel``, ``AskStats``, ``AdapterCall``, ``Shutdown``
 worker -> driver: ``Ready``, ``Failed``, ``Done``, ``Error``, ``Pieces``, ``StatsReply``,
 ``Beat``, ``Dead``, ``AdapterReply``
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from ..protocol import Generation, GenerationRequest, ReplicaInfo
 
-__all__ = ["Submit", "Cancel", "AskStats", "AdapterCall", "Shutdown", "Ready", "Failed", "Done", "Error", "Pieces",
+__all__ = ["Start", "Submit", "Cancel", "AskStats", "AdapterCall", "Shutdown", "Ready", "Failed", "Done", "Error", "Pieces",
            "StatsReply", "Beat", "Dead", "AdapterReply", "ProtocolError", "TO_WORKER", "TO_DRIVER", "checked"]
 
 
@@ -27,6 +28,16 @@ class ProtocolError(RuntimeError):
 
 
 # ------------------------------------------------------------- driver -> worker
+
+
+@dataclass(frozen=True)
+class Start:
+    """The spec of a worker spawned ahead of it (it imported vLLM while the driver checked
+    the arguments): start this engine, under this name and heartbeat."""
+
+    spec: Any  # a config.ModelSpec
+    name: str
+    heartbeat_s: float
 
 
 @dataclass(frozen=True)

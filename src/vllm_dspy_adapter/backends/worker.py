@@ -34,7 +34,7 @@ import threading
 import time
 
 from .wire import (TO_WORKER, AdapterCall, AdapterReply, AskStats, Beat, Cancel, Dead, Done, Error, Failed,
-                   Pieces, Ready, Shutdown, StatsReply, Submit, checked)
+                   Pieces, Ready, Shutdown, Start, StatsReply, Submit, checked)
 
 __all__ = ["serve", "PieceBatcher"]
 
@@ -113,6 +113,9 @@ def _orphan_watch(driver: int, started: threading.Event, name: str, poll_s: floa
 
 
 def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> None:
+    """Host one engine for the driver at the pipe's other end. ``spec`` None: a worker
+    spawned ahead of its spec imports vLLM, then waits for ``Start`` (the driver checks
+    the arguments meanwhile); an EOF instead (the check failed, the driver is gone) ends it."""
     # A process group of our own: the driver can then kill this worker together
     # with the engine processes it starts, whatever state they are in (a SIGKILLed
     # worker cannot take its children down itself). It also keeps the terminal's
@@ -122,6 +125,21 @@ def serve(conn, spec, name: str, log_level: int, heartbeat_s: float = 1.0) -> No
     started = threading.Event()
     threading.Thread(target=_orphan_watch, args=(driver, started, name), name=f"{name}-orphan-watch",
                      daemon=True).start()
+    if spec is None:
+        from .. import vllm_api
+
+        try:
+            vllm_api.preload()
+        except Exception:  # the engine's start below raises it again, with the driver listening
+            pass
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if not isinstance(message, Start):
+            conn.send(Failed(f"expected Start first, got {type(message).__name__}"))
+            return
+        spec, name, heartbeat_s = message.spec, message.name, message.heartbeat_s
     logging.basicConfig(level=log_level, format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
     from ..engine.engine import Engine
     from ..errors import ReplicaDeadError
