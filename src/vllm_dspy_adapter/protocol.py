@@ -240,7 +240,9 @@ class Backend(Protocol):
                     sampling: dict[str, Any]) -> ModelFacts:
         """Before any start: check the LM's engine arguments and fixed sampling options
         against what this backend runs (``ConfigurationError`` naming the bad one), resolve
-        ``model`` (None: the default model) and load the driver's tokenizer."""
+        ``model`` (None: the default model) and load the driver's tokenizer. A backend may
+        spawn its worker processes first so they import while the driver checks (the local
+        one does); a failed check stops them before it raises."""
 
     def start(self, spec: ModelSpec, on_death: OnDeath) -> list[Replica]:
         """Start every replica (in parallel where possible) and return them ready,
