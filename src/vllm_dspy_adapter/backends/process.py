@@ -247,11 +247,7 @@ class ProcessReplica(ReplicaHandle):
     # -------------------------------------------------------------- lifetime
 
     def _kill(self) -> None:
-        process = self._process
-        if process is not None and process.is_alive():
-            process.kill()
-            process.join(timeout=10)
-        _reap_group(process)
+        _kill_worker(self._process)
 
     def _stop(self, timeout: float) -> None:
         if self._starting:
@@ -295,10 +291,7 @@ class _AdoptFirst:
 
 def _stop_waiting(process, conn: Connection) -> None:
     conn.close()
-    if process.is_alive():
-        process.kill()
-        process.join(timeout=10)
-    _reap_group(process)
+    _kill_worker(process)
 
 
 class ProcessBackend:
@@ -374,6 +367,14 @@ def _exit_cause(process, cause: str) -> str:
         cause = f"{cause} (exit code {code})"
     _reap_group(process)
     return cause
+
+
+def _kill_worker(process) -> None:
+    """Kill a worker process (if any) and whatever is left of its process group."""
+    if process is not None and process.is_alive():
+        process.kill()
+        process.join(timeout=10)
+    _reap_group(process)
 
 
 def _reap_group(process) -> None:
