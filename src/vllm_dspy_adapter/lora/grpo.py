@@ -129,15 +129,17 @@ class GRPOConfig:
                     "alpha": self.alpha, "batch_size": self.batch_size, "max_seq_length": self.max_seq_length,
                     "gradient_accumulation_steps": self.gradient_accumulation_steps,
                     "update_interval": self.update_interval, "groups_per_step": self.groups_per_step,
-                    "cpu_threads": 1 if self.cpu_threads is None else self.cpu_threads,
                     "swap_timeout": self.swap_timeout}
         for name, value in positive.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigurationError(f"GRPO option {name} must be a positive number; got {value!r}")
-        for name in ("gradient_accumulation_steps", "update_interval", "groups_per_step", "batch_size", "rank",
-                     "cpu_threads"):
-            if not isinstance(getattr(self, name), int) and not (name == "cpu_threads" and self.cpu_threads is None):
+        for name in ("gradient_accumulation_steps", "update_interval", "groups_per_step", "batch_size", "rank"):
+            if not isinstance(getattr(self, name), int):
                 raise ConfigurationError(f"GRPO option {name} must be an integer; got {getattr(self, name)!r}")
+        threads = self.cpu_threads
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise ConfigurationError(f"GRPO option cpu_threads must be an integer >= 1 (or None: every core of "
+                                     f"the process); got {threads!r}")
         if not isinstance(self.beta, (int, float)) or self.beta < 0:
             raise ConfigurationError(f"GRPO option beta (the KL weight) must be >= 0; got {self.beta!r}")
         if self.temperature is not None and not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
