@@ -49,8 +49,8 @@ def chat(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
-def reward(output, max_tokens: int) -> float:
-    """1 when the answer says "yes" (the word, any case), else 0. ``max_tokens`` is unused here."""
+def reward(output) -> float:
+    """1 when the answer says "yes" (the word, any case), else 0."""
     return 1.0 if YES.search(output.text) else 0.0
 
 
@@ -64,7 +64,7 @@ def held_out(lm, args) -> dict:
     prompts = [chat(q) for q in HELD_OUT_QUESTIONS[:args.held_out] for _ in range(args.samples)]
     outs = lm.batch_generate(prompts, max_tokens=args.max_tokens, temperature=1.0, return_outputs=True,
                              progress=False)
-    row = summary([reward(o, args.max_tokens) for o in outs])
+    row = summary([reward(o) for o in outs])
     row["adapters"] = sorted({str(o.adapter) for o in outs})
     row["mean_output_tokens"] = round(statistics.fmean(o.num_output_tokens for o in outs), 2)
     return row
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
             prompts = [chat(q) for q in questions for _ in range(args.rollouts)]
             outs = lm.batch_generate(prompts, max_tokens=args.max_tokens, temperature=1.0, return_outputs=True,
                                      progress=False)
-            rewards = [reward(o, args.max_tokens) for o in outs]
+            rewards = [reward(o) for o in outs]
             groups = [[{"messages": prompts[g * args.rollouts + k],
                         "completion": {"role": "assistant", "content": outs[g * args.rollouts + k].text},
                         "reward": rewards[g * args.rollouts + k]} for k in range(args.rollouts)]

@@ -7,7 +7,7 @@ from benchmarks.grpo_learns import HELD_OUT_QUESTIONS, TRAIN_QUESTIONS, reward, 
 
 def test_the_reward_is_the_word_yes_in_any_case():
     said = [SimpleNamespace(text=t) for t in ("Yes, it is.", "yes", "I think YES!", "No.", "Yesterday it was.", "")]
-    assert [reward(o, 12) for o in said] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [reward(o) for o in said] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_held_out_questions_are_never_trained_on():
