@@ -107,11 +107,15 @@ def test_cached_answers_of_the_base_are_never_returned_for_the_adapter(lm):
     assert "PAPAYA" in cached_tuned(prompt)[0]
 
 
-def test_a_restarted_replica_serves_the_adapter_again(lm):
-    victim = lm.stats()[1]
-    os.kill(victim["engine_pids"][0], signal.SIGKILL)
-    assert wait_for(lambda: lm.stats()[1]["alive"] and lm.stats()[1]["restarts"] == 1, 300), lm.stats()
+def kill_replica_1_and_wait_for_its_restart(lm, restarts_after):
+    """SIGKILL replica 1's engine; it is back (its ``restarts_after``-th restart) with the adapters."""
+    os.kill(lm.stats()[1]["engine_pids"][0], signal.SIGKILL)
+    assert wait_for(lambda: lm.stats()[1]["alive"] and lm.stats()[1]["restarts"] == restarts_after, 300), lm.stats()
     assert wait_for(lambda: sorted(lm.adapters()[0]["replicas"]) == [0, 1], 60), lm.adapters()
+
+
+def test_a_restarted_replica_serves_the_adapter_again(lm):
+    kill_replica_1_and_wait_for_its_restart(lm, restarts_after=1)
     # stats() answers without the engine's counters when a worker is too busy to reply within its
     # timeout (a loaded CI machine): wait for a reply that lists the adapter.
     assert wait_for(lambda: "papaya" in lm.stats()[1].get("adapters", ()), 60), lm.stats()
@@ -159,11 +163,7 @@ def test_grpo_swaps_live_on_both_replicas_and_a_restarted_replica_gets_the_curre
     swap = job.get_status()["swap_seconds"]
     print(f"swap (load on both replicas, switch): {swap}")
 
-    victim = lm.stats()[1]
-    restarts = victim["restarts"]
-    os.kill(victim["engine_pids"][0], signal.SIGKILL)
-    assert wait_for(lambda: lm.stats()[1]["alive"] and lm.stats()[1]["restarts"] == restarts + 1, 300), lm.stats()
-    assert wait_for(lambda: sorted(lm.adapters()[0]["replicas"]) == [0, 1], 60), lm.adapters()
+    kill_replica_1_and_wait_for_its_restart(lm, restarts_after=lm.stats()[1]["restarts"] + 1)
     outputs = lm.batch_generate([[{"role": "user", "content": "Hi"}]] * 6, progress=False, return_outputs=True,
                                 max_tokens=4)
     assert {o.adapter for o in outputs} == {"live-v2"} and {o.replica for o in outputs} == {0, 1}
